@@ -1,0 +1,1 @@
+"""unmix evaluation: linear evaluation, kNN, and MLflow comparison of runs."""

@@ -1,0 +1,47 @@
+"""The ``unmix`` command.
+
+Each package registers its own subcommands; this module only wires them together. It lives in
+``eval`` because ``eval`` sits at the top of the dependency graph (pipeline <- training <- eval), so
+the dispatcher can see every package without any package importing one above it.
+
+Subcommands import their heavy dependencies (DALI, DeepSpeed, MLflow) inside the handler, so
+``unmix --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import eval.commands as eval_commands
+import pipeline.cli as pipeline_cli
+import training.cli as training_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full ``unmix`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="unmix",
+        description="Self-supervised pretraining with Un-Mix image mixtures (MoCo v2, BYOL) on DALI + DeepSpeed.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    bench = sub.add_parser("bench", help="benchmarks (shards, pipeline, train)")
+    bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
+
+    pipeline_cli.register(sub)
+    pipeline_cli.register_bench(bench_sub)
+    training_cli.register(sub)
+    training_cli.register_bench(bench_sub)
+    eval_commands.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``unmix`` console script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    status = args.func(args)
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,50 @@
+"""Shared fixtures. Everything here runs on the CPU: DALI with device_id=None, DeepSpeed on gloo."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# DeepSpeed picks its accelerator at import time; tests never have a GPU in CI.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _has_cuda():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in `digits` sample written once per test session: ``<root>/train`` and ``<root>/val``."""
+    from pipeline.sample import write_sample
+
+    root = tmp_path_factory.mktemp("digits")
+    write_sample("digits", root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def sample_train(sample_root: Path) -> Path:
+    return sample_root / "train"
+
+
+@pytest.fixture(scope="session")
+def sample_val(sample_root: Path) -> Path:
+    return sample_root / "val"

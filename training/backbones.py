@@ -1,0 +1,121 @@
+"""Backbones and the exported-backbone file format.
+
+The backbone is a torchvision ResNet with ``fc`` replaced by ``nn.Identity`` (output: the pooled
+feature, ``[N, feature_dim]``). For small images (crop <= 64) the CIFAR variant is used: a 3x3
+stride-1 stem and no max-pool, as in the Un-Mix paper's CIFAR experiments.
+
+``backbone.pt`` (written at the end of pretraining, read by ``eval``) is a plain dict::
+
+    {"state_dict": <backbone state_dict, torchvision key names without fc.*>,
+     "meta": {"arch": "resnet50", "small_images": False, "feature_dim": 2048, "method": "moco_v2",
+              "unmix": True, "epochs": 200, "mlflow_run_id": "...", "mlflow_tracking_uri": "...", ...}}
+
+so evaluation needs neither DeepSpeed nor any key rewriting. A bare torchvision state_dict (with or
+without ``fc.*``) loads too, given the architecture.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torchvision
+from torch import nn
+from torchvision.models.resnet import BasicBlock, ResNet
+
+SMALL_IMAGE_MAX_CROP = 64
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+
+
+def _resnet10(**kwargs: Any) -> ResNet:
+    """ResNet with one BasicBlock per stage: a quick backbone for CPU demos and tests."""
+    return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
+
+
+def build_backbone(arch: str, *, small_images: bool | None = None, crop: int | None = None) -> nn.Module:
+    """A randomly initialised ResNet trunk with ``fc = Identity`` and a ``feature_dim`` attribute.
+
+    Args:
+        arch: one of :data:`ARCHS` (torchvision names, plus ``resnet10``).
+        small_images: force the CIFAR stem (3x3 conv, stride 1, no max-pool) on or off.
+        crop: when ``small_images`` is None, the CIFAR stem is used for ``crop <= 64``.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
+    if small_images is None:
+        small_images = crop is not None and crop <= SMALL_IMAGE_MAX_CROP
+    net = _resnet10() if arch == "resnet10" else getattr(torchvision.models, arch)(weights=None)
+    if small_images:
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    feature_dim = net.fc.in_features
+    net.fc = nn.Identity()
+    net.feature_dim = feature_dim
+    net.arch = arch
+    net.small_images = bool(small_images)
+    return net
+
+
+def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write ``backbone.pt`` atomically (temporary file, then rename)."""
+    path = Path(path)
+    meta = {
+        "arch": backbone.arch,
+        "small_images": backbone.small_images,
+        "feature_dim": backbone.feature_dim,
+        **meta,
+    }
+    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"state_dict": state, "meta": meta}, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_backbone(
+    path: str | Path, *, arch: str | None = None, small_images: bool | None = None, crop: int | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Load an exported backbone (or a bare torchvision ResNet state_dict, with ``arch`` given).
+
+    Returns the module (CPU, eval mode, parameters as stored) and its metadata. Keys that do not match
+    the architecture raise ``ValueError`` listing the missing and unexpected keys.
+    """
+    path = Path(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # truncated or not a torch file
+        raise ValueError(f"{path}: not a readable backbone file ({exc})") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        state, meta = obj["state_dict"], dict(obj.get("meta", {}))
+    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        state, meta = obj, {}
+    else:
+        raise ValueError(f"{path}: expected a backbone.pt dict or a ResNet state_dict")
+    arch = arch or meta.get("arch")
+    if arch is None:
+        raise ValueError(f"{path}: no architecture in the file's metadata; pass the architecture explicitly")
+    if small_images is None:
+        small_images = meta.get("small_images")
+    if small_images is None and crop is None and "conv1.weight" in state:
+        small_images = tuple(state["conv1.weight"].shape[-2:]) == (3, 3)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    net = build_backbone(arch, small_images=small_images, crop=crop)
+    expected = set(net.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: keys do not match {arch} (small_images={net.small_images}): "
+            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "
+            f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})"
+        )
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # shape mismatch
+        raise ValueError(f"{path}: does not fit {arch}: {exc}") from exc
+    meta.setdefault("arch", arch)
+    meta.setdefault("small_images", net.small_images)
+    meta.setdefault("feature_dim", net.feature_dim)
+    return net.eval(), meta
