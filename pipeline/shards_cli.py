@@ -1,13 +1,187 @@
-"""``unmix shards write|verify|sample`` and ``unmix bench shards``."""
+"""``unmix shards write|verify|sample|info`` and ``unmix bench shards``."""
 
 from __future__ import annotations
 
 import argparse
+import re
+import sys
+
+_UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """``"500MB"``, ``"1G"``, ``"256MiB"``, ``"1000000"`` -> bytes."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?)B?\s*", text.upper())
+    if not m or m.group(2) not in _UNITS:
+        raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 500MB, 1G, 256MiB, 1000000)")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _write(args: argparse.Namespace) -> int:
+    from pipeline.shards import ManifestError, ShardWriteError, SourceError, write_shards
+
+    try:
+        write_shards(
+            args.src,
+            args.out,
+            list_file=args.list,
+            classes_from=args.classes_from,
+            split=args.split,
+            samples_per_shard=args.samples_per_shard,
+            shard_bytes=args.shard_bytes,
+            seed=args.seed,
+            quality=args.quality,
+            max_side=args.max_side,
+            workers=args.workers,
+            skip_bad=args.skip_bad,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (SourceError, ShardWriteError, ManifestError, ValueError) as e:
+        print(f"unmix shards write: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.shards import ManifestError, read_manifest, verify_shards
+
+    try:
+        m = read_manifest(args.dir)
+    except ManifestError as e:
+        print(f"unmix shards verify: error: {e}", file=sys.stderr)
+        return 1
+    problems = verify_shards(args.dir, decode=not args.no_decode, device=args.device)
+    for p in problems:
+        print(p)
+    if problems:
+        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        return 1
+    what = "checksums, indices, labels" + ("" if args.no_decode else " and decoding")
+    print(f"{args.dir}: OK, {m.total} samples in {len(m.shards)} shards ({what} checked)")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from pipeline.sample import write_sample
+
+    train, val = write_sample(
+        args.name,
+        args.out,
+        seed=args.seed,
+        n_images=args.images,
+        n_classes=args.classes,
+        overwrite=args.overwrite,
+        progress=not args.quiet,
+    )
+    print(
+        f"{args.out}: sample {args.name!r}: train {train.total} images ({len(train.shards)} shards), "
+        f"val {val.total} images ({len(val.shards)} shards), {train.num_classes} classes"
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from pipeline.shards import ManifestError, read_manifest
+
+    try:
+        m = read_manifest(args.dir)
+    except ManifestError as e:
+        print(f"unmix shards info: error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"{m.root}: split {m.split}, {m.total} samples, {m.num_classes} classes, {len(m.shards)} shards, "
+        f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}"
+    )
+    print(f"source: {m.source}")
+    return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``shards`` with its subcommands."""
+    p = sub.add_parser("shards", help="write, verify and inspect WebDataset shard sets")
+    ss = p.add_subparsers(dest="shards_command", required=True, metavar="SUBCOMMAND")
+
+    w = ss.add_parser(
+        "write",
+        help="convert an image tree into shuffled WebDataset shards with DALI indices",
+        description="Convert SRC (ImageFolder: SRC/<class>/<image>, or --list) into OUT/<split>-NNNNNN.tar "
+        "+ .idx + manifest.json. Re-running the same command after an interruption finishes the job.",
+    )
+    w.add_argument(
+        "src", help="image root (SRC/<class>/<image>); with --list, the root the paths are relative to"
+    )
+    w.add_argument("out", help="output directory")
+    w.add_argument("--list", metavar="FILE", help="'relative/path,label' lines instead of class directories")
+    w.add_argument("--classes-from", metavar="MANIFEST", help="reuse another shard set's class mapping")
+    w.add_argument("--split", help="shard name prefix (default: OUT's directory name)")
+    w.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    w.add_argument(
+        "--shard-bytes",
+        type=parse_size,
+        metavar="SIZE",
+        help="cut shards at about SIZE (e.g. 500MB), estimated from source file sizes",
+    )
+    w.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    w.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
+    w.add_argument("--max-side", type=int, metavar="N", help="re-encode images whose longer side exceeds N")
+    w.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    w.add_argument(
+        "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing"
+    )
+    w.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
+    w.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    w.set_defaults(func=_write)
+
+    v = ss.add_parser("verify", help="check a shard set against its manifest (exit 1 on any problem)")
+    v.add_argument("dir", help="shard directory (or its manifest.json)")
+    v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    v.add_argument(
+        "--device",
+        choices=["cpu", "gpu"],
+        default="cpu",
+        help="decode with DALI on the CPU or the GPU (nvJPEG; falls back to CPU without CUDA)",
+    )
+    v.set_defaults(func=_verify)
+
+    s = ss.add_parser("sample", help="write a built-in sample data set as OUT/train and OUT/val")
+    s.add_argument(
+        "name", choices=["digits", "photos"], help="digits: sklearn digits 32x32; photos: ~500x375"
+    )
+    s.add_argument("out", help="output directory")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--images", type=int, default=600, help="photos only: number of images (default 600)")
+    s.add_argument("--classes", type=int, default=6, help="photos only: number of classes (default 6)")
+    s.add_argument("--overwrite", action="store_true")
+    s.add_argument("-q", "--quiet", action="store_true")
+    s.set_defaults(func=_sample)
+
+    i = ss.add_parser("info", help="print a shard set's manifest summary")
+    i.add_argument("dir")
+    i.set_defaults(func=_info)
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``bench shards``."""
+    b = bench_sub.add_parser(
+        "shards",
+        help="shard write throughput (images/s) for JPEG copy and re-encode",
+        description="Builds an ImageNet-like photo tree (~500x375 JPEG) in a temporary directory and times "
+        "`shards write` on it: JPEG copy and re-encode with --max-side.",
+    )
+    b.add_argument("--images", type=int, default=2000, help="images in the tree (default 2000)")
+    b.add_argument(
+        "--workers", type=int, nargs="+", metavar="N", help="worker counts to time (default: 1 and CPU count)"
+    )
+    b.add_argument("--max-side", type=int, default=256, help="re-encode case: --max-side (default 256)")
+    b.add_argument(
+        "--dir", metavar="DIR", help="work directory (default: a temporary one, removed afterwards)"
+    )
+    b.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    b.set_defaults(func=_bench)
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from pipeline.bench_shards import main as bench_main
+
+    return bench_main(args)

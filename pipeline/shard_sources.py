@@ -1,0 +1,135 @@
+"""Where the images to shard come from: an ImageFolder tree or a ``relative/path,label`` list file.
+
+Class indices follow torchvision's ``ImageFolder``: class names sorted, index = position. With
+``classes`` given (``--classes-from``: another shard set's mapping, e.g. the train set's for a val set)
+that mapping is used as is and every label must be one of its names.
+
+List files: one ``relative/path,label`` per line (paths relative to the source root; blank lines and
+lines starting with ``#`` ignored; the label is the text after the *last* comma). A label is a class
+name; with a known mapping an integer that is not a class name is accepted as an index and range-checked.
+Without a mapping, if every label is an integer the labels are indices and the classes are named
+``"0" .. str(max)``; otherwise the labels are names, sorted into indices.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+class SourceError(ValueError):
+    """The input tree or list is unusable; the message names the file, line or class at fault."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One input image: path relative to the source root, absolute path, class index, size in bytes."""
+
+    rel: str
+    path: str
+    label: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Source:
+    """The sorted input images and the class names (index = position)."""
+
+    root: Path
+    items: list[SourceItem]
+    classes: list[str]
+
+
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_tree(root: Path, classes: list[str] | None = None) -> Source:
+    """Read an ImageFolder tree ``root/<class>/**/<image>``."""
+    if not root.is_dir():
+        raise SourceError(f"source {root} is not a directory")
+    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not class_dirs:
+        raise SourceError(f"source {root} has no class directories (expected {root}/<class>/<image>)")
+    if classes is None:
+        classes = class_dirs
+    index = {c: i for i, c in enumerate(classes)}
+    items: list[SourceItem] = []
+    for c in class_dirs:
+        if c not in index:
+            raise SourceError(f"class directory {root / c} is not one of the {len(classes)} known classes")
+        found = []
+        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            for f in filenames:
+                if _is_image(f):
+                    p = os.path.join(dirpath, f)
+                    found.append(SourceItem(os.path.relpath(p, root), p, index[c], os.path.getsize(p)))
+        if not found:
+            raise SourceError(f"class directory {root / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+        items.extend(found)
+    items.sort(key=lambda it: it.rel)
+    return Source(root, items, list(classes))
+
+
+def _parse_label(token: str, classes: list[str] | None, index: dict[str, int], where: str) -> int | str:
+    if classes is None:
+        return token
+    if token in index:
+        return index[token]
+    try:
+        i = int(token)
+    except ValueError:
+        raise SourceError(
+            f"{where}: unknown class {token!r} (not among the {len(classes)} classes)"
+        ) from None
+    if not 0 <= i < len(classes):
+        raise SourceError(f"{where}: label {i} out of range (0..{len(classes) - 1})")
+    return i
+
+
+def read_list(root: Path, list_file: Path, classes: list[str] | None = None) -> Source:
+    """Read a ``relative/path,label`` list file; paths are relative to ``root``."""
+    if not list_file.is_file():
+        raise SourceError(f"list file {list_file} does not exist")
+    index = {c: i for i, c in enumerate(classes or [])}
+    raw: list[tuple[str, str, int | str]] = []
+    seen: set[str] = set()
+    for n, line in enumerate(list_file.read_text().splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{list_file}:{n}"
+        rel, sep, token = line.rpartition(",")
+        rel, token = rel.strip(), token.strip()
+        if not sep or not rel or not token:
+            raise SourceError(f"{where}: expected 'relative/path,label', got {line!r}")
+        if rel in seen:
+            raise SourceError(f"{where}: {rel} listed twice")
+        seen.add(rel)
+        p = root / rel
+        if not p.is_file():
+            raise SourceError(f"{where}: file {p} does not exist")
+        raw.append((rel, str(p), _parse_label(token, classes, index, where)))
+    if not raw:
+        raise SourceError(f"list file {list_file} lists no images")
+    if classes is None:
+        tokens = [str(lab) for _, _, lab in raw]
+        if all(t.lstrip("-").isdigit() for t in tokens):
+            ints = [int(t) for t in tokens]
+            bad = next((i for i in ints if i < 0), None)
+            if bad is not None:
+                raise SourceError(f"{list_file}: label {bad} out of range (labels must be >= 0)")
+            classes = [str(i) for i in range(max(ints) + 1)]
+            labels = ints
+        else:
+            classes = sorted(set(tokens))
+            index = {c: i for i, c in enumerate(classes)}
+            labels = [index[t] for t in tokens]
+        raw = [(r, p, lab) for (r, p, _), lab in zip(raw, labels, strict=True)]
+    items = [SourceItem(r, p, int(lab), os.path.getsize(p)) for r, p, lab in raw]
+    items.sort(key=lambda it: it.rel)
+    return Source(root, items, list(classes))

@@ -1,0 +1,690 @@
+"""WebDataset shards for DALI: write them from an image tree, read their manifest, verify them.
+
+A shard set is a directory::
+
+    OUT/<split>-000000.tar   samples <key>.jpg (JPEG bytes) + <key>.cls (class index as ASCII)
+    OUT/<split>-000000.idx   DALI's index of that tar (the format ``wds2idx`` writes)
+    ...
+    OUT/manifest.json        written last: classes, per-shard name/count/bytes/sha256, totals, provenance
+
+``read_manifest`` is the one thing readers need. Samples are shuffled globally at write time (DALI only
+shuffles inside a buffer); a sample's key is the zero-padded index of its source file in the sorted
+source list, so every sample can be traced back to its file.
+
+Crash safety: each tar and index is written as ``*.partial`` and renamed when complete; a finished shard
+is recorded in ``OUT/.unmix-done.jsonl`` with its sha256; ``manifest.json`` appears (atomically) only
+when every shard is done. ``OUT/.unmix-job.json`` describes the job (the sorted file list with labels
+and sizes, seed, sizing, encoding options), so re-running the same job after an interruption keeps the
+recorded shards whose checksums still match and rewrites the rest; the shard assignment depends only on
+that description, so the result is byte-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import sys
+import tarfile
+import time
+from collections import Counter, deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.dali_index import Member, format_index
+from pipeline.image_prep import Prepared, PrepSettings, prepare_chunk
+from pipeline.shard_sources import Source, SourceError, SourceItem, read_list, scan_tree
+
+MANIFEST = "manifest.json"
+JOB_FILE = ".unmix-job.json"
+DONE_FILE = ".unmix-done.jsonl"
+FORMAT_VERSION = 1
+DEFAULT_SAMPLES_PER_SHARD = 1000
+KEY_DIGITS = 8
+#: Test hook: the writer SIGKILLs itself after writing this many samples (simulates a crash mid-shard).
+KILL_AFTER_ENV = "UNMIX_SHARDS_TEST_KILL_AFTER"
+
+__all__ = [
+    "Manifest",
+    "ShardInfo",
+    "Problem",
+    "ManifestError",
+    "ShardWriteError",
+    "SourceError",
+    "read_manifest",
+    "write_shards",
+    "verify_shards",
+]
+
+
+class ManifestError(ValueError):
+    """``manifest.json`` is missing or malformed; the message names the file."""
+
+
+class ShardWriteError(RuntimeError):
+    """Writing shards failed (bad image without ``skip_bad``, foreign OUT, ...); names the culprit."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One shard: file name, absolute tar and index paths, sample count, tar size and sha256."""
+
+    name: str
+    path: Path
+    index_path: Path
+    count: int
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A shard set as described by its ``manifest.json``."""
+
+    root: Path
+    split: str
+    classes: list[str]
+    shards: list[ShardInfo]
+    total: int
+    seed: int
+    source: str
+    skipped: int
+    version: int
+    tool_version: str
+    skipped_files: list[str] = field(default_factory=list)
+    encoded: dict[str, int] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes (labels are ``0 .. num_classes - 1``)."""
+        return len(self.classes)
+
+    @property
+    def bytes(self) -> int:
+        """Total size of the tars in bytes."""
+        return sum(s.bytes for s in self.shards)
+
+    @property
+    def tar_paths(self) -> list[str]:
+        """The tar paths as strings (what ``fn.readers.webdataset(paths=...)`` takes)."""
+        return [str(s.path) for s in self.shards]
+
+    @property
+    def index_paths(self) -> list[str]:
+        """The ``.idx`` paths as strings (``fn.readers.webdataset(index_paths=...)``)."""
+        return [str(s.index_path) for s in self.shards]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a shard set: the shard (file name), the sample key if any, what is wrong."""
+
+    shard: str
+    key: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.shard + (f" [{self.key}]" if self.key else "")
+        return f"{where}: {self.message}"
+
+
+def _tool_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("unmix")
+    except Exception:
+        return "0+unknown"
+
+
+# --------------------------------------------------------------------------------------------- manifest
+
+
+def _manifest_path(path: str | Path) -> Path:
+    p = Path(path)
+    return p / MANIFEST if p.is_dir() or p.suffix != ".json" else p
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read a shard set's manifest; ``path`` is the shard directory or its ``manifest.json``.
+
+    Raises :class:`ManifestError` naming the file when it is missing, unreadable or malformed.
+    """
+    mpath = _manifest_path(path)
+    if not mpath.is_file():
+        hint = (
+            " (an unfinished write? run the same `unmix shards write` again)"
+            if (mpath.parent / JOB_FILE).exists()
+            else ""
+        )
+        raise ManifestError(f"no shard manifest at {mpath}{hint}")
+    try:
+        d = json.loads(mpath.read_text())
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"cannot read shard manifest {mpath}: {e}") from e
+    try:
+        if d.get("format") != "unmix-webdataset":
+            raise ManifestError(f"{mpath} is not an unmix shard manifest (format={d.get('format')!r})")
+        if int(d["version"]) > FORMAT_VERSION:
+            raise ManifestError(
+                f"{mpath} has format version {d['version']}; this unmix reads <= {FORMAT_VERSION}"
+            )
+        root = mpath.parent.resolve()
+        shards = [
+            ShardInfo(
+                name=s["name"],
+                path=root / s["name"],
+                index_path=root / s["index"],
+                count=int(s["count"]),
+                bytes=int(s["bytes"]),
+                sha256=str(s["sha256"]),
+            )
+            for s in d["shards"]
+        ]
+        return Manifest(
+            root=root,
+            split=str(d["split"]),
+            classes=[str(c) for c in d["classes"]],
+            shards=shards,
+            total=int(d["total"]),
+            seed=int(d["seed"]),
+            source=str(d["source"]),
+            skipped=int(d["skipped"]),
+            version=int(d["version"]),
+            tool_version=str(d["tool_version"]),
+            skipped_files=list(d.get("skipped_files", [])),
+            encoded=dict(d.get("encoded", {})),
+            options=dict(d.get("options", {})),
+        )
+    except ManifestError:
+        raise
+    except (KeyError, TypeError, ValueError) as e:
+        raise ManifestError(f"malformed shard manifest {mpath}: {type(e).__name__}: {e}") from e
+
+
+def _manifest_dict(m: Manifest) -> dict[str, Any]:
+    return {
+        "format": "unmix-webdataset",
+        "version": m.version,
+        "tool_version": m.tool_version,
+        "split": m.split,
+        "classes": m.classes,
+        "num_classes": m.num_classes,
+        "total": m.total,
+        "bytes": m.bytes,
+        "seed": m.seed,
+        "source": m.source,
+        "skipped": m.skipped,
+        "skipped_files": m.skipped_files,
+        "encoded": m.encoded,
+        "options": m.options,
+        "shards": [
+            {
+                "name": s.name,
+                "index": s.index_path.name,
+                "count": s.count,
+                "bytes": s.bytes,
+                "sha256": s.sha256,
+            }
+            for s in m.shards
+        ],
+    }
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------ planning
+
+
+def _plan_shards(
+    items: list[SourceItem], seed: int, samples_per_shard: int | None, shard_bytes: int | None
+) -> list[list[int]]:
+    """Shuffle the item indices with ``seed`` and cut them into shards (lists of indices into ``items``).
+
+    With ``shard_bytes`` the cut uses each sample's tar footprint estimated from its *source* file size,
+    so it is known before anything is encoded (re-encoded shards come out smaller than the target).
+    """
+    order = np.random.default_rng(seed).permutation(len(items)).tolist()
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i in order:
+        est = 512 + (items[i].size + 511) // 512 * 512 + 1024  # jpg header+data, cls header+data
+        full_count = samples_per_shard is not None and len(shards[-1]) >= samples_per_shard
+        full_bytes = shard_bytes is not None and shards[-1] and size + est > shard_bytes
+        if full_count or full_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += est
+    return shards
+
+
+def _job_description(
+    source: Source, split: str, seed: int, spp: int | None, shard_bytes: int | None, settings: PrepSettings
+) -> dict[str, Any]:
+    h = hashlib.sha256()
+    for it in source.items:
+        h.update(f"{it.rel}\0{it.label}\0{it.size}\n".encode())
+    return {
+        "files": len(source.items),
+        "files_sha256": h.hexdigest(),
+        "classes_sha256": hashlib.sha256("\n".join(source.classes).encode()).hexdigest(),
+        "split": split,
+        "seed": seed,
+        "samples_per_shard": spp,
+        "shard_bytes": shard_bytes,
+        "quality": settings.quality,
+        "max_side": settings.max_side,
+        "format_version": FORMAT_VERSION,
+    }
+
+
+_OWN_FILE = re.compile(
+    r".+-\d{6}\.(tar|idx)(\.partial)?$|^manifest\.json(\.partial)?$|^\.unmix-(job|done)\.jsonl?(\.partial)?$"
+)
+
+
+def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
+    """Create/claim ``out``; return True when it holds this very job (resume), False for a fresh start."""
+    out.mkdir(parents=True, exist_ok=True)
+    entries = [e for e in os.scandir(out)]
+    job_path = out / JOB_FILE
+    if job_path.exists() and not overwrite:
+        try:
+            old = json.loads(job_path.read_text())
+        except ValueError:
+            old = None
+        if old == job:
+            return True
+    if entries and not overwrite:
+        what = "a different shard job" if job_path.exists() else "files that are not from this job"
+        raise ShardWriteError(
+            f"output directory {out} is not empty and holds {what}; "
+            "use another directory or --overwrite (deletes its shards and manifest)"
+        )
+    for e in entries:
+        if e.is_file() and _OWN_FILE.match(e.name):
+            os.unlink(e.path)
+    _atomic_write_text(job_path, json.dumps(job, indent=1, sort_keys=True) + "\n")
+    return False
+
+
+# ------------------------------------------------------------------------------------------- writing
+
+
+class _HashingFile(io.RawIOBase):
+    """A write-only file that hashes (sha256) and counts what goes through it."""
+
+    def __init__(self, path: Path):
+        self._f = open(path, "wb")
+        self.sha = hashlib.sha256()
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: Any) -> int:
+        self.sha.update(b)
+        n = self._f.write(b)
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.flush()
+            os.fsync(self._f.fileno())
+            self._f.close()
+        super().close()
+
+
+def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+    return ti
+
+
+class _ShardTar:
+    """One tar being written as ``<name>.partial``; records member offsets for the DALI index."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.file = _HashingFile(self.partial)
+        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
+        self.members: list[Member] = []
+        self.count = 0
+
+    def add(self, key: str, jpg: bytes, label: int) -> None:
+        for name, data in ((f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())):
+            header_at = self.tar.offset
+            self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
+            self.members.append(Member(name, header_at + 512, len(data)))
+        self.count += 1
+
+    def flush(self) -> None:
+        self.file._f.flush()
+
+    def finish(self) -> tuple[int, str, str]:
+        """Close, write the index, rename both into place; returns (bytes, sha256, index text)."""
+        self.tar.close()
+        self.file.close()
+        index_text = format_index(self.members)
+        idx = self.path.with_suffix(".idx")
+        _atomic_write_text(idx, index_text)
+        os.replace(self.partial, self.path)
+        return self.file.pos, self.file.sha.hexdigest(), index_text
+
+    def abandon(self) -> None:
+        try:
+            self.tar.close()
+            self.file.close()
+        finally:
+            self.partial.unlink(missing_ok=True)
+
+
+def _worker_init() -> None:
+    # Die with the writer (a SIGKILLed writer must not leave workers behind) and leave Ctrl-C to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except Exception:
+            pass
+
+
+def _prepared_stream(
+    tasks: list[tuple[int, str]], settings: PrepSettings, workers: int, chunk: int = 32
+) -> Iterator[Prepared]:
+    """Prepared images in task order; with ``workers > 1`` from a process pool, at most a few chunks ahead."""
+    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+    if workers <= 1:
+        for c in chunks:
+            yield from prepare_chunk(c, settings)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+    pool = ctx.Pool(workers, initializer=_worker_init)
+    try:
+        pending: deque = deque()
+        it = iter(chunks)
+        for c in it:
+            pending.append(pool.apply_async(prepare_chunk, (c, settings)))
+            if len(pending) >= 4 * workers:
+                break
+        while pending:
+            done = pending.popleft().get()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.apply_async(prepare_chunk, (nxt, settings)))
+            yield from done
+    finally:
+        pool.terminate()
+        pool.join()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(1 << 20):
+            h.update(b)
+    return h.hexdigest()
+
+
+def _load_done(out: Path, names: set[str]) -> dict[str, dict[str, Any]]:
+    """Recorded finished shards whose tar and index still match their checksums."""
+    done: dict[str, dict[str, Any]] = {}
+    path = out / DONE_FILE
+    if not path.exists():
+        return done
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue  # a torn last line from a crash
+        if rec.get("name") in names:
+            done[rec["name"]] = rec
+    kept = {}
+    for name, rec in done.items():
+        tar, idx = out / name, (out / name).with_suffix(".idx")
+        if (
+            tar.is_file()
+            and idx.is_file()
+            and tar.stat().st_size == rec["bytes"]
+            and _sha256_file(tar) == rec["sha256"]
+            and hashlib.sha256(idx.read_bytes()).hexdigest() == rec["index_sha256"]
+        ):
+            kept[name] = rec
+    return kept
+
+
+def _default_split(out: Path) -> str:
+    name = re.sub(r"[^A-Za-z0-9_]+", "_", out.resolve().name).strip("_")
+    return name or "data"
+
+
+def write_shards(
+    src: str | Path,
+    out: str | Path,
+    *,
+    list_file: str | Path | None = None,
+    classes_from: str | Path | None = None,
+    split: str | None = None,
+    samples_per_shard: int | None = None,
+    shard_bytes: int | None = None,
+    seed: int = 0,
+    quality: int = 95,
+    max_side: int | None = None,
+    workers: int | None = None,
+    skip_bad: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    source_name: str | None = None,
+) -> Manifest:
+    """Convert an image tree (or a list file) into shuffled WebDataset shards with DALI indices.
+
+    Args:
+        src: ImageFolder root ``src/<class>/<image>``; with ``list_file``, the root its paths are relative to.
+        out: output directory (created). Re-running the same job there resumes it.
+        list_file: ``relative/path,label`` lines instead of the class directories.
+        classes_from: another shard set (dir or manifest.json) whose class mapping to use.
+        split: shard name prefix (``<split>-000000.tar``); default: ``out``'s directory name.
+        samples_per_shard: samples per shard (default 1000 unless ``shard_bytes`` is given).
+        shard_bytes: cut shards at about this many bytes (estimated from source file sizes).
+        seed: global shuffle seed; same inputs + seed give byte-identical shards.
+        quality: JPEG quality for images that are (re-)encoded.
+        max_side: re-encode images whose longer side exceeds this, scaled down to it.
+        workers: processes preparing images (default: CPU count); 1 = all in this process.
+        skip_bad: skip unreadable/corrupt images (counted in the manifest) instead of failing.
+        overwrite: allow replacing a different job's shards in ``out``.
+        progress: show a progress bar and print a summary on stderr.
+        source_name: what the manifest records as the source (default: ``src``'s absolute path).
+
+    Returns:
+        The manifest of the finished set (also written to ``out/manifest.json``).
+    """
+    t0 = time.perf_counter()
+    src, out = Path(src), Path(out)
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
+    if shard_bytes is not None and shard_bytes < 4096:
+        raise ValueError(f"shard_bytes must be >= 4096, got {shard_bytes}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in 1..100, got {quality}")
+    if samples_per_shard is None and shard_bytes is None:
+        samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
+    classes = read_manifest(classes_from).classes if classes_from is not None else None
+    source = read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)
+    split = split or _default_split(out)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", split):
+        raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
+    settings = PrepSettings(quality=quality, max_side=max_side)
+    workers = (os.cpu_count() or 1) if workers is None else workers
+
+    job = _job_description(source, split, seed, samples_per_shard, shard_bytes, settings)
+    resuming = _prepare_out(out, job, overwrite)
+    plan = _plan_shards(source.items, seed, samples_per_shard, shard_bytes)
+    names = [f"{split}-{i:06d}.tar" for i in range(len(plan))]
+    options = {
+        "samples_per_shard": samples_per_shard,
+        "shard_bytes": shard_bytes,
+        "quality": quality,
+        "max_side": max_side,
+        "list_file": str(Path(list_file).resolve()) if list_file else None,
+        "classes_from": str(_manifest_path(classes_from).resolve()) if classes_from else None,
+    }
+    if resuming and (out / MANIFEST).exists():
+        try:
+            m = read_manifest(out)
+            if all(s.path.is_file() and s.path.stat().st_size == s.bytes for s in m.shards):
+                if progress:
+                    print(
+                        f"{out}: already complete ({m.total} images in {len(m.shards)} shards)",
+                        file=sys.stderr,
+                    )
+                return m
+        except ManifestError:
+            pass
+    (out / MANIFEST).unlink(missing_ok=True)
+    kept = _load_done(out, set(names)) if resuming else {}
+    for f in out.glob("*.partial"):
+        f.unlink()
+    if not resuming:
+        (out / DONE_FILE).unlink(missing_ok=True)
+
+    todo = [i for i, n in enumerate(names) if n not in kept]
+    tasks = [(k, source.items[k].path) for i in todo for k in plan[i]]
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
+    written = 0
+    records: dict[str, dict[str, Any]] = dict(kept)
+
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=len(source.items),
+        initial=sum(r["count"] + len(r["skipped"]) for r in kept.values()),
+        unit="img",
+        desc=f"shards {out.name}",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    stream = _prepared_stream(tasks, settings, max(1, workers))
+    try:
+        with open(out / DONE_FILE, "a") as done_log:
+            for i in todo:
+                shard = _ShardTar(out / names[i])
+                skipped: list[str] = []
+                actions: Counter[str] = Counter()
+                try:
+                    for k in plan[i]:
+                        p = next(stream)
+                        assert p.index == k
+                        item = source.items[k]
+                        bar.update(1)
+                        if p.error is not None:
+                            if not skip_bad:
+                                raise ShardWriteError(f"bad image {item.path}: {p.error}")
+                            skipped.append(item.rel)
+                            continue
+                        assert p.data is not None and p.action is not None
+                        shard.add(f"{k:0{KEY_DIGITS}d}", p.data, item.label)
+                        actions[p.action] += 1
+                        written += 1
+                        if kill_after and written >= kill_after:
+                            shard.flush()
+                            os.kill(os.getpid(), signal.SIGKILL)
+                    if shard.count == 0:
+                        shard.abandon()  # every image of this shard was bad
+                        rec = {"name": names[i], "count": 0, "skipped": skipped, "actions": {}}
+                    else:
+                        nbytes, sha, index_text = shard.finish()
+                        rec = {
+                            "name": names[i],
+                            "count": shard.count,
+                            "bytes": nbytes,
+                            "sha256": sha,
+                            "index_sha256": hashlib.sha256(index_text.encode()).hexdigest(),
+                            "skipped": skipped,
+                            "actions": dict(actions),
+                        }
+                except BaseException:
+                    shard.abandon()
+                    raise
+                records[names[i]] = rec
+                done_log.write(json.dumps(rec) + "\n")
+                done_log.flush()
+    finally:
+        bar.close()
+        stream.close()
+
+    out_res = out.resolve()
+    shards = [
+        ShardInfo(n, out_res / n, out_res / Path(n).with_suffix(".idx"), r["count"], r["bytes"], r["sha256"])
+        for n in names
+        if (r := records[n])["count"] > 0
+    ]
+    encoded: Counter[str] = Counter()
+    for r in records.values():
+        encoded.update(r["actions"])
+    skipped_files = sorted(f for r in records.values() for f in r["skipped"])
+    m = Manifest(
+        root=out_res,
+        split=split,
+        classes=source.classes,
+        shards=shards,
+        total=sum(s.count for s in shards),
+        seed=seed,
+        source=source_name or str(src.resolve()),
+        skipped=len(skipped_files),
+        version=FORMAT_VERSION,
+        tool_version=_tool_version(),
+        skipped_files=skipped_files,
+        encoded=dict(sorted(encoded.items())),
+        options=options,
+    )
+    if not shards:
+        raise ShardWriteError(f"no readable images in {src}: all {len(source.items)} were skipped as bad")
+    _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
+    if progress:
+        dt = time.perf_counter() - t0
+        reenc = sum(v for k, v in encoded.items() if k != "copied")
+        print(
+            f"{out}: {m.total} images in {len(shards)} shards, {m.bytes / 1e6:.1f} MB, "
+            f"{m.skipped} skipped, {reenc} re-encoded ({dict(encoded)}), "
+            f"{len(kept)} shards kept from an earlier run, {dt:.1f} s "
+            f"({written / max(dt, 1e-9):.0f} images/s)",
+            file=sys.stderr,
+        )
+    return m
+
+
+def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") -> list[Problem]:
+    """Check a shard set against its manifest; returns the problems found (empty = all good).
+
+    See :func:`pipeline.shard_verify.verify_shards`.
+    """
+    from pipeline.shard_verify import verify_shards as _verify
+
+    return _verify(path, decode=decode, device=device)
