@@ -101,6 +101,8 @@ def prepare_bytes(index: int, data: bytes, settings: PrepSettings) -> Prepared:
         img = Image.open(io.BytesIO(data))
         img.load()
         return Prepared(index, _encode(img, settings), CONVERTED)
+    except Image.UnidentifiedImageError:
+        return Prepared(index, None, None, "not a readable image (unknown format)")
     except Exception as e:  # PIL raises many types for bad input; all mean "corrupt"
         what = f"not a readable image ({type(e).__name__}: {e})"
         return Prepared(index, None, None, what)
