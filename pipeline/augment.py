@@ -1,0 +1,175 @@
+"""Augmentation graphs: plain functions of their DALI inputs, separate from the reader wiring.
+
+Like DALI's EfficientNet example, nothing here knows where the images come from: each function takes
+decoded images (uint8 HWC, on ``device``) and returns DALI data nodes, so the same graph serves the
+webdataset reader of :mod:`pipeline.loaders`, a file reader or an external source.
+
+Recipes carry the papers' parameters:
+
+- ``moco_v2`` (MoCo v2 "aug-plus", Chen et al. 2020): RandomResizedCrop scale 0.2-1, ratio 3/4-4/3;
+  ColorJitter 0.4/0.4/0.4/0.1 with p=0.8; grayscale p=0.2; Gaussian blur sigma U(0.1, 2) p=0.5; flip.
+- ``moco_v1``: RandomResizedCrop scale 0.2-1; ColorJitter 0.4/0.4/0.4/0.4 always; grayscale p=0.2; flip.
+- ``byol`` (Grill et al. 2020, asymmetric): RandomResizedCrop scale 0.08-1; ColorJitter 0.4/0.4/0.2/0.1
+  p=0.8; grayscale p=0.2; blur p=1.0 / 0.1; solarize p=0 / 0.2; flip.
+
+Every random choice is per sample and comes from the pipeline's seeded generators. Work that a coin
+flip turns off is not computed: colour, blur and solarize run inside per-sample ``if`` branches
+(``@pipeline_def(enable_conditionals=True)``), so only the samples whose coin came up pay for them.
+
+Differences from torchvision that are inherent to DALI's operators (documented, not hidden):
+``fn.color_twist`` applies brightness, contrast, saturation and hue as one linear colour transform in a
+fixed order (torchvision shuffles the order), and its contrast is taken about mid-grey rather than the
+image mean; grayscale is saturation 0 in the same YIQ transform (Y = 0.299 R + 0.587 G + 0.114 B, the
+ITU-R 601 luma torchvision uses), so jitter and grayscale cost one pass together. The blur kernel is
+``blur_window(crop)`` pixels wide (23 at 224, about 10 % of the crop, as in BYOL and SimCLR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from nvidia.dali import fn, types
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ViewSpec:
+    """Parameters of one augmented view (the probabilities are per sample)."""
+
+    scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area fraction
+    ratio: tuple[float, float] = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio
+    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    p_jitter: float = 0.8
+    p_gray: float = 0.2
+    p_blur: float = 0.5
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    p_solarize: float = 0.0
+    p_flip: float = 0.5
+
+    def without_randomness(self) -> ViewSpec:
+        """The same view with every coin-flip probability 0: a plain random resized crop."""
+        return dataclasses.replace(self, p_jitter=0.0, p_gray=0.0, p_blur=0.0, p_solarize=0.0, p_flip=0.0)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A named pair of view specifications (view 1 is the query/online view that Un-Mix mixes)."""
+
+    name: str
+    view1: ViewSpec
+    view2: ViewSpec = field(default=None)  # type: ignore[assignment]  # None: same as view1
+
+    def __post_init__(self) -> None:
+        if self.view2 is None:
+            object.__setattr__(self, "view2", self.view1)
+
+    def without_randomness(self) -> Recipe:
+        """All probabilities 0 in both views (test hook: a view is then a plain resized crop)."""
+        return Recipe(self.name + "-plain", self.view1.without_randomness(), self.view2.without_randomness())
+
+
+_MOCO_V2 = ViewSpec()
+_BYOL = ViewSpec(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0)
+RECIPES: dict[str, Recipe] = {
+    "moco_v2": Recipe("moco_v2", _MOCO_V2),
+    "moco_v1": Recipe("moco_v1", ViewSpec(jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_blur=0.0)),
+    "byol": Recipe("byol", _BYOL, dataclasses.replace(_BYOL, p_blur=0.1, p_solarize=0.2)),
+}
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    """Resolve a recipe name (``moco_v2``, ``moco_v1``, ``byol``) or pass a :class:`Recipe` through."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown recipe {recipe!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[recipe]
+
+
+def blur_window(crop: int) -> int:
+    """Gaussian blur kernel width: about 10 % of the crop, odd (23 at 224)."""
+    w = int(0.1 * crop)
+    return max(3, w if w % 2 else w + 1)
+
+
+def _coin(p: float):
+    """Per-sample boolean coin flip with probability ``p``."""
+    return fn.random.coin_flip(probability=p, dtype=types.BOOL)
+
+
+def random_view(images, spec: ViewSpec, crop: int):
+    """One augmented view: random resized crop, colour jitter, grayscale, blur, solarize (uint8 HWC).
+
+    ``images``: decoded uint8 HWC RGB images (CPU or GPU). The flip is *not* applied here; it is folded
+    into :func:`normalize` (pass ``flip_coin(spec)``), which costs nothing extra there. Flipping commutes
+    with all the pointwise colour operations and the symmetric blur, so the order is the papers'.
+    """
+    x = fn.random_resized_crop(
+        images, size=[crop, crop], random_area=list(spec.scale), random_aspect_ratio=list(spec.ratio)
+    )
+    b, c, s, h = spec.jitter
+    if spec.p_jitter > 0 or spec.p_gray > 0:
+        # jitter and grayscale as one colour transform; identity factors where a coin is off
+        jit = fn.cast(_coin(spec.p_jitter), dtype=types.FLOAT)
+        keep_colour = 1.0 - fn.cast(_coin(spec.p_gray), dtype=types.FLOAT)
+        brightness = 1.0 + jit * (fn.random.uniform(range=[1 - b, 1 + b]) - 1.0)
+        contrast = 1.0 + jit * (fn.random.uniform(range=[1 - c, 1 + c]) - 1.0)
+        saturation = keep_colour * (1.0 + jit * (fn.random.uniform(range=[1 - s, 1 + s]) - 1.0))
+        hue = jit * fn.random.uniform(range=[-360.0 * h, 360.0 * h])  # torchvision's hue is a fraction of 360
+        if (jit > 0.5) | (keep_colour < 0.5):
+            x = fn.color_twist(x, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
+    if spec.p_blur > 0:
+        sigma = fn.random.uniform(range=list(spec.blur_sigma))
+        if spec.p_blur >= 1.0:
+            x = fn.gaussian_blur(x, window_size=blur_window(crop), sigma=sigma)
+        elif _coin(spec.p_blur):
+            x = fn.gaussian_blur(x, window_size=blur_window(crop), sigma=sigma)
+    if spec.p_solarize > 0 and _coin(spec.p_solarize):
+        x = solarize(x)
+    return x
+
+
+def solarize(x, threshold: int = 128):
+    """Invert pixels >= threshold (PIL's solarize): 255 - v == v XOR 255 for uint8."""
+    return x ^ fn.cast((x >= threshold) * 255, dtype=types.UINT8)
+
+
+def flip_coin(spec: ViewSpec):
+    """Per-sample horizontal flip decision (int32 0/1, as ``crop_mirror_normalize``'s ``mirror`` wants)."""
+    return fn.random.coin_flip(probability=spec.p_flip)
+
+
+def normalize(x, mirror=0, crop: int | None = None):
+    """uint8 HWC -> float32 CHW normalised with ImageNet mean/std, optional flip and centre crop."""
+    kwargs = {"crop": [crop, crop]} if crop else {}
+    return fn.crop_mirror_normalize(
+        x,
+        dtype=types.FLOAT,
+        output_layout="CHW",
+        mean=[255 * m for m in IMAGENET_MEAN],
+        std=[255 * s for s in IMAGENET_STD],
+        mirror=mirror,
+        **kwargs,
+    )
+
+
+def two_views(images, recipe: Recipe, crop: int):
+    """The two self-supervised views of ``images``: float32 CHW, normalised, each with its own flip."""
+    v1 = normalize(random_view(images, recipe.view1, crop), flip_coin(recipe.view1))
+    v2 = normalize(random_view(images, recipe.view2, crop), flip_coin(recipe.view2))
+    return v1, v2
+
+
+def eval_train_view(images, crop: int):
+    """Linear-evaluation training transform: RandomResizedCrop(crop) (scale 0.08-1) + flip + normalise."""
+    x = fn.random_resized_crop(images, size=[crop, crop], random_area=[0.08, 1.0])
+    return normalize(x, fn.random.coin_flip(probability=0.5))
+
+
+def eval_val_view(images, crop: int):
+    """Validation transform: resize the shorter side to crop*256/224, centre crop ``crop``, normalise."""
+    x = fn.resize(images, resize_shorter=round(crop * 256 / 224))
+    return normalize(x, 0, crop=crop)

@@ -1,0 +1,366 @@
+"""Reader wiring and PyTorch iteration: ``build_pretrain_loader`` and ``build_eval_loader``.
+
+One code path, one device switch: ``device="cpu"`` builds a pipeline with ``device_id=None``, the CPU
+JPEG decoder and CPU operators; ``device="gpu"`` uses the ``"mixed"`` (nvJPEG) decoder and GPU operators on
+``LOCAL_RANK``'s GPU, and the tensors stay on that GPU (no host round trip).
+
+Epochs and sharding: ``fn.readers.webdataset`` reads the manifest's tars with their ``.idx`` files,
+``shard_id``/``num_shards`` (default ``RANK``/``WORLD_SIZE``) split the samples into contiguous ranges,
+and a shuffle buffer of ``shuffle_buffer`` samples shuffles them (shards must be written pre-shuffled).
+Pretraining drops the last incomplete batch, and every rank takes the same number of steps:
+``len(loader) == (total // num_shards) // batch_size``. Evaluation loaders cover every sample exactly
+once across ranks per epoch (padded duplicates are stripped; the last batch may be smaller).
+
+Tensor ownership: DALI's PyTorch iterator may hand out tensors that alias DALI's output buffers (with
+the dynamic executor it returns DLPack views). Every tensor this loader yields is a fresh torch tensor
+(copied, or produced by the dtype conversion), so it stays valid after later batches; keep them as
+long as you like.
+
+Checkpointing: the pipeline runs with ``enable_checkpointing=True``. ``loader.state_dict()`` returns the
+DALI checkpoint of the reader position, the shuffle buffer and every random generator, taken after the
+last batch handed out, plus the loader's epoch counter. ``load_state_dict(state)`` (or
+``build_*_loader(..., state=state)``) rebuilds the pipeline from it: iteration continues with exactly
+the batches (same samples, same augmentations) that the original loader would have produced next;
+nothing of the epoch is visited twice or skipped. The loader must be built with the same arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline import mixing
+from pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
+from pipeline.mixing import UnmixConfig
+
+DEVICES = ("cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class ShardFiles:
+    """The tar and index paths of a shard set and its sample count."""
+
+    tars: list[str]
+    indexes: list[str]
+    total: int
+
+
+def shard_files(shards: str | os.PathLike) -> ShardFiles:
+    """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest."""
+    from pipeline.shards import read_manifest
+
+    m = read_manifest(shards)
+    tars = [str(s.path) for s in m.shards]
+    indexes = [str(s.index_path) for s in m.shards]
+    for t, i in zip(tars, indexes, strict=True):
+        if not Path(i).is_file():
+            raise FileNotFoundError(f"{i}: index of {t} is missing (write it with `wds2idx {t} {i}`)")
+    return ShardFiles(tars, indexes, int(m.total))
+
+
+def _dist_defaults(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
+    if shard_id is None:
+        shard_id = int(os.environ.get("RANK", 0))
+    if num_shards is None:
+        num_shards = int(os.environ.get("WORLD_SIZE", 1))
+    if not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id={shard_id} must be in [0, num_shards={num_shards})")
+    return shard_id, num_shards
+
+
+def _device_id(device: str) -> int | None:
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return int(os.environ.get("LOCAL_RANK", 0)) if device == "gpu" else None
+
+
+def pipeline_seed(seed: int, shard_id: int) -> int:
+    """DALI seed for (seed, rank): deterministic, different for every rank."""
+    return int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] % (2**31 - 1))
+
+
+def _read(files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
+    from nvidia.dali import fn
+
+    return fn.readers.webdataset(
+        paths=files.tars,
+        index_paths=files.indexes,
+        ext=["jpg", "cls"],
+        missing_component_behavior="error",
+        random_shuffle=shuffle,
+        initial_fill=max(1, min(shuffle_buffer, files.total)),
+        shard_id=shard_id,
+        num_shards=num_shards,
+        pad_last_batch=True,
+        name="reader",
+    )
+
+
+def _decode(jpegs, device: str):
+    from nvidia.dali import fn, types
+
+    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+
+
+def sample_key(source_info: bytes) -> str:
+    """The WebDataset key of a sample from DALI's ``source_info`` (``/x/train-000000.tar:OFFSET:KEY.jpg``)."""
+    member = source_info.decode().rsplit(":", 1)[-1]
+    return member.rsplit(".", 1)[0]
+
+
+def _source_info(jpegs):
+    from nvidia.dali import fn
+
+    return fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
+
+
+def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
+    """ASCII class ids, one row per sample padded with zeros ([B, L] uint8) -> int64 labels [B].
+
+    Vectorised over the batch (a loop over the few digit columns only); non-digit bytes (padding,
+    whitespace) are skipped.
+    """
+    b = cls_bytes.to(torch.int64)
+    digit = (b >= 48) & (b <= 57)
+    if not bool(digit.any(dim=1).all()):
+        raise ValueError("a .cls entry holds no decimal class id")
+    labels = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
+    for j in range(b.shape[1]):
+        labels = torch.where(digit[:, j], labels * 10 + (b[:, j] - 48), labels)
+    return labels
+
+
+class DaliLoader:
+    """An epoch-at-a-time iterable over a DALI pipeline, yielding dicts of owned torch tensors.
+
+    Built by :func:`build_pretrain_loader` / :func:`build_eval_loader`; ``len()`` is the number of steps
+    in an epoch; iterating again starts the next epoch. See the module docstring for the guarantees.
+    """
+
+    def __init__(
+        self,
+        make_pipeline,
+        output_map: list[str],
+        last_batch_policy,
+        batch_size: int,
+        device: str,
+        dtype: torch.dtype,
+        float_outputs: tuple[str, ...],
+        identity: dict[str, Any],
+        state: Mapping | None = None,
+    ) -> None:
+        self._make_pipeline = make_pipeline
+        self._output_map = output_map
+        self._policy = last_batch_policy
+        self.batch_size = batch_size
+        self.device = device
+        self.dtype = dtype
+        self._float_outputs = float_outputs
+        self._identity = identity  # arguments a checkpoint must match
+        self.epoch = 0
+        self._iterator = None
+        self._build(None)
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _build(self, checkpoint) -> None:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+        pipe = self._make_pipeline(checkpoint)
+        pipe.build()
+        self.pipeline = pipe
+        self._iterator = DALIGenericIterator(
+            pipe, self._output_map, reader_name="reader", last_batch_policy=self._policy, auto_reset=False
+        )
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        # leaving the loop early and iterating again continues the same epoch where it stopped
+        for out in self._iterator:
+            yield self._convert(out[0])
+        self._iterator.reset()
+        self.epoch += 1
+
+    def _convert(self, raw: dict[str, torch.Tensor]) -> dict[str, Any]:
+        batch: dict[str, Any] = {}
+        for k, t in raw.items():
+            if k in self._float_outputs:
+                # .to() copies when the dtype changes; clone otherwise: never alias DALI's buffers
+                batch[k] = t.to(self.dtype) if t.dtype != self.dtype else t.clone()
+            elif k == "lam":
+                batch[k] = t.reshape(-1).to(torch.float32, copy=True)
+            elif k == "cls":
+                labels = parse_labels(t)
+                batch["label"] = labels.to(self._torch_device(), non_blocking=True)
+            elif k == "key":
+                batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
+            elif k == "partner":
+                batch[k] = t.reshape(-1).to(torch.int64, copy=True).to(self._torch_device())
+            else:  # pragma: no cover - output_map is ours
+                batch[k] = t.clone()
+        if "lam" in batch:
+            batch["lam"] = batch["lam"].to(self._torch_device())
+        return batch
+
+    def _torch_device(self) -> torch.device:
+        if self.device == "gpu":
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position after the last batch handed out: DALI checkpoint + epoch + build arguments."""
+        (checkpoint,) = self._iterator.checkpoints()
+        return {"dali_checkpoint": checkpoint, "epoch": self.epoch, **self._identity}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Continue from ``state`` (from :meth:`state_dict` of a loader built with the same arguments)."""
+        for key, value in self._identity.items():
+            if key in state and state[key] != value:
+                raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {key}={value!r}")
+        if "dali_checkpoint" not in state:
+            raise ValueError("loader state has no 'dali_checkpoint' (not from DaliLoader.state_dict())")
+        self._build(state["dali_checkpoint"])
+        self.epoch = int(state.get("epoch", 0))
+
+
+def build_pretrain_loader(
+    shards: str | os.PathLike,
+    batch_size: int,
+    recipe: str | Recipe = "moco_v2",
+    crop: int = 224,
+    unmix: UnmixConfig | Mapping | bool | None = None,
+    device: str = "gpu",
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    seed: int = 0,
+    num_threads: int = 4,
+    dtype: torch.dtype = torch.float32,
+    shuffle_buffer: int = 4096,
+    prefetch: int = 2,
+    with_keys: bool = False,
+    state: Mapping | None = None,
+) -> DaliLoader:
+    """Self-supervised pretraining loader: two augmented views, plus the Un-Mix mixture when enabled.
+
+    Yields dicts ``{"view1", "view2": [B, 3, crop, crop] dtype}`` and, with Un-Mix enabled,
+    ``"mixed"`` (like view1: view1 mixed with its partner, view1 in reversed batch order) and
+    ``"lam"`` ([B] float32, the weight of view1 in each mixed sample). With
+    ``unmix={"random_partner": True, ...}`` also ``"partner"`` ([B] int64, the partner of each sample).
+    With Un-Mix disabled (``None``/``False``/``enabled=False``) no mixture is computed and the dict
+    holds only the two views. ``len(loader) == (total // num_shards) // batch_size`` on every rank.
+    ``with_keys=True`` adds ``"key"``: the list of the batch's WebDataset sample keys (for debugging).
+    ``state``: a :meth:`DaliLoader.state_dict` to resume from.
+    """
+    from nvidia.dali import pipeline_def
+
+    files = shard_files(shards)
+    shard_id, num_shards = _dist_defaults(shard_id, num_shards)
+    device_id = _device_id(device)
+    rec = get_recipe(recipe)
+    cfg = UnmixConfig.resolve(unmix)
+    per_shard = files.total // num_shards
+    if per_shard < batch_size:
+        raise ValueError(
+            f"{shards}: {files.total} samples over {num_shards} shard(s) give {per_shard} per rank, "
+            f"fewer than batch_size={batch_size} (pretraining drops incomplete batches)"
+        )
+
+    @pipeline_def(enable_conditionals=True)
+    def pretrain_pipeline():
+        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer)
+        images = _decode(jpegs, device)
+        view1, view2 = two_views(images, rec, crop)
+        keys = (_source_info(jpegs),) if with_keys else ()
+        if not cfg.enabled:
+            return (view1, view2) + keys
+        mixed, lam, partner = mixing.unmix(view1, batch_size, cfg, (crop, crop), device)
+        return (view1, view2, mixed, lam) + ((partner,) if partner is not None else ()) + keys
+
+    def make(checkpoint):
+        return pretrain_pipeline(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=pipeline_seed(seed, shard_id),
+            prefetch_queue_depth=prefetch,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
+
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+    outputs = ["view1", "view2"]
+    if cfg.enabled:
+        outputs += ["mixed", "lam"] + (["partner"] if cfg.random_partner else [])
+    outputs += ["key"] if with_keys else []
+    identity = {"kind": "pretrain", "batch_size": batch_size, "shard_id": shard_id, "num_shards": num_shards,
+                "seed": seed, "recipe": rec.name, "crop": crop}
+    return DaliLoader(make, outputs, LastBatchPolicy.DROP, batch_size, device, dtype,
+                      ("view1", "view2", "mixed"), identity, state)
+
+
+def build_eval_loader(
+    shards: str | os.PathLike,
+    batch_size: int,
+    split: str = "train",
+    crop: int = 224,
+    device: str = "gpu",
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    seed: int = 0,
+    num_threads: int = 4,
+    dtype: torch.dtype = torch.float32,
+    shuffle_buffer: int = 4096,
+    prefetch: int = 2,
+    with_keys: bool = False,
+    state: Mapping | None = None,
+) -> DaliLoader:
+    """Linear-evaluation / kNN loader yielding ``{"image": [B, 3, crop, crop], "label": [B] int64}``.
+
+    ``split="train"``: shuffled, RandomResizedCrop(crop) + flip. ``split="val"``: shard order, resize the
+    shorter side to crop*256/224 and centre crop. Every sample is seen exactly once per epoch across the
+    ``num_shards`` ranks (rank r gets the contiguous r-th part); the last batch may be smaller.
+    ``with_keys=True`` adds ``"key"`` (list of the WebDataset sample keys); ``state`` resumes.
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    files = shard_files(shards)
+    shard_id, num_shards = _dist_defaults(shard_id, num_shards)
+    device_id = _device_id(device)
+
+    @pipeline_def
+    def eval_pipeline():
+        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
+        images = _decode(jpegs, device)
+        image = eval_train_view(images, crop) if split == "train" else eval_val_view(images, crop)
+        keys = (_source_info(jpegs),) if with_keys else ()
+        return (image, fn.pad(cls, fill_value=0)) + keys
+
+    def make(checkpoint):
+        return eval_pipeline(
+            batch_size=batch_size,
+            num_threads=num_threads,
+            device_id=device_id,
+            seed=pipeline_seed(seed, shard_id),
+            prefetch_queue_depth=prefetch,
+            enable_checkpointing=True,
+            checkpoint=checkpoint,
+        )
+
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+
+    identity = {"kind": "eval-" + split, "batch_size": batch_size, "shard_id": shard_id,
+                "num_shards": num_shards, "seed": seed, "crop": crop}
+    outputs = ["image", "cls"] + (["key"] if with_keys else [])
+    return DaliLoader(make, outputs, LastBatchPolicy.PARTIAL, batch_size, device, dtype,
+                      ("image",), identity, state)

@@ -1,0 +1,123 @@
+"""Un-Mix image mixtures inside the DALI graph (Shen et al., AAAI 2022; DESIGN.md section 3).
+
+Per batch of N normalised views x (float32 CHW):
+
+- partner = the batch in reversed order (sample i pairs with N-1-i), ``fn.permute_batch``;
+- lam ~ Beta(alpha, alpha), ONE value for the batch (drawn per sample, then sample 0's value is given to
+  every sample with ``fn.permute_batch(lam, indices=[0] * N)``);
+- one mode coin for the batch: with probability ``p_mixup`` a global mixture
+  ``m = lam * x + (1 - lam) * partner``; otherwise CutMix: one box for the whole batch, side
+  ``floor(sqrt(1 - lam) * W)`` x ``floor(sqrt(1 - lam) * H)``, centre uniform on the pixel grid, clipped to
+  the image; pixels inside the box come from the partner and lam is recomputed as
+  ``1 - box_area / image_area`` (the authors' ``rand_bbox``).
+
+Cost: the mode is one per batch, so a batch-level conditional (a per-sample predicate that is identical
+across the batch) runs exactly one of the two branches; each costs about one pass over the mixture.
+Mixing happens after normalisation: it is linear, so mixing normalised views equals normalising mixed
+pixels, and the returned ``mixed`` is then exactly ``lam * view1 + (1 - lam) * partner`` (mixup) or a
+pixel-wise selection of ``view1`` and ``partner`` (CutMix; ``x * (1 - mask) + partner * mask`` with a 0/1
+mask is exact in floating point).
+
+Options beyond the paper (off by default): ``per_sample_lambda`` (a lam and a box per sample; the mode
+stays per batch) and ``random_partner`` (a random permutation without fixed points instead of the
+reversal; the loader then also returns the partner indices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
+
+
+@dataclass(frozen=True)
+class UnmixConfig:
+    """Un-Mix settings. ``enabled=False`` (or ``unmix=None`` in the loaders) computes no mixture."""
+
+    enabled: bool = True
+    p_mixup: float = 0.5  # probability that a batch is mixed globally (else CutMix)
+    alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
+    per_sample_lambda: bool = False
+    random_partner: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.p_mixup <= 1.0:
+            raise ValueError(f"unmix.p_mixup must be in [0, 1], got {self.p_mixup}")
+        if self.alpha <= 0:
+            raise ValueError(f"unmix.alpha must be > 0, got {self.alpha}")
+
+    @classmethod
+    def resolve(cls, unmix: UnmixConfig | Mapping | bool | None) -> UnmixConfig:
+        """Accept a config, a dict of its fields, True/False or None (None/False: disabled)."""
+        if unmix is None or unmix is False:
+            return cls(enabled=False)
+        if unmix is True:
+            return cls()
+        if isinstance(unmix, UnmixConfig):
+            return unmix
+        if isinstance(unmix, Mapping):
+            names = {f.name for f in dataclasses.fields(cls)}
+            unknown = sorted(set(unmix) - names)
+            if unknown:
+                raise ValueError(f"unknown unmix option(s) {unknown}; valid: {sorted(names)}")
+            return cls(**dict(unmix))
+        raise TypeError(f"unmix must be None, bool, dict or UnmixConfig, got {type(unmix).__name__}")
+
+
+def batch_broadcast(x, batch_size: int):
+    """Give every sample of the batch sample 0's value (one draw per batch)."""
+    return fn.permute_batch(x, indices=[0] * batch_size)
+
+
+def _to(x, device: str):
+    return x.gpu() if device == "gpu" else x
+
+
+def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: str = "cpu"):
+    """Mix the batch ``x`` (float CHW, ``size`` = (H, W)) with its partner.
+
+    Returns ``(mixed, lam, partner_index)``: ``mixed`` like ``x``; ``lam`` float32 of shape [1] per sample
+    (the weight of ``x`` itself, recomputed from the clipped box for CutMix); ``partner_index`` int32
+    per sample, or None for the default reversed partner.
+    """
+    H, W = size
+    if cfg.random_partner:
+        partner_index = fn.batch_permutation(no_fixed_points=batch_size > 1)
+        partner = fn.permute_batch(x, indices=partner_index)
+    else:
+        partner_index = None
+        partner = fn.permute_batch(x, indices=list(range(batch_size - 1, -1, -1)))
+
+    def per_batch(v):
+        return v if cfg.per_sample_lambda else batch_broadcast(v, batch_size)
+
+    lam = per_batch(fn.random.beta(alpha=cfg.alpha, beta=cfg.alpha))  # CPU-only operator
+    # uniform box centre on the pixel grid: floor(U[0, 1) * W), clamped against U == 1
+    cx = dmath.clamp(dmath.floor(per_batch(fn.random.uniform(range=[0.0, 1.0])) * W), 0.0, W - 1.0)
+    cy = dmath.clamp(dmath.floor(per_batch(fn.random.uniform(range=[0.0, 1.0])) * H), 0.0, H - 1.0)
+    mixup = batch_broadcast(fn.random.coin_flip(probability=cfg.p_mixup, dtype=types.BOOL), batch_size)
+
+    if mixup:
+        lam_out = lam
+        lam_d = _to(lam, device)
+        mixed = x * lam_d + partner * (1.0 - lam_d)
+    else:
+        cut = dmath.sqrt(1.0 - lam)
+        half_w = dmath.floor(dmath.floor(W * cut) / 2.0)
+        half_h = dmath.floor(dmath.floor(H * cut) / 2.0)
+        x1 = dmath.clamp(cx - half_w, 0.0, float(W))
+        x2 = dmath.clamp(cx + half_w, 0.0, float(W))
+        y1 = dmath.clamp(cy - half_h, 0.0, float(H))
+        y2 = dmath.clamp(cy + half_h, 0.0, float(H))
+        lam_out = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
+        cols = fn.constant(fdata=[float(i) for i in range(W)], shape=[1, 1, W], device=device)
+        rows = fn.constant(fdata=[float(i) for i in range(H)], shape=[1, H, 1], device=device)
+        x1, x2, y1, y2 = (_to(v, device) for v in (x1, x2, y1, y2))
+        inside = (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)  # [1, H, W]
+        mask = fn.cast(inside, dtype=types.FLOAT)
+        mixed = x * (1.0 - mask) + partner * mask
+    lam_out = fn.cast(lam_out, dtype=types.FLOAT)
+    return mixed, lam_out, partner_index
