@@ -6,7 +6,143 @@ import argparse
 
 from eval import demo
 
+LINEAR_EPILOG = """\
+key=value overrides: protocol (moco|byol), epochs, batch_size (global), lr (per 256 images), device (gpu|cpu),
+data.crop, features (augmented|cached), num_threads, seed, eval_every.
+protocol=moco (default): SGD lr 30 per 256, momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at 60 and 80.
+protocol=byol: SGD Nesterov momentum 0.9, wd 0, base lr 0.2 per 256 with cosine decay, batch 1024, 80 epochs.
+Distributed: run under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS).
+"""
+
+KNN_EPILOG = """\
+key=value overrides: batch_size, device (gpu|cpu), data.crop, num_threads, seed.
+Weighted kNN (InstDisc / MoCo monitor): cosine similarity on L2-normalised features, the k nearest training
+features vote with weight exp(sim / t).
+"""
+
+
+def _add_backbone_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
+        "--backbone",
+        metavar="PATH",
+        help="backbone.pt from `unmix train`, or a torchvision ResNet state_dict (then give --arch)",
+    )
+    src.add_argument(
+        "--random-init", metavar="ARCH", help="evaluate an untrained backbone of this architecture"
+    )
+    p.add_argument("--arch", help="architecture of a bare state_dict (backbone.pt files carry their own)")
+    p.add_argument(
+        "--train", required=True, metavar="DIR", help="training shards (directory with manifest.json)"
+    )
+    p.add_argument("--val", required=True, metavar="DIR", help="validation shards")
+    p.add_argument("--json", metavar="FILE", help="also write the result as JSON")
+    p.add_argument(
+        "--tracking-uri",
+        metavar="URI",
+        help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, else the backbone's own)",
+    )
+    p.add_argument(
+        "--experiment",
+        metavar="NAME",
+        help="MLflow experiment when the backbone has no pretraining run (e.g. --random-init)",
+    )
+    p.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the ``unmix`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(
+        "linear", help="linear evaluation of a frozen backbone", epilog=LINEAR_EPILOG, formatter_class=fmt
+    )
+    _add_backbone_args(p)
+    p.set_defaults(func=_linear)
+
+    p = sub.add_parser(
+        "knn", help="weighted kNN evaluation of a frozen backbone", epilog=KNN_EPILOG, formatter_class=fmt
+    )
+    _add_backbone_args(p)
+    p.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
+    p.add_argument(
+        "--t", type=float, default=0.1, help="temperature of the vote weights exp(sim/t) (default 0.1)"
+    )
+    p.set_defaults(func=_knn)
+
+    p = sub.add_parser("compare", help="compare pretraining runs from MLflow (table and plot)")
+    p.add_argument("--experiment", metavar="NAME", help="only this experiment (default: all)")
+    p.add_argument("--runs", nargs="+", metavar="ID", help="exactly these pretraining runs")
+    p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
+    p.add_argument("--format", default="table", choices=["table", "markdown", "csv", "json"])
+    p.add_argument("--plot", metavar="FILE", help="write loss and evaluation curves to this PNG")
+    p.set_defaults(func=_compare)
+
     demo.register(sub)
+
+
+def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
+    from eval.jobs import BackboneSpec
+
+    return BackboneSpec(path=args.backbone, arch=args.arch, random_init=args.random_init)
+
+
+def _linear(args: argparse.Namespace) -> int:
+    from eval.jobs import fail, run_linear
+    from eval.protocols import LINEAR_KEYS, parse_overrides, resolve_protocol
+
+    try:
+        proto = resolve_protocol(parse_overrides(args.overrides, LINEAR_KEYS))
+        run_linear(
+            _spec(args),
+            args.train,
+            args.val,
+            proto,
+            json_path=args.json,
+            track=not args.no_mlflow,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        return fail("linear", exc)
+    return 0
+
+
+def _knn(args: argparse.Namespace) -> int:
+    from eval.jobs import fail, run_knn
+    from eval.protocols import KNN_KEYS, parse_overrides, resolve_protocol
+
+    try:
+        proto = resolve_protocol(parse_overrides(args.overrides, KNN_KEYS))
+        run_knn(
+            _spec(args),
+            args.train,
+            args.val,
+            proto,
+            k=args.k,
+            t=args.t,
+            json_path=args.json,
+            track=not args.no_mlflow,
+            tracking_uri=args.tracking_uri,
+            experiment=args.experiment,
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        return fail("knn", exc)
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import os
+
+    from eval import compare
+    from eval.jobs import fail
+
+    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        comp = compare.collect(uri, experiment=args.experiment, run_ids=args.runs)
+    except ValueError as exc:
+        return fail("compare", exc)
+    print(compare.render(comp, args.format), end="")
+    if args.plot:
+        compare.plot(comp, args.plot, tracking_uri=uri)
+    return 0

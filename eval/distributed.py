@@ -1,0 +1,112 @@
+"""Process-group handling for evaluation: one process, ``torchrun``, or ``srun``.
+
+Ranks come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or, when those are absent, from
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun). MASTER_ADDR/MASTER_PORT must be set by the launcher
+for more than one process (the Slurm scripts export them); 127.0.0.1:29500 is the single-node default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """This process's place in the job and the device it computes on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name, "") != "":
+            return int(os.environ[name])
+    return default
+
+
+def setup(device: str = "gpu") -> DistContext:
+    """Join (or create) the process group described by the environment; ``device`` is "gpu" or "cpu".
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK when they came from Slurm, so the eval loaders (which read
+    them) shard the data the same way.
+    """
+    try:  # the training package's srun mapping (MASTER_ADDR from the node list, port from the job id)
+        from training.dist import map_slurm_env
+    except ImportError:
+        map_slurm_env = None
+    if map_slurm_env is not None:
+        map_slurm_env()
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    if device == "gpu":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device=gpu: no CUDA device is visible; pass device=cpu")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world_size > 1:
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world_size))
+        os.environ.setdefault("LOCAL_RANK", str(local_rank))
+        if not dist.is_initialized():
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+            dist.init_process_group(
+                backend="nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world_size
+            )
+    return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+def teardown(ctx: DistContext) -> None:
+    """Leave the process group if :func:`setup` joined one."""
+    if ctx.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum of ``t`` over ranks (``t`` itself with one process)."""
+    if dist.is_available() and dist.is_initialized():
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_reduce_max(value: int, device: torch.device) -> int:
+    """Largest ``value`` over ranks."""
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return value
+
+
+def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``t`` ([n_r, ...], n_r may differ per rank) over ranks in rank order."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t
+    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
+    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, n)
+    sizes_i = [int(s.item()) for s in sizes]
+    padded = t.new_zeros((max(sizes_i), *t.shape[1:]))
+    padded[: t.shape[0]] = t
+    parts = [torch.zeros_like(padded) for _ in sizes_i]
+    dist.all_gather(parts, padded)
+    return torch.cat([p[:s] for p, s in zip(parts, sizes_i, strict=True)])

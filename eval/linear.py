@@ -1,0 +1,248 @@
+"""Linear evaluation: a linear classifier trained on the features of a frozen backbone.
+
+The math works on feature batches ``(f [B, D], y [B])`` from any iterable, so it is tested on plain
+tensors; :func:`run_linear` wires it to the DALI eval loaders, the process group and MLflow.
+
+Per step (one rank's local batch, DDP averages the gradient over ranks)::
+
+    logits = W f + b             # logits: B x C
+    loss   = CE(logits, y)       # mean over the batch
+    W, b  <- SGD(lr(epoch), momentum, nesterov, weight_decay)
+
+Validation counts top-1/top-5 hits per rank and all-reduces (hits, total), so with the eval loader's
+exactly-once val sharding every sample is counted once.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from eval.distributed import DistContext, all_reduce_max, all_reduce_sum
+from eval.features import embed, extract_features, freeze
+from eval.protocols import LinearProtocol
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (features [B, D] float32, labels [B] int64)
+
+
+class LinearClassifier(nn.Module):
+    """``fc``: D -> C, weights N(0, 0.01), bias 0 (MoCo's ``main_lincls.py`` initialisation)."""
+
+    def __init__(self, feature_dim: int, num_classes: int) -> None:
+        super().__init__()
+        self.fc = nn.Linear(feature_dim, num_classes)
+        nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        return self.fc(f)  # logits: B x C
+
+
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
+    """Number of samples whose label is among the top-k logits, for each k (k capped at C): ``[len(ks)]``."""
+    kmax = min(max(ks), logits.shape[1])
+    top = logits.topk(kmax, dim=1).indices  # top: B x kmax
+    hit = top.eq(labels.view(-1, 1))  # hit: B x kmax
+    return torch.stack([hit[:, : min(k, kmax)].any(dim=1).sum() for k in ks]).to(torch.int64)
+
+
+@torch.no_grad()
+def evaluate_head(head: nn.Module, batches: Iterable[Batch]) -> tuple[float, float, int]:
+    """Top-1 and top-5 accuracy (%) of ``head`` over every rank's batches, and the sample count."""
+    was_training = head.training
+    head.eval()
+    counts = None
+    for f, y in batches:
+        c = torch.cat([topk_correct(head(f), y), torch.tensor([y.numel()], device=y.device)])
+        counts = c if counts is None else counts + c
+    head.train(was_training)
+    device = next(head.parameters()).device
+    if counts is None:
+        counts = torch.zeros(3, dtype=torch.int64, device=device)
+    counts = all_reduce_sum(counts.to(device))
+    top1, top5, total = (int(v) for v in counts.tolist())
+    if total == 0:
+        raise RuntimeError("validation set is empty")
+    return 100.0 * top1 / total, 100.0 * top5 / total, total
+
+
+def cached_batches(
+    f: torch.Tensor, y: torch.Tensor, batch_size: int, steps: int, generator: torch.Generator
+) -> Iterator[Batch]:
+    """``steps`` shuffled batches of ``batch_size`` rows from cached features, wrapping around the end.
+
+    Every rank runs the same ``steps`` (DDP needs equal step counts), so a rank with fewer rows wraps.
+    """
+    n = f.shape[0]
+    if n == 0:
+        raise RuntimeError("no training features on this rank")
+    order = torch.randperm(n, generator=generator)
+    need = steps * batch_size
+    order = order.repeat(math.ceil(need / n))[:need].to(f.device)
+    for s in range(steps):
+        idx = order[s * batch_size : (s + 1) * batch_size]
+        yield f[idx], y[idx]
+
+
+def backbone_batches(
+    backbone: nn.Module, loader: Iterable[dict[str, torch.Tensor]], device: torch.device, steps: int | None
+) -> Iterator[Batch]:
+    """Features of a frozen backbone on the loader's (augmented) image batches; at most ``steps`` batches.
+
+    The loader is always run to the end of its epoch (batches past ``steps`` are read but not embedded),
+    so that it resets cleanly for the next epoch.
+    """
+    for i, batch in enumerate(loader):
+        if steps is None or i < steps:
+            x = batch["image"].to(device, non_blocking=True)
+            yield embed(backbone, x), batch["label"].to(device).long()
+
+
+@dataclass
+class LinearResult:
+    """Final val accuracy and per-epoch history."""
+
+    top1: float
+    top5: float
+    val_samples: int
+    epochs: int
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def train_linear_head(
+    head: nn.Module,
+    proto: LinearProtocol,
+    train_epoch: Callable[[int], Iterable[Batch]],
+    steps_per_epoch: int,
+    val_batches: Callable[[], Iterable[Batch]],
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> LinearResult:
+    """Train ``head`` (wrapped in DDP by the caller when distributed) for ``proto.epochs`` epochs.
+
+    ``train_epoch(e)`` yields the feature batches of epoch ``e`` (``steps_per_epoch`` of them);
+    ``val_batches()`` yields this rank's val feature batches. Val is evaluated every
+    ``proto.eval_every`` epochs and after the last; ``on_epoch`` receives each epoch's record.
+    """
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(
+        params,
+        lr=proto.lr_at(0),
+        momentum=proto.momentum,
+        nesterov=proto.nesterov,
+        weight_decay=proto.weight_decay,
+    )
+    history: list[dict[str, float]] = []
+    top1 = top5 = float("nan")
+    total = 0
+    head.train()
+    for epoch in range(proto.epochs):
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros(2, dtype=torch.float64, device=next(head.parameters()).device)
+        for step, (f, y) in enumerate(train_epoch(epoch)):
+            lr = proto.lr_at(epoch + step / max(steps_per_epoch, 1))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            loss = F.cross_entropy(head(f), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            loss_sum += torch.stack(
+                [
+                    loss.detach().double() * y.numel(),
+                    torch.tensor(float(y.numel()), dtype=torch.float64, device=loss_sum.device),
+                ]
+            )
+        loss_sum = all_reduce_sum(loss_sum)
+        record = {
+            "epoch": float(epoch + 1),
+            "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),
+            "lr": proto.lr_at(epoch),
+            "epoch_s": time.perf_counter() - t0,
+        }
+        if (epoch + 1) % proto.eval_every == 0 or epoch + 1 == proto.epochs:
+            top1, top5, total = evaluate_head(head, val_batches())
+            record.update(val_top1=top1, val_top5=top5)
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return LinearResult(top1=top1, top5=top5, val_samples=total, epochs=proto.epochs, history=history)
+
+
+def _wrap_ddp(head: nn.Module, ctx: DistContext) -> nn.Module:
+    if not ctx.distributed:
+        return head
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(head, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
+
+
+def linear_eval(
+    backbone: nn.Module,
+    num_classes: int,
+    proto: LinearProtocol,
+    ctx: DistContext,
+    make_loader: Callable[..., Any],
+    train_dir: str,
+    val_dir: str,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> LinearResult:
+    """Linear evaluation of a frozen ``backbone`` on shards ``train_dir``/``val_dir``.
+
+    ``make_loader(shards, batch_size, split, ...)`` is :func:`pipeline.build_eval_loader` (injected so
+    tests can pass another loader). ``features=augmented`` runs the backbone on augmented train batches
+    every epoch (the paper's protocol); ``features=cached`` extracts train and val features once with the
+    val transform and trains on those.
+    """
+    freeze(backbone).to(ctx.device)
+    local_batch = max(1, proto.batch_size // ctx.world_size)
+
+    def loader(shards: str, split: str, seed: int) -> Any:
+        return make_loader(
+            shards,
+            batch_size=local_batch,
+            split=split,
+            crop=proto.crop,
+            device=proto.device,
+            shard_id=ctx.rank,
+            num_shards=ctx.world_size,
+            seed=seed,
+            num_threads=proto.num_threads,
+        )
+
+    torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
+    head = LinearClassifier(backbone.feature_dim, num_classes).to(ctx.device)
+    model = _wrap_ddp(head, ctx)
+    if proto.features == "cached":
+        f_train, y_train = extract_features(backbone, loader(train_dir, "val", proto.seed), ctx.device)
+        f_val, y_val = extract_features(backbone, loader(val_dir, "val", proto.seed), ctx.device)
+        steps = all_reduce_max(math.ceil(f_train.shape[0] / local_batch), ctx.device)
+        gen = torch.Generator().manual_seed(proto.seed * 1000003 + ctx.rank)
+
+        def train_epoch(epoch: int) -> Iterable[Batch]:
+            return cached_batches(f_train, y_train, local_batch, steps, gen)
+
+        def val_batches() -> Iterable[Batch]:
+            return (
+                (f_val[i : i + local_batch], y_val[i : i + local_batch])
+                for i in range(0, f_val.shape[0], local_batch)
+            )
+    else:
+        train_loader = loader(train_dir, "train", proto.seed)
+        val_loader = loader(val_dir, "val", proto.seed)
+        # DDP needs the same number of steps on every rank: the smallest loader length bounds the epoch
+        steps = -all_reduce_max(-len(train_loader), ctx.device)
+
+        def train_epoch(epoch: int) -> Iterable[Batch]:
+            return backbone_batches(backbone, train_loader, ctx.device, steps)
+
+        def val_batches() -> Iterable[Batch]:
+            return backbone_batches(backbone, val_loader, ctx.device, None)
+
+    return train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch)

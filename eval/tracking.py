@@ -1,0 +1,109 @@
+"""MLflow for evaluations: the eval run (in the pretraining run's experiment) and the metrics written back
+onto the pretraining run.
+
+Tags this package writes (and :mod:`eval.compare` reads):
+
+- eval run: ``unmix.kind`` = ``linear_eval`` | ``knn_eval`` (a pretrained backbone) or ``random_init``
+  (an untrained one, with ``random_init`` = ARCH); ``unmix.eval`` = ``linear`` | ``knn``;
+  ``unmix.pretrain_run_id`` = the pretraining run's id (absent for random-init / bare state dicts);
+  ``model.arch`` param; metrics ``linear_top1``/``linear_top5`` or ``knn_top1``/``knn_top5``; per-epoch
+  ``train_loss``, ``val_top1``, ``val_top5``, ``lr`` (linear).
+- pretraining run: ``linear_top1``, ``linear_top5`` or ``knn_top1``, ``knn_top5`` (logged with
+  ``MlflowClient.log_metric``, which works on FINISHED runs too).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+DEFAULT_EXPERIMENT = "unmix"
+
+
+def resolve_tracking_uri(cli_uri: str | None, meta: Mapping[str, Any]) -> str | None:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's ``mlflow_tracking_uri`` > default."""
+    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or meta.get("mlflow_tracking_uri") or None
+
+
+def resolve_experiment(cli_experiment: str | None, meta: Mapping[str, Any]) -> str:
+    """``--experiment`` > the backbone's ``mlflow_experiment`` > ``MLFLOW_EXPERIMENT_NAME`` > ``unmix``."""
+    return (
+        cli_experiment
+        or meta.get("mlflow_experiment")
+        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        or DEFAULT_EXPERIMENT
+    )
+
+
+class EvalTracker:
+    """One MLflow eval run (rank 0 only); a no-op when ``enabled`` is False."""
+
+    def __init__(
+        self,
+        enabled: bool,
+        tracking_uri: str | None,
+        experiment: str,
+        run_name: str,
+        tags: Mapping[str, str],
+        params: Mapping[str, Any],
+        pretrain_run_id: str | None,
+    ) -> None:
+        self.enabled = enabled
+        self.pretrain_run_id = pretrain_run_id
+        self.run_id: str | None = None
+        if not enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        self.client = MlflowClient(tracking_uri=tracking_uri)
+        exp_id = None
+        if pretrain_run_id:
+            # the eval run goes into the pretraining run's experiment, whatever its name
+            try:
+                exp_id = self.client.get_run(pretrain_run_id).info.experiment_id
+            except Exception as exc:
+                print(
+                    f"warning: pretraining run {pretrain_run_id} not found in tracking store "
+                    f"{self.client.tracking_uri} ({type(exc).__name__}); logging to experiment "
+                    f"{experiment!r} "
+                    "and not onto the pretraining run",
+                    file=sys.stderr,
+                )
+                self.pretrain_run_id = None
+        if exp_id is None:
+            exp_id = self._experiment_id(experiment)
+        run = self.client.create_run(exp_id, run_name=run_name, tags=dict(tags))
+        self.run_id = run.info.run_id
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, value)
+
+    def _experiment_id(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except Exception:  # created concurrently by another job
+            exp = self.client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            return exp.experiment_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        """Log metrics on the eval run."""
+        if self.enabled:
+            for key, value in metrics.items():
+                self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_on_pretrain_run(self, metrics: Mapping[str, float]) -> None:
+        """Log final metrics on the pretraining run itself (its status is left unchanged)."""
+        if self.enabled and self.pretrain_run_id:
+            for key, value in metrics.items():
+                self.client.log_metric(self.pretrain_run_id, key, float(value))
+
+    def finish(self, status: str = "FINISHED") -> None:
+        """End the eval run with ``status`` (FINISHED or FAILED)."""
+        if self.enabled and self.run_id:
+            self.client.set_terminated(self.run_id, status=status)
