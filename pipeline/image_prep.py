@@ -108,9 +108,11 @@ def prepare_bytes(index: int, data: bytes, settings: PrepSettings) -> Prepared:
         return Prepared(index, None, None, what)
 
 
-def prepare_file(task: tuple[int, str], settings: PrepSettings) -> Prepared:
-    """Read ``path`` and prepare it; ``task`` is ``(index, path)``. Never raises: errors are returned."""
-    index, path = task
+def prepare_file(task: tuple[int, str, bytes | None], settings: PrepSettings) -> Prepared:
+    """Read ``path`` and prepare it; ``task`` is ``(index, path, content or None)``. Never raises."""
+    index, path, data = task
+    if data is not None:
+        return prepare_bytes(index, data, settings)
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -121,6 +123,6 @@ def prepare_file(task: tuple[int, str], settings: PrepSettings) -> Prepared:
     return prepare_bytes(index, data, settings)
 
 
-def prepare_chunk(tasks: list[tuple[int, str]], settings: PrepSettings) -> list[Prepared]:
+def prepare_chunk(tasks: list[tuple[int, str, bytes | None]], settings: PrepSettings) -> list[Prepared]:
     """:func:`prepare_file` over a chunk (one round trip to a worker process per chunk)."""
     return [prepare_file(t, settings) for t in tasks]

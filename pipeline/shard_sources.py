@@ -26,12 +26,16 @@ class SourceError(ValueError):
 
 @dataclass(frozen=True)
 class SourceItem:
-    """One input image: path relative to the source root, absolute path, class index, size in bytes."""
+    """One input image: path relative to the source root, absolute path, class index, size in bytes.
+
+    ``data`` holds the file's content for in-memory sources (the built-in samples); ``None`` = read ``path``.
+    """
 
     rel: str
     path: str
     label: int
     size: int
+    data: bytes | None = None
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,19 @@ class Source:
     root: Path
     items: list[SourceItem]
     classes: list[str]
+
+
+def memory_source(name: str, images: list[tuple[str, bytes, int]], classes: list[str]) -> Source:
+    """A source held in memory: ``images`` are ``(relative name, encoded bytes, class index)``."""
+    if not images:
+        raise SourceError(f"in-memory source {name} holds no images")
+    items = []
+    for rel, data, label in images:
+        if not 0 <= label < len(classes):
+            raise SourceError(f"{name}/{rel}: label {label} out of range (0..{len(classes) - 1})")
+        items.append(SourceItem(rel, f"{name}/{rel}", label, len(data), data))
+    items.sort(key=lambda it: it.rel)
+    return Source(Path(name), items, list(classes))
 
 
 def _is_image(name: str) -> bool:

@@ -413,7 +413,7 @@ def _worker_init() -> None:
 
 
 def _prepared_stream(
-    tasks: list[tuple[int, str]], settings: PrepSettings, workers: int, chunk: int = 32
+    tasks: list[tuple[int, str, bytes | None]], settings: PrepSettings, workers: int, chunk: int = 32
 ) -> Iterator[Prepared]:
     """Prepared images in task order; with ``workers > 1`` from a process pool, at most a few chunks ahead."""
     chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
@@ -484,7 +484,7 @@ def _default_split(out: Path) -> str:
 
 
 def write_shards(
-    src: str | Path,
+    src: str | Path | Source,
     out: str | Path,
     *,
     list_file: str | Path | None = None,
@@ -504,7 +504,8 @@ def write_shards(
     """Convert an image tree (or a list file) into shuffled WebDataset shards with DALI indices.
 
     Args:
-        src: ImageFolder root ``src/<class>/<image>``; with ``list_file``, the root its paths are relative to.
+        src: ImageFolder root ``src/<class>/<image>``; with ``list_file``, the root its paths are relative to;
+            or a ready :class:`~pipeline.shard_sources.Source` (e.g. ``memory_source``, used by the samples).
         out: output directory (created). Re-running the same job there resumes it.
         list_file: ``relative/path,label`` lines instead of the class directories.
         classes_from: another shard set (dir or manifest.json) whose class mapping to use.
@@ -524,7 +525,7 @@ def write_shards(
         The manifest of the finished set (also written to ``out/manifest.json``).
     """
     t0 = time.perf_counter()
-    src, out = Path(src), Path(out)
+    out = Path(out)
     if samples_per_shard is not None and samples_per_shard < 1:
         raise ValueError(f"samples_per_shard must be >= 1, got {samples_per_shard}")
     if shard_bytes is not None and shard_bytes < 4096:
@@ -535,8 +536,16 @@ def write_shards(
         raise ValueError(f"quality must be in 1..100, got {quality}")
     if samples_per_shard is None and shard_bytes is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
-    classes = read_manifest(classes_from).classes if classes_from is not None else None
-    source = read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)
+    if isinstance(src, Source):
+        if list_file is not None or classes_from is not None:
+            raise ValueError("list_file and classes_from apply to a source directory, not a ready Source")
+        source = src
+    else:
+        src = Path(src)
+        classes = read_manifest(classes_from).classes if classes_from is not None else None
+        source = (
+            read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)
+        )
     split = split or _default_split(out)
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
@@ -575,7 +584,7 @@ def write_shards(
         (out / DONE_FILE).unlink(missing_ok=True)
 
     todo = [i for i, n in enumerate(names) if n not in kept]
-    tasks = [(k, source.items[k].path) for i in todo for k in plan[i]]
+    tasks = [(k, source.items[k].path, source.items[k].data) for i in todo for k in plan[i]]
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     written = 0
     records: dict[str, dict[str, Any]] = dict(kept)
@@ -656,7 +665,7 @@ def write_shards(
         shards=shards,
         total=sum(s.count for s in shards),
         seed=seed,
-        source=source_name or str(src.resolve()),
+        source=source_name or str(source.root.resolve() if not isinstance(src, Source) else source.root),
         skipped=len(skipped_files),
         version=FORMAT_VERSION,
         tool_version=_tool_version(),
@@ -665,7 +674,9 @@ def write_shards(
         options=options,
     )
     if not shards:
-        raise ShardWriteError(f"no readable images in {src}: all {len(source.items)} were skipped as bad")
+        raise ShardWriteError(
+            f"no readable images in {source.root}: all {len(source.items)} were skipped as bad"
+        )
     _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
     if progress:
         dt = time.perf_counter() - t0
