@@ -33,27 +33,54 @@ def _resnet10(**kwargs: Any) -> ResNet:
     return ResNet(BasicBlock, [1, 1, 1, 1], **kwargs)
 
 
-def build_backbone(arch: str, *, small_images: bool | None = None, crop: int | None = None) -> nn.Module:
+def _set_width(net: ResNet, block: type[nn.Module], layers: list[int], width: int) -> None:
+    """Rebuild ``net``'s stages with ``width`` base channels instead of 64 (same key names)."""
+    net.inplanes = width
+    net.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+    net.bn1 = nn.BatchNorm2d(width)
+    for i, n in enumerate(layers):
+        setattr(net, f"layer{i + 1}", net._make_layer(block, width * 2**i, n, stride=1 if i == 0 else 2))
+    net.fc = nn.Linear(width * 8 * block.expansion, 1000)
+    for m in net.modules():  # torchvision's initialisation, for the rebuilt modules
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def build_backbone(
+    arch: str, *, small_images: bool | None = None, crop: int | None = None, width: int = 64
+) -> nn.Module:
     """A randomly initialised ResNet trunk with ``fc = Identity`` and a ``feature_dim`` attribute.
 
     Args:
         arch: one of :data:`ARCHS` (torchvision names, plus ``resnet10``).
         small_images: force the CIFAR stem (3x3 conv, stride 1, no max-pool) on or off.
         crop: when ``small_images`` is None, the CIFAR stem is used for ``crop <= 64``.
+        width: base channel count (torchvision: 64); narrower trunks for CPU demos and tests.
     """
     if arch not in ARCHS:
         raise ValueError(f"model.arch: unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     if small_images is None:
         small_images = crop is not None and crop <= SMALL_IMAGE_MAX_CROP
+    if width < 8 or width % 8:
+        raise ValueError(f"model.width: {width} is not a positive multiple of 8")
     net = _resnet10() if arch == "resnet10" else getattr(torchvision.models, arch)(weights=None)
+    if width != 64:
+        if arch == "wide_resnet50_2":
+            raise ValueError("model.width: wide_resnet50_2 has a fixed width; use resnet50 with a width instead")
+        block = type(net.layer1[0])
+        _set_width(net, block, [len(getattr(net, f"layer{i}")) for i in range(1, 5)], width)
     if small_images:
-        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.conv1 = nn.Conv2d(3, width, kernel_size=3, stride=1, padding=1, bias=False)
         net.maxpool = nn.Identity()
     feature_dim = net.fc.in_features
     net.fc = nn.Identity()
     net.feature_dim = feature_dim
     net.arch = arch
     net.small_images = bool(small_images)
+    net.width = width
     return net
 
 
@@ -63,6 +90,7 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -
     meta = {
         "arch": backbone.arch,
         "small_images": backbone.small_images,
+        "width": backbone.width,
         "feature_dim": backbone.feature_dim,
         **meta,
     }
@@ -74,7 +102,12 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -
 
 
 def load_backbone(
-    path: str | Path, *, arch: str | None = None, small_images: bool | None = None, crop: int | None = None
+    path: str | Path,
+    *,
+    arch: str | None = None,
+    small_images: bool | None = None,
+    crop: int | None = None,
+    width: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Load an exported backbone (or a bare torchvision ResNet state_dict, with ``arch`` given).
 
@@ -101,8 +134,10 @@ def load_backbone(
         small_images = meta.get("small_images")
     if small_images is None and crop is None and "conv1.weight" in state:
         small_images = tuple(state["conv1.weight"].shape[-2:]) == (3, 3)
+    if width is None:
+        width = meta.get("width") or (int(state["bn1.weight"].shape[0]) if "bn1.weight" in state else 64)
     state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    net = build_backbone(arch, small_images=small_images, crop=crop)
+    net = build_backbone(arch, small_images=small_images, crop=crop, width=width)
     expected = set(net.state_dict())
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
     if missing or unexpected:
@@ -117,5 +152,6 @@ def load_backbone(
         raise ValueError(f"{path}: does not fit {arch}: {exc}") from exc
     meta.setdefault("arch", arch)
     meta.setdefault("small_images", net.small_images)
+    meta.setdefault("width", net.width)
     meta.setdefault("feature_dim", net.feature_dim)
     return net.eval(), meta
