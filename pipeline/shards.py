@@ -22,7 +22,6 @@ that description, so the result is byte-identical to an uninterrupted run.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -239,12 +238,13 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
     }
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def _atomic_write_text(path: Path, text: str, sync: bool = True) -> None:
     tmp = path.with_name(path.name + ".partial")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -327,77 +327,82 @@ def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
 # ------------------------------------------------------------------------------------------- writing
 
 
-class _HashingFile(io.RawIOBase):
-    """A write-only file that hashes (sha256) and counts what goes through it."""
+def _tar_header(name: str, size: int) -> bytes:
+    """A 512-byte ustar header for a regular file: mode 0644, uid/gid 0, mtime 0 (reproducible shards).
 
-    def __init__(self, path: Path):
-        self._f = open(path, "wb")
-        self.sha = hashlib.sha256()
-        self.pos = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b: Any) -> int:
-        self.sha.update(b)
-        n = self._f.write(b)
-        self.pos += n
-        return n
-
-    def tell(self) -> int:
-        return self.pos
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.flush()
-            os.fsync(self._f.fileno())
-            self._f.close()
-        super().close()
-
-
-def _tarinfo(name: str, size: int) -> tarfile.TarInfo:
-    ti = tarfile.TarInfo(name)
-    ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
-    return ti
+    Built directly (``tarfile.TarInfo.tobuf`` costs ~0.1 ms, a fifth of the per-image budget); the bytes
+    are identical to ``TarInfo.tobuf(USTAR_FORMAT)`` for the same fields (tested).
+    """
+    n = name.encode()
+    if len(n) > 100:
+        raise ValueError(f"tar member name too long for ustar: {name}")
+    h = bytearray(512)
+    h[0 : len(n)] = n
+    h[100:148] = b"0000644\x000000000\x000000000\x00%011o\x0000000000000\x00" % size
+    h[148:156] = b"        "  # checksum field counts as spaces
+    h[156] = 0x30  # regular file
+    h[257:265] = b"ustar\x0000"
+    h[148:156] = b"%06o\x00 " % sum(h)
+    return bytes(h)
 
 
 class _ShardTar:
-    """One tar being written as ``<name>.partial``; records member offsets for the DALI index."""
+    """One tar being written as ``<name>.partial``, hashed on the fly; records member offsets for the index.
+
+    Members are written directly (header, data, zero padding to 512), one write per member; the result is
+    byte-identical to what ``tarfile`` writes in ustar format, just without its per-member copying.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
-        self.file = _HashingFile(self.partial)
-        self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)  # type: ignore[call-overload]
+        self.file = open(self.partial, "wb")
+        self.sha = hashlib.sha256()
+        self.pos = 0
         self.members: list[Member] = []
         self.count = 0
 
+    def _write(self, b: bytes) -> None:
+        self.sha.update(b)
+        self.file.write(b)
+        self.pos += len(b)
+
     def add(self, key: str, jpg: bytes, label: int) -> None:
         for name, data in ((f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())):
-            header_at = self.tar.offset
-            self.tar.addfile(_tarinfo(name, len(data)), io.BytesIO(data))
-            self.members.append(Member(name, header_at + 512, len(data)))
+            pad = -len(data) % tarfile.BLOCKSIZE
+            self.members.append(Member(name, self.pos + tarfile.BLOCKSIZE, len(data)))
+            self._write(b"".join((_tar_header(name, len(data)), data, b"\0" * pad)))
         self.count += 1
 
     def flush(self) -> None:
-        self.file._f.flush()
+        self.file.flush()
 
     def finish(self) -> tuple[int, str, str]:
-        """Close, write the index, rename both into place; returns (bytes, sha256, index text)."""
-        self.tar.close()
+        """End the archive, write the index, rename both into place; returns (bytes, sha256, index text).
+
+        Not fsynced here (that would stall the writer once per shard): ``write_shards`` syncs every file
+        before it writes the manifest, and a resume re-checks each recorded shard's sha256 anyway.
+        """
+        end = self.pos + 2 * tarfile.BLOCKSIZE
+        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
         self.file.close()
         index_text = format_index(self.members)
-        idx = self.path.with_suffix(".idx")
-        _atomic_write_text(idx, index_text)
+        _atomic_write_text(self.path.with_suffix(".idx"), index_text, sync=False)
         os.replace(self.partial, self.path)
-        return self.file.pos, self.file.sha.hexdigest(), index_text
+        return self.pos, self.sha.hexdigest(), index_text
 
     def abandon(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+
+def _fsync_paths(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
         try:
-            self.tar.close()
-            self.file.close()
+            os.fsync(fd)
         finally:
-            self.partial.unlink(missing_ok=True)
+            os.close(fd)
 
 
 def _worker_init() -> None:
@@ -429,18 +434,26 @@ def _prepared_stream(
         pending: deque = deque()
         it = iter(chunks)
         for c in it:
-            pending.append(pool.apply_async(prepare_chunk, (c, settings)))
+            pending.append(pool.apply_async(prepare_chunk, (c, settings, False)))
             if len(pending) >= 4 * workers:
                 break
         while pending:
             done = pending.popleft().get()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.apply_async(prepare_chunk, (nxt, settings)))
+                pending.append(pool.apply_async(prepare_chunk, (nxt, settings, False)))
             yield from done
     finally:
         pool.terminate()
         pool.join()
+
+
+def _read_copy(item: SourceItem) -> bytes:
+    """The bytes of a JPEG a worker validated for copying (it sends only the verdict back)."""
+    if item.data is not None:
+        return item.data
+    with open(item.path, "rb") as f:
+        return f.read()
 
 
 def _sha256_file(path: Path) -> str:
@@ -617,8 +630,9 @@ def write_shards(
                                 raise ShardWriteError(f"bad image {item.path}: {p.error}")
                             skipped.append(item.rel)
                             continue
-                        assert p.data is not None and p.action is not None
-                        shard.add(f"{k:0{KEY_DIGITS}d}", p.data, item.label)
+                        data = p.data if p.data is not None else _read_copy(item)
+                        assert p.action is not None
+                        shard.add(f"{k:0{KEY_DIGITS}d}", data, item.label)
                         actions[p.action] += 1
                         written += 1
                         if kill_after and written >= kill_after:
@@ -677,6 +691,8 @@ def write_shards(
         raise ShardWriteError(
             f"no readable images in {source.root}: all {len(source.items)} were skipped as bad"
         )
+    # Everything durable before the manifest says the set is complete.
+    _fsync_paths([p for s in shards for p in (s.path, s.index_path)] + [out_res])
     _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
     if progress:
         dt = time.perf_counter() - t0

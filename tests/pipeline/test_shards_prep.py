@@ -1,0 +1,82 @@
+"""Per-image preparation (format sniffing, cheap JPEG validation, re-encode) and the raw tar writer."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.dali_index import Member, format_index, parse_index
+from pipeline.image_prep import PrepSettings, prepare_bytes, scan_jpeg, sniff_format
+from pipeline.shards import _tar_header
+
+
+def jpeg(size=(96, 64), mode="RGB", **save) -> bytes:
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.convert(mode).save(buf, format="JPEG", quality=90, **save)
+    return buf.getvalue()
+
+
+S = PrepSettings()
+
+
+def test_tar_header_matches_tarfile():
+    for name, size in [("00000001.jpg", 123_456), ("00000001.cls", 1), ("x" * 100, 0), ("k.jpg", 8**11 - 1)]:
+        ti = tarfile.TarInfo(name)
+        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
+        assert _tar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
+    with pytest.raises(ValueError, match="too long"):
+        _tar_header("y" * 101, 1)
+
+
+def test_jpeg_copy_paths():
+    for data in (jpeg(), jpeg(mode="L"), jpeg(progressive=True), jpeg() + b"\0" * 5000):
+        p = prepare_bytes(0, data, S)
+        assert (p.action, p.error, p.data) == ("copied", None, data)
+    assert prepare_bytes(3, jpeg(), S, keep_copies=False).data is None  # the verdict only
+    assert scan_jpeg(jpeg(size=(96, 64)))[:3] == (96, 64, 3)
+
+
+def test_jpeg_damage_is_caught_without_decoding():
+    data = jpeg()
+    cut = prepare_bytes(0, data[: int(len(data) * 0.9)], S)  # cut inside the entropy-coded scan
+    assert cut.data is None and "truncated JPEG (no end-of-image marker" in cut.error
+    head = prepare_bytes(0, data[:300], S)  # cut inside the headers
+    assert head.data is None and "truncated JPEG" in head.error
+    junk = prepare_bytes(0, b"\xff\xd8\xff\xe0\x00\x04ab" + b"\x13" * 500, S)
+    assert junk.data is None and junk.error == "corrupt JPEG (no marker at byte 8)"
+    assert prepare_bytes(0, b"\x00" * 100, S).error == "not a readable image (unknown format)"
+
+
+def test_cmyk_png_and_resize_are_reencoded():
+    cmyk = prepare_bytes(0, jpeg(mode="CMYK"), S)
+    assert cmyk.action == "cmyk" and Image.open(io.BytesIO(cmyk.data)).mode == "RGB"
+    buf = io.BytesIO()
+    Image.new("RGBA", (10, 8), (255, 0, 0, 0)).save(buf, format="PNG")
+    png = prepare_bytes(0, buf.getvalue(), S)
+    img = Image.open(io.BytesIO(png.data))
+    assert png.action == "converted" and img.format == "JPEG" and img.size == (10, 8)
+    assert np.asarray(img).min() > 240  # transparent -> white, not black
+    big = prepare_bytes(0, jpeg(size=(400, 300)), PrepSettings(quality=70, max_side=100))
+    assert big.action == "resized" and Image.open(io.BytesIO(big.data)).size == (100, 75)
+
+
+def test_sniff_format():
+    assert sniff_format(b"\x89PNG\r\n\x1a\n....") == "png"
+    assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
+    assert sniff_format(b"BM......") == "bmp"
+    assert sniff_format(b"hello") is None
+
+
+def test_index_format_round_trip():
+    members = [Member("000.jpg", 512, 10), Member("000.cls", 1536, 1), Member("001.jpg", 2560, 700)]
+    text = format_index(members)
+    assert text == "v1.2 2\njpg 512 10 000.jpg cls 1536 1 000.cls\njpg 2560 700 001.jpg\n"
+    assert parse_index(text) == [members[:2], members[2:]]
+    with pytest.raises(ValueError, match="header says 3"):
+        parse_index(text.replace("v1.2 2", "v1.2 3"))
