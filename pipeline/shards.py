@@ -24,10 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import queue
 import re
 import signal
 import sys
 import tarfile
+import threading
 import time
 from collections import Counter, deque
 from collections.abc import Iterator
@@ -346,35 +348,84 @@ def _tar_header(name: str, size: int) -> bytes:
     return bytes(h)
 
 
+class _Sink(threading.Thread):
+    """Hashes and writes buffers in a background thread, in order (both release the GIL, so this runs
+    beside the main thread's reading and bookkeeping). At most ``depth`` buffers wait."""
+
+    def __init__(self, depth: int = 64):
+        super().__init__(name="shard-writer", daemon=True)
+        self.q: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            job = self.q.get()
+            try:
+                if job is None:
+                    return
+                if self.error is None:
+                    job[0](job[1])
+            except BaseException as e:  # re-raised in the main thread by submit/drain
+                self.error = e
+            finally:
+                self.q.task_done()
+
+    def submit(self, fn: Any, arg: Any) -> None:
+        if self.error is not None:
+            raise self.error
+        self.q.put((fn, arg))
+
+    def drain(self) -> None:
+        """Wait until everything submitted is done; re-raise its error if any."""
+        self.q.join()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+
+
 class _ShardTar:
     """One tar being written as ``<name>.partial``, hashed on the fly; records member offsets for the index.
 
-    Members are written directly (header, data, zero padding to 512), one write per member; the result is
-    byte-identical to what ``tarfile`` writes in ustar format, just without its per-member copying.
+    Members are written directly (header, data, zero padding to 512), one buffer per sample handed to a
+    :class:`_Sink`; the bytes are identical to what ``tarfile`` writes in ustar format.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, sink: _Sink):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
         self.file = open(self.partial, "wb")
         self.sha = hashlib.sha256()
+        self.sink = sink
         self.pos = 0
         self.members: list[Member] = []
         self.count = 0
 
-    def _write(self, b: bytes) -> None:
+    def _write_now(self, b: bytes) -> None:  # in the sink's thread
         self.sha.update(b)
         self.file.write(b)
+
+    def _write(self, parts: list[bytes]) -> None:
+        b = b"".join(parts)
         self.pos += len(b)
+        self.sink.submit(self._write_now, b)
 
     def add(self, key: str, jpg: bytes, label: int) -> None:
+        parts = []
+        pos = self.pos
         for name, data in ((f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())):
             pad = -len(data) % tarfile.BLOCKSIZE
-            self.members.append(Member(name, self.pos + tarfile.BLOCKSIZE, len(data)))
-            self._write(b"".join((_tar_header(name, len(data)), data, b"\0" * pad)))
+            self.members.append(Member(name, pos + tarfile.BLOCKSIZE, len(data)))
+            parts += [_tar_header(name, len(data)), data, b"\0" * pad]
+            pos += tarfile.BLOCKSIZE + len(data) + pad
+        self._write(parts)
         self.count += 1
 
     def flush(self) -> None:
+        self.sink.drain()
         self.file.flush()
 
     def finish(self) -> tuple[int, str, str]:
@@ -384,7 +435,8 @@ class _ShardTar:
         before it writes the manifest, and a resume re-checks each recorded shard's sha256 anyway.
         """
         end = self.pos + 2 * tarfile.BLOCKSIZE
-        self._write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE)))
+        self._write([b"\0" * (2 * tarfile.BLOCKSIZE + (-end % tarfile.RECORDSIZE))])
+        self.sink.drain()
         self.file.close()
         index_text = format_index(self.members)
         _atomic_write_text(self.path.with_suffix(".idx"), index_text, sync=False)
@@ -392,6 +444,10 @@ class _ShardTar:
         return self.pos, self.sha.hexdigest(), index_text
 
     def abandon(self) -> None:
+        try:
+            self.sink.drain()
+        except BaseException:
+            pass  # already failing; the partial file goes anyway
         self.file.close()
         self.partial.unlink(missing_ok=True)
 
@@ -613,10 +669,11 @@ def write_shards(
         file=sys.stderr,
     )
     stream = _prepared_stream(tasks, settings, max(1, workers))
+    sink = _Sink()
     try:
         with open(out / DONE_FILE, "a") as done_log:
             for i in todo:
-                shard = _ShardTar(out / names[i])
+                shard = _ShardTar(out / names[i], sink)
                 skipped: list[str] = []
                 actions: Counter[str] = Counter()
                 try:
@@ -661,6 +718,7 @@ def write_shards(
     finally:
         bar.close()
         stream.close()
+        sink.close()
 
     out_res = out.resolve()
     shards = [
