@@ -7,7 +7,9 @@ Builds an ImageNet-like ImageFolder tree (:func:`pipeline.sample.write_photo_tre
 - ``reencode``: ``--max-side`` smaller than the images, so every image is decoded, resized, encoded.
 
 The tree was just written, so it is read from the page cache: the figures are the tool's own speed,
-not the disk's. The time to build the tree is not counted.
+not the disk's. The time to build the tree is not counted. Besides wall-clock images/s the table gives
+CPU milliseconds per image (this process, its threads and its worker processes): on a shared machine
+that figure does not depend on what else runs.
 """
 
 from __future__ import annotations
@@ -21,6 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (all threads) and its finished children (the worker pool)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def run_bench(
@@ -38,7 +46,7 @@ def run_bench(
     for mode, ms in (("copy", None), ("reencode", max_side)):
         for w in workers:
             out = work / f"out-{mode}-{w}"
-            t = time.perf_counter()
+            t, c0 = time.perf_counter(), _cpu_seconds()
             m = write_shards(
                 tree,
                 out,
@@ -48,7 +56,7 @@ def run_bench(
                 workers=w,
                 progress=False,
             )
-            dt = time.perf_counter() - t
+            dt, cpu = time.perf_counter() - t, _cpu_seconds() - c0
             rows.append(
                 {
                     "mode": mode,
@@ -57,6 +65,7 @@ def run_bench(
                     "seconds": round(dt, 3),
                     "images_per_s": round(m.total / dt, 1),
                     "out_MB_per_s": round(m.bytes / dt / 1e6, 1),
+                    "cpu_ms_per_image": round(cpu / m.total * 1e3, 3),
                     "shards": len(m.shards),
                     "encoded": m.encoded,
                 }
@@ -81,13 +90,18 @@ def format_table(res: dict[str, Any]) -> str:
     lines = [
         f"shard write: {res['images']} images 500x375 JPEG, mean {res['mean_source_kB']} kB, "
         f"{res['cpu_count']} CPUs (page cache warm)",
-        f"{'mode':<10}{'workers':>8}{'seconds':>10}{'images/s':>11}{'MB/s out':>10}",
+        f"{'mode':<10}{'workers':>8}{'seconds':>10}{'images/s':>11}{'MB/s out':>10}{'CPU ms/img':>12}",
     ]
     for r in res["results"]:
         mode = r["mode"] if r["mode"] == "copy" else f"max{res['max_side']}"
         lines.append(
-            f"{mode:<10}{r['workers']:>8}{r['seconds']:>10.2f}{r['images_per_s']:>11.0f}{r['out_MB_per_s']:>10.1f}"
+            f"{mode:<10}{r['workers']:>8}{r['seconds']:>10.2f}{r['images_per_s']:>11.0f}"
+            f"{r['out_MB_per_s']:>10.1f}{r['cpu_ms_per_image']:>12.3f}"
         )
+    lines.append(
+        f"load average at the end: {os.getloadavg()[0]:.1f} on {res['cpu_count']} CPUs; CPU ms/img does not "
+        "depend on other load: 1000 * cores / (CPU ms/img) bounds images/s on that many free cores"
+    )
     return "\n".join(lines)
 
 
