@@ -473,35 +473,57 @@ def _worker_init() -> None:
             pass
 
 
-def _prepared_stream(
-    tasks: list[tuple[int, str, bytes | None]], settings: PrepSettings, workers: int, chunk: int = 32
-) -> Iterator[Prepared]:
-    """Prepared images in task order; with ``workers > 1`` from a process pool, at most a few chunks ahead."""
-    chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
-    if workers <= 1:
-        for c in chunks:
-            yield from prepare_chunk(c, settings)
-        return
-    import multiprocessing as mp
+class _PreparedStream:
+    """Prepared images in task order; with ``workers > 1`` from a process pool, a few chunks ahead.
 
-    ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    pool = ctx.Pool(workers, initializer=_worker_init)
-    try:
+    The pool is forked here, before the writer starts any thread of its own.
+    """
+
+    def __init__(
+        self,
+        tasks: list[tuple[int, str, bytes | None]],
+        settings: PrepSettings,
+        workers: int,
+        chunk: int = 32,
+    ):
+        self.chunks = [tasks[i : i + chunk] for i in range(0, len(tasks), chunk)]
+        self.settings = settings
+        self.workers = workers
+        self.pool = None
+        if workers > 1 and len(self.chunks) > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+            self.pool = ctx.Pool(workers, initializer=_worker_init)
+        self._it = self._generate()
+
+    def _generate(self) -> Iterator[Prepared]:
+        if self.pool is None:
+            for c in self.chunks:
+                yield from prepare_chunk(c, self.settings)
+            return
         pending: deque = deque()
-        it = iter(chunks)
+        it = iter(self.chunks)
         for c in it:
-            pending.append(pool.apply_async(prepare_chunk, (c, settings, False)))
-            if len(pending) >= 4 * workers:
+            pending.append(self.pool.apply_async(prepare_chunk, (c, self.settings, False)))
+            if len(pending) >= 4 * self.workers:
                 break
         while pending:
             done = pending.popleft().get()
             nxt = next(it, None)
             if nxt is not None:
-                pending.append(pool.apply_async(prepare_chunk, (nxt, settings, False)))
+                pending.append(self.pool.apply_async(prepare_chunk, (nxt, self.settings, False)))
             yield from done
-    finally:
-        pool.terminate()
-        pool.join()
+
+    def __next__(self) -> Prepared:
+        return next(self._it)
+
+    def close(self) -> None:
+        self._it.close()
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
 
 
 def _read_copy(item: SourceItem) -> bytes:
@@ -547,6 +569,14 @@ def _load_done(out: Path, names: set[str]) -> dict[str, dict[str, Any]]:
     return kept
 
 
+def _available_cpus() -> int:
+    """CPUs this process may run on (respects Slurm/cgroup affinity, unlike ``os.cpu_count``)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _default_split(out: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9_]+", "_", out.resolve().name).strip("_")
     return name or "data"
@@ -584,7 +614,7 @@ def write_shards(
         seed: global shuffle seed; same inputs + seed give byte-identical shards.
         quality: JPEG quality for images that are (re-)encoded.
         max_side: re-encode images whose longer side exceeds this, scaled down to it.
-        workers: processes preparing images (default: CPU count); 1 = all in this process.
+        workers: processes preparing images (default: the CPUs available); 1 = all in this process.
         skip_bad: skip unreadable/corrupt images (counted in the manifest) instead of failing.
         overwrite: allow replacing a different job's shards in ``out``.
         progress: show a progress bar and print a summary on stderr.
@@ -619,7 +649,7 @@ def write_shards(
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
     settings = PrepSettings(quality=quality, max_side=max_side)
-    workers = (os.cpu_count() or 1) if workers is None else workers
+    workers = _available_cpus() if workers is None else workers
 
     job = _job_description(source, split, seed, samples_per_shard, shard_bytes, settings)
     resuming = _prepare_out(out, job, overwrite)
@@ -660,6 +690,7 @@ def write_shards(
 
     from tqdm import tqdm
 
+    stream = _PreparedStream(tasks, settings, max(1, workers))  # forks before any thread starts
     bar = tqdm(
         total=len(source.items),
         initial=sum(r["count"] + len(r["skipped"]) for r in kept.values()),
@@ -668,7 +699,6 @@ def write_shards(
         disable=not progress,
         file=sys.stderr,
     )
-    stream = _prepared_stream(tasks, settings, max(1, workers))
     sink = _Sink()
     try:
         with open(out / DONE_FILE, "a") as done_log:

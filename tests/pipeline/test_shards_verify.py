@@ -150,3 +150,14 @@ def test_cli_exit_status(sample_val: Path, shard_copy: Path, capsys):
     assert main(["shards", "verify", str(shard_copy)]) == 1
     assert "val-000000.tar: index" in capsys.readouterr().out
     assert main(["shards", "verify", str(shard_copy / "nowhere")]) == 1
+
+
+@pytest.mark.gpu
+def test_gpu_decode_catches_bad_image(shard_copy: Path):
+    name = read_manifest(shard_copy).shards[0].name
+    key = first_key(shard_copy, name)
+    assert verify_shards(shard_copy, device="gpu") == []
+    rewrite_shard(
+        shard_copy, name, lambda n, d: (n, b"\xff\xd8\xff" + b"x" * 99) if n == f"{key}.jpg" else (n, d)
+    )
+    assert [(p.shard, p.key) for p in verify_shards(shard_copy, device="gpu")] == [(name, key)]
