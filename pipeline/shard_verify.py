@@ -10,6 +10,7 @@ Then every image is decoded with DALI (``device="cpu"``: CPU decoder, ``device_i
 from __future__ import annotations
 
 import hashlib
+import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -127,13 +128,14 @@ class _Decoder:
 
     def __init__(self, device: str, batch_size: int):
         self.gpu = device == "gpu" and _cuda_available()
+        self.threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
         self.batch_size = batch_size
         self.pipe = self._build(batch_size)
 
     def _build(self, batch_size: int):  # -> nvidia.dali.Pipeline
         from nvidia.dali import fn, pipeline_def, types
 
-        @pipeline_def(batch_size=batch_size, num_threads=2, device_id=0 if self.gpu else None)
+        @pipeline_def(batch_size=batch_size, num_threads=self.threads, device_id=0 if self.gpu else None)
         def decode_pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             return fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=types.RGB)

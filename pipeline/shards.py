@@ -641,6 +641,8 @@ def write_shards(
         source = src
     else:
         src = Path(src)
+        if out.resolve().is_relative_to(src.resolve()) and list_file is None:
+            raise ValueError(f"output directory {out} must not be inside the source tree {src}")
         classes = read_manifest(classes_from).classes if classes_from is not None else None
         source = (
             read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)

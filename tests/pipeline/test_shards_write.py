@@ -258,6 +258,8 @@ def test_empty_inputs_are_named(tmp_path: Path):
         write_shards(src, tmp_path / "o2", progress=False)
     with pytest.raises(SourceError, match="not a directory"):
         write_shards(tmp_path / "nope", tmp_path / "o3", progress=False)
+    with pytest.raises(ValueError, match="must not be inside the source tree"):
+        write_shards(src, src / "cat" / "shards", progress=False)
 
 
 # ------------------------------------------------------------------------------------------ encoding
