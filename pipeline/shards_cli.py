@@ -112,7 +112,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "src", help="image root (SRC/<class>/<image>); with --list, the root the paths are relative to"
     )
     w.add_argument("out", help="output directory")
-    w.add_argument("--list", metavar="FILE", help="'relative/path,label' lines instead of class directories")
+    w.add_argument(
+        "--list",
+        metavar="FILE",
+        help="'relative/path,label' lines (label: class name or integer index) instead of class dirs",
+    )
     w.add_argument("--classes-from", metavar="MANIFEST", help="reuse another shard set's class mapping")
     w.add_argument("--split", help="shard name prefix (default: OUT's directory name)")
     w.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
@@ -125,7 +129,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
     w.add_argument("--quality", type=int, default=95, help="JPEG quality for re-encoded images (default 95)")
     w.add_argument("--max-side", type=int, metavar="N", help="re-encode images whose longer side exceeds N")
-    w.add_argument("--workers", type=int, metavar="N", help="worker processes (default: CPU count)")
+    w.add_argument("--workers", type=int, metavar="N", help="worker processes (default: the CPUs available)")
     w.add_argument(
         "--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing"
     )
