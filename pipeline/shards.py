@@ -557,6 +557,9 @@ def _load_done(out: Path, names: set[str]) -> dict[str, dict[str, Any]]:
             done[rec["name"]] = rec
     kept = {}
     for name, rec in done.items():
+        if rec.get("count") == 0:  # every image of that shard was bad: no files to check
+            kept[name] = rec
+            continue
         tar, idx = out / name, (out / name).with_suffix(".idx")
         if (
             tar.is_file()

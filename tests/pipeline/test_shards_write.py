@@ -417,3 +417,17 @@ def test_cli_write_and_info(tree: Path, tmp_path: Path, capsys):
     assert "18 samples" in capsys.readouterr().out
     assert main(["shards", "write", str(tmp_path / "missing"), str(tmp_path / "o"), "-q"]) == 1
     assert "missing is not a directory" in capsys.readouterr().err
+
+
+def test_shard_of_only_bad_images_is_left_out_and_resumable(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (src / "a" / f"good{i}.jpg").write_bytes(image_bytes(rng))
+        (src / "a" / f"bad{i}.jpg").write_bytes(b"\xff\xd8\xff" + b"\0" * 50)
+    m = write_shards(src, tmp_path / "out", samples_per_shard=1, skip_bad=True, progress=False)
+    assert m.total == 4 and m.skipped == 4 and len(m.shards) == 4
+    (tmp_path / "out" / "manifest.json").unlink()  # as if interrupted before the manifest
+    again = write_shards(src, tmp_path / "out", samples_per_shard=1, skip_bad=True, progress=False)
+    assert again == m and verify_shards(tmp_path / "out") == []
