@@ -65,6 +65,15 @@ def num_classes_of(train_dir: str) -> int:
     return read_manifest(train_dir).num_classes
 
 
+def check_val_count(val_dir: str, counted: int) -> None:
+    """Every val sample must be counted exactly once over all ranks: compare with the manifest."""
+    from pipeline.shards import read_manifest
+
+    total = read_manifest(val_dir).total
+    if counted != total:
+        raise RuntimeError(f"{val_dir}: evaluated {counted} samples but the manifest lists {total}")
+
+
 def default_loader() -> Callable[..., Any]:
     from pipeline import build_eval_loader
 
@@ -166,6 +175,7 @@ def run_linear(
             backbone, num_classes, proto, ctx, make_loader or default_loader(), train_dir, val_dir, on_epoch
         )
         _check_unchanged(backbone, before)
+        check_val_count(val_dir, result.val_samples)
         payload = {
             "top1": result.top1,
             "top5": result.top5,
@@ -257,6 +267,7 @@ def run_knn(
         f_val, y_val = features(val_dir)
         result = knn_evaluate(f_val, y_val, f_train, y_train, num_classes, k=k, t=t)
         _check_unchanged(backbone, before)
+        check_val_count(val_dir, result.total)
         payload = {
             "top1": result.top1,
             "top5": result.top5,

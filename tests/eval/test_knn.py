@@ -29,7 +29,9 @@ def test_knn_scores_match_numpy(k, t, chunk):
     labels = rng.integers(0, 7, size=300)
     queries = rng.normal(size=(50, 16))
     ref = reference_knn(queries, bank, labels, 7, k, t)
-    got = knn_predict(torch.tensor(queries), torch.tensor(bank), torch.tensor(labels), 7, k=k, t=t, chunk=chunk)
+    got = knn_predict(
+        torch.tensor(queries), torch.tensor(bank), torch.tensor(labels), 7, k=k, t=t, chunk=chunk
+    )
     np.testing.assert_allclose(got.double().numpy(), ref, rtol=1e-4)
 
 
@@ -43,8 +45,16 @@ def test_knn_accuracy_matches_numpy():
     ref = reference_knn(queries, bank, y_bank, 5, 20, 0.1)
     ref_top1 = 100.0 * (ref.argmax(1) == y_q).mean()
     ref_top5 = 100.0  # 5 classes: the true one is always among the top 5
-    res = knn_evaluate(torch.tensor(queries), torch.tensor(y_q), torch.tensor(bank), torch.tensor(y_bank), 5,
-                       k=20, t=0.1, chunk=32)
+    res = knn_evaluate(
+        torch.tensor(queries),
+        torch.tensor(y_q),
+        torch.tensor(bank),
+        torch.tensor(y_bank),
+        5,
+        k=20,
+        t=0.1,
+        chunk=32,
+    )
     assert res.total == 120
     assert res.top1 == pytest.approx(ref_top1)
     assert res.top5 == pytest.approx(ref_top5)
@@ -53,5 +63,11 @@ def test_knn_accuracy_matches_numpy():
 
 def test_knn_rejects_bad_parameters():
     with pytest.raises(ValueError, match="k >= 1"):
-        knn_evaluate(torch.randn(2, 3), torch.zeros(2, dtype=torch.long), torch.randn(4, 3),
-                     torch.zeros(4, dtype=torch.long), 2, k=0)
+        knn_evaluate(
+            torch.randn(2, 3),
+            torch.zeros(2, dtype=torch.long),
+            torch.randn(4, 3),
+            torch.zeros(4, dtype=torch.long),
+            2,
+            k=0,
+        )

@@ -1,4 +1,4 @@
-"""Linear evaluation math and wiring on plain tensors (no DALI): accuracy, schedules, overrides, frozen backbone."""
+"""Linear evaluation on plain tensors (no DALI): accuracy, schedules, overrides, the frozen backbone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ import torch
 
 from eval.distributed import DistContext
 from eval.features import freeze, state_fingerprint
-from eval.linear import LinearClassifier, cached_batches, evaluate_head, linear_eval, topk_correct, train_linear_head
+from eval.linear import (
+    LinearClassifier,
+    cached_batches,
+    evaluate_head,
+    linear_eval,
+    topk_correct,
+    train_linear_head,
+)
 from eval.protocols import (
     KNN_KEYS,
     LINEAR_KEYS,
@@ -23,7 +30,9 @@ from eval.protocols import (
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
 
-def _blobs(n: int, dim: int, classes: int, seed: int, noise: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+def _blobs(
+    n: int, dim: int, classes: int, seed: int, noise: float = 0.3
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Gaussian blobs around well-separated class means (linearly separable with high probability)."""
     g = torch.Generator().manual_seed(seed)
     means = torch.randn(classes, dim, generator=torch.Generator().manual_seed(0)) * 3
@@ -114,8 +123,16 @@ def test_byol_schedule_is_cosine_without_warmup():
 
 
 def test_overrides_apply_and_unknown_keys_are_named():
-    proto = resolve_protocol(parse_overrides(["protocol=byol", "epochs=3", "data.crop=32", "features=cached"]))
-    assert (proto.protocol, proto.epochs, proto.crop, proto.features, proto.batch_size) == ("byol", 3, 32, "cached", 1024)
+    proto = resolve_protocol(
+        parse_overrides(["protocol=byol", "epochs=3", "data.crop=32", "features=cached"])
+    )
+    assert (proto.protocol, proto.epochs, proto.crop, proto.features, proto.batch_size) == (
+        "byol",
+        3,
+        32,
+        "cached",
+        1024,
+    )
     with pytest.raises(ValueError, match=r"unknown key 'epoch'.*allowed keys: protocol, epochs"):
         parse_overrides(["epoch=3"])
     with pytest.raises(ValueError, match="unknown key 'epochs'"):
@@ -130,7 +147,7 @@ def test_overrides_apply_and_unknown_keys_are_named():
 
 
 class FakeLoader:
-    """Stands in for pipeline.build_eval_loader: fixed images, this rank's contiguous part, train = flipped."""
+    """Stands in for build_eval_loader: fixed images, this rank's contiguous part; train = flipped."""
 
     def __init__(self, images, labels, batch_size, split, shard_id, num_shards, **_):
         n = len(labels)
@@ -176,8 +193,9 @@ def test_backbone_bit_identical_after_linear_eval(features):
     def make_loader(shards, **kw):
         return FakeLoader(*((x_tr, y_tr) if shards == "train" else (x_va, y_va)), **kw)
 
-    proto = dataclasses.replace(moco_protocol(), epochs=3, batch_size=32, lr=0.5, crop=8, device="cpu",
-                                features=features)
+    proto = dataclasses.replace(
+        moco_protocol(), epochs=3, batch_size=32, lr=0.5, crop=8, device="cpu", features=features
+    )
     result = linear_eval(backbone, 3, proto, CPU, make_loader, "train", "val")
     assert result.val_samples == 40
     assert len(result.history) == 3 and all("val_top1" in h for h in result.history)

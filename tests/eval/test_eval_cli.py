@@ -1,0 +1,145 @@
+"""``unmix linear`` / ``unmix knn`` end to end on the digits sample shards (DALI on the CPU, tiny epochs)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from eval.cli import main
+
+# digits are 8x8 upsampled to 32x32: a 16-pixel crop loses nothing and costs a quarter of the compute
+FAST = ["device=cpu", "data.crop=16", "num_threads=1", "batch_size=128"]
+
+
+def test_random_init_linear_end_to_end(sample_train, sample_val, tmp_path, capsys):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "linear.json"
+    status = main(
+        [
+            "linear",
+            "--random-init",
+            "resnet10",
+            "--experiment",
+            "floor",
+            "--tracking-uri",
+            uri,
+            "--train",
+            str(sample_train),
+            "--val",
+            str(sample_val),
+            "--json",
+            str(out),
+            "epochs=2",
+            "features=cached",
+            "lr=0.1",
+            *FAST,
+        ]
+    )
+    assert status == 0
+    assert "linear top-1" in capsys.readouterr().out
+    res = json.loads(out.read_text())
+    assert res["epochs"] == 2 and res["backbone"] == "random_init:resnet10" and res["val_samples"] == 359
+    assert 0.0 <= res["top1"] <= res["top5"] <= 100.0
+    run = MlflowClient(uri).get_run(res["run_id"])
+    assert run.data.tags["unmix.kind"] == "random_init" and run.data.tags["random_init"] == "resnet10"
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["linear_top1"] == pytest.approx(res["top1"])
+    assert MlflowClient(uri).get_experiment(run.info.experiment_id).name == "floor"
+    hist = MlflowClient(uri).get_metric_history(res["run_id"], "train_loss")
+    assert [m.step for m in hist] == [1, 2]
+
+
+def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_path, capsys):
+    """linear (augmented, the paper's path) and knn on a backbone.pt whose pretraining run is FINISHED."""
+    from mlflow.tracking import MlflowClient
+
+    from training.backbones import build_backbone, save_backbone
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    exp = client.create_experiment("pretraining")
+    pre = client.create_run(exp, run_name="moco", tags={"unmix.kind": "pretrain", "method": "moco_v2"})
+    client.set_terminated(pre.info.run_id, "FINISHED")
+    torch.manual_seed(0)
+    path = save_backbone(
+        tmp_path / "backbone.pt",
+        build_backbone("resnet10", crop=16),
+        {
+            "method": "moco_v2",
+            "unmix": True,
+            "epochs": 1,
+            "mlflow_run_id": pre.info.run_id,
+            "mlflow_tracking_uri": uri,
+            "mlflow_experiment": "pretraining",
+        },
+    )
+    file_bytes = path.read_bytes()
+
+    lin_json, knn_json = tmp_path / "lin.json", tmp_path / "knn.json"
+    args = ["--backbone", str(path), "--train", str(sample_train), "--val", str(sample_val)]
+    assert main(["linear", *args, "--json", str(lin_json), "epochs=1", "lr=0.1", *FAST]) == 0
+    assert main(["knn", *args, "--json", str(knn_json), "--k", "20", *FAST]) == 0
+    lin, knn = json.loads(lin_json.read_text()), json.loads(knn_json.read_text())
+    assert lin["pretrain_run_id"] == knn["pretrain_run_id"] == pre.info.run_id
+    assert lin["val_samples"] == knn["val_samples"] == 359
+    assert 10.0 < knn["top1"] <= 100.0  # random conv features of digits already cluster by class
+
+    after = client.get_run(pre.info.run_id)
+    assert after.info.status == "FINISHED"
+    assert after.data.metrics["linear_top1"] == pytest.approx(lin["top1"])
+    assert after.data.metrics["linear_top5"] == pytest.approx(lin["top5"])
+    assert after.data.metrics["knn_top1"] == pytest.approx(knn["top1"])
+    for res, kind in ((lin, "linear_eval"), (knn, "knn_eval")):
+        ev = client.get_run(res["run_id"])
+        assert ev.info.experiment_id == exp
+        assert ev.data.tags["unmix.pretrain_run_id"] == pre.info.run_id and ev.data.tags["unmix.kind"] == kind
+    assert path.read_bytes() == file_bytes
+
+
+def test_key_mismatch_is_a_clear_error(tmp_path, capsys):
+    from training.backbones import build_backbone
+
+    path = tmp_path / "r18.pth"
+    state = build_backbone("resnet18").state_dict()
+    torch.save({f"module.{k}": v for k, v in state.items()}, path)  # DDP-prefixed keys
+    status = main(
+        [
+            "linear",
+            "--backbone",
+            str(path),
+            "--arch",
+            "resnet18",
+            "--train",
+            str(tmp_path),
+            "--val",
+            str(tmp_path),
+            "--no-mlflow",
+            "device=cpu",
+        ]
+    )
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "unmix linear: error:" in err and str(path) in err
+    assert "missing ['bn1.bias'" in err and "unexpected ['module.bn1.bias'" in err
+
+
+def test_unknown_override_is_a_clear_error(tmp_path, capsys):
+    status = main(
+        [
+            "knn",
+            "--random-init",
+            "resnet10",
+            "--train",
+            str(tmp_path),
+            "--val",
+            str(tmp_path),
+            "--no-mlflow",
+            "epochs=3",
+        ]
+    )
+    assert status == 2
+    assert "unknown key 'epochs'" in capsys.readouterr().err
