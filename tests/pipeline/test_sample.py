@@ -38,6 +38,15 @@ def test_digits_sample(sample_train: Path, sample_val: Path):
     assert a.std() > 20 and np.abs(a[..., 0] - a[..., 1]).max() <= 4  # a grey picture, not blank
 
 
+def test_digits_arrays_are_the_uci_digits():
+    images, target = load_digits_arrays()
+    assert images.shape == (1797, 8, 8) and images.min() == 0 and images.max() == 16
+    # class sizes and the first image as documented for sklearn.datasets.load_digits (UCI optdigits test set)
+    assert np.bincount(target).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert images[0, 1].tolist() == [0, 0, 13, 15, 10, 15, 5, 0] and target[:10].tolist() == list(range(10))
+
+
+@pytest.mark.slow  # importing scikit-learn takes seconds on a busy machine
 def test_digits_images_match_sklearn():
     from sklearn.datasets import load_digits
 
