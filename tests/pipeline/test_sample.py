@@ -41,7 +41,7 @@ def test_digits_sample(sample_train: Path, sample_val: Path):
 def test_digits_arrays_are_the_uci_digits():
     images, target = load_digits_arrays()
     assert images.shape == (1797, 8, 8) and images.min() == 0 and images.max() == 16
-    # class sizes and the first image as documented for sklearn.datasets.load_digits (UCI optdigits test set)
+    # class sizes and first image of the UCI optdigits data that sklearn.datasets.load_digits returns
     assert np.bincount(target).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
     assert images[0, 1].tolist() == [0, 0, 13, 15, 10, 15, 5, 0] and target[:10].tolist() == list(range(10))
 
