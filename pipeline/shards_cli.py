@@ -37,9 +37,16 @@ def _write(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (SourceError, ShardWriteError, ManifestError, ValueError) as e:
+    except (SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
         print(f"unmix shards write: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(
+            "\nunmix shards write: interrupted; finished shards are kept, "
+            "run the same command again to finish the job",
+            file=sys.stderr,
+        )
+        return 130
     return 0
 
 
