@@ -80,3 +80,14 @@ def test_index_format_round_trip():
     assert parse_index(text) == [members[:2], members[2:]]
     with pytest.raises(ValueError, match="header says 3"):
         parse_index(text.replace("v1.2 2", "v1.2 3"))
+
+
+def test_parse_size():
+    import argparse
+
+    from pipeline.shards_cli import parse_size
+
+    assert parse_size("500MB") == 500_000_000 and parse_size("1G") == 10**9 and parse_size("256MiB") == 2**28
+    assert parse_size("1.5k") == 1500 and parse_size("4096") == 4096
+    with pytest.raises(argparse.ArgumentTypeError, match="bad size 'lots'"):
+        parse_size("lots")
