@@ -114,6 +114,7 @@ class LinearResult:
     val_samples: int
     epochs: int
     history: list[dict[str, float]] = field(default_factory=list)
+    head: nn.Module | None = None  # the trained classifier (unwrapped from DDP)
 
 
 def train_linear_head(
@@ -172,7 +173,14 @@ def train_linear_head(
         history.append(record)
         if on_epoch is not None:
             on_epoch(record)
-    return LinearResult(top1=top1, top5=top5, val_samples=total, epochs=proto.epochs, history=history)
+    return LinearResult(
+        top1=top1,
+        top5=top5,
+        val_samples=total,
+        epochs=proto.epochs,
+        history=history,
+        head=getattr(head, "module", head),
+    )
 
 
 def _wrap_ddp(head: nn.Module, ctx: DistContext) -> nn.Module:

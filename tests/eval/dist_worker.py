@@ -1,0 +1,101 @@
+"""One rank of the distributed evaluation test (run as a script by test_distributed_eval.py).
+
+Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python dist_worker.py OUT_DIR FEATURES
+Writes OUT_DIR/rank<r>.json with the linear and kNN results of this rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+
+def task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images whose red-channel mean encodes one of 3 classes."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.randn(n, 3, 8, 8, generator=g) * 0.5
+    x[:, 0] += (y.float() - 1).view(-1, 1, 1) * 2
+    return x, y
+
+
+class ShardedLoader:
+    """Like build_eval_loader: rank r gets the contiguous r-th part; the last batch may be smaller."""
+
+    def __init__(self, images, labels, batch_size, split, shard_id, num_shards, **_):
+        n = len(labels)
+        lo, hi = n * shard_id // num_shards, n * (shard_id + 1) // num_shards
+        self.images, self.labels, self.batch_size, self.split = (
+            images[lo:hi],
+            labels[lo:hi],
+            batch_size,
+            split,
+        )
+
+    def __len__(self):
+        return -(-len(self.labels) // self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, len(self.labels), self.batch_size):
+            x = self.images[i : i + self.batch_size]
+            yield {
+                "image": x.flip(3) if self.split == "train" else x.clone(),
+                "label": self.labels[i : i + self.batch_size].clone(),
+            }
+
+
+def backbone() -> torch.nn.Module:
+    from training.backbones import build_backbone
+
+    torch.manual_seed(0)
+    return build_backbone("resnet10", crop=8)
+
+
+DATA = {"train": task(70, 1), "val": task(41, 2)}  # 41 val samples: uneven split over 2 ranks
+
+
+def main() -> None:
+    from eval import distributed
+    from eval.features import extract_features, freeze
+    from eval.knn import knn_evaluate
+    from eval.linear import linear_eval
+    from eval.protocols import moco_protocol
+
+    out, features = Path(sys.argv[1]), sys.argv[2]
+    ctx = distributed.setup("cpu")
+    net = freeze(backbone())
+    proto = dataclasses.replace(
+        moco_protocol(), epochs=2, batch_size=16, lr=0.5, crop=8, device="cpu", features=features
+    )
+
+    def make_loader(shards, **kw):
+        return ShardedLoader(*DATA[shards], **kw)
+
+    lin = linear_eval(net, 3, proto, ctx, make_loader, "train", "val")
+    kw = dict(batch_size=8, split="val", shard_id=ctx.rank, num_shards=ctx.world_size)
+    f_tr, y_tr = extract_features(net, make_loader("train", **kw), ctx.device)
+    f_va, y_va = extract_features(net, make_loader("val", **kw), ctx.device)
+    knn = knn_evaluate(f_va, y_va, f_tr, y_tr, 3, k=10, t=0.1, chunk=16)
+    w = lin.head.fc.weight.detach()
+    (out / f"rank{ctx.rank}.json").write_text(
+        json.dumps(
+            {
+                "linear_top1": lin.top1,
+                "linear_val_samples": lin.val_samples,
+                "head_weight": w.flatten().tolist(),
+                "knn_top1": knn.top1,
+                "knn_top5": knn.top5,
+                "knn_total": knn.total,
+                "train_rows": int(f_tr.shape[0]),
+            }
+        )
+    )
+    distributed.teardown(ctx)
+
+
+if __name__ == "__main__":
+    main()
