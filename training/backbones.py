@@ -69,7 +69,9 @@ def build_backbone(
     net = _resnet10() if arch == "resnet10" else getattr(torchvision.models, arch)(weights=None)
     if width != 64:
         if arch == "wide_resnet50_2":
-            raise ValueError("model.width: wide_resnet50_2 has a fixed width; use resnet50 with a width instead")
+            raise ValueError(
+                "model.width: wide_resnet50_2 has a fixed width; use resnet50 with a width instead"
+            )
         block = type(net.layer1[0])
         _set_width(net, block, [len(getattr(net, f"layer{i}")) for i in range(1, 5)], width)
     if small_images:

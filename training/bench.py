@@ -1,0 +1,210 @@
+"""``unmix bench train``: this trainer's step throughput against a plain PyTorch loop, and Un-Mix's cost.
+
+All variants train on the same batches, taken once from the real loader and held in memory, so the
+figures measure the step (forward, backward, optimizer, EMA, queue), not the data pipeline:
+
+- ``trainer``: :func:`training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
+- ``plain``: the same method and model written as a plain PyTorch loop (``torch.optim``, no DeepSpeed);
+- each with Un-Mix on and off. Variants alternate over ``--repeats`` rounds; medians are reported.
+
+The goals (issue 4): trainer / plain >= 0.95 on the CPU; Un-Mix on / off about 1.75x for MoCo (one more
+query forward and backward on top of query + key forwards and the query backward).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from training.config import Config, load_config
+from training.losses import byol_regression, info_nce, unmix_weighted
+
+
+class MemoryLoader:
+    """A loader over batches held in memory (same interface as the pipeline's loader)."""
+
+    def __init__(self, batches: list[dict[str, torch.Tensor]]):
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def _cached_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
+    from training import dist
+    from training.config import check_world
+    from training.loop import build_loader
+
+    micro = check_world(cfg, dist.world_size())
+    loader = build_loader(cfg, micro, dist.rank(), dist.world_size())
+    out = []
+    while len(out) < n:
+        for b in loader:
+            out.append({k: v.clone() for k, v in b.items()})
+            if len(out) == n:
+                break
+    return out
+
+
+def _time_trainer(run, batches, steps: int, warmup: int) -> float:
+    from training.loop import train_step
+
+    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        train_step(run, batches[i % len(batches)], i, 0.01, run.method.momentum(i, 10**6))
+    sync()
+    return steps / (time.perf_counter() - t0)
+
+
+class PlainLoop:
+    """The same method written as a plain PyTorch loop: one module, torch.optim, fp32, no DeepSpeed."""
+
+    def __init__(self, run, unmix: bool):
+        cfg = run.cfg
+        self.unmix, self.cfg, self.device = unmix, cfg, run.device
+        self.online = copy.deepcopy(run.engine.module).float()
+        self.target = copy.deepcopy(run.method.target)
+        self.queue = run.method.queue.queue.clone() if run.method.queue is not None else None
+        self.ptr = 0
+        lr = 0.01
+        self.opt = torch.optim.SGD(
+            self.online.parameters(), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
+        )
+
+    def step(self, batch: dict[str, torch.Tensor]) -> None:
+        b = {k: v.to(self.device) for k, v in batch.items()}
+        x1, x2 = b["view1"], b["view2"]
+        lam = b["lam"] if self.unmix else None
+        if self.cfg.method.name == "byol":
+            with torch.no_grad():
+                z1, z2 = self.target.embed(x1), self.target.embed(x2)
+            p1, p2 = self.online.embed(x1), self.online.embed(x2)
+            loss = byol_regression(p1, z2).mean() + byol_regression(p2, z1).mean()
+            if self.unmix:
+                p_m = self.online.embed(b["mixed"])
+                loss = loss + unmix_weighted(byol_regression(p_m, z2), byol_regression(p_m.flip(0), z2), lam)
+        else:
+            T = float(self.cfg.method.moco.T)
+            with torch.no_grad():
+                k = self.target.embed(x2)
+            loss = info_nce(self.online.embed(x1), k, self.queue, T).mean()
+            if self.unmix:
+                z_m = self.online.embed(b["mixed"])
+                loss = loss + unmix_weighted(
+                    info_nce(z_m, k, self.queue, T), info_nce(z_m.flip(0), k, self.queue, T), lam
+                )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            m = 0.99
+            for p_t, p_o in zip(self.target.parameters(), self.online.parameters(), strict=False):
+                p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
+            if self.queue is not None:
+                k = F.normalize(k, dim=1)
+                idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % self.queue.shape[1]
+                self.queue[:, idx] = k.T
+                self.ptr = int((self.ptr + k.shape[0]) % self.queue.shape[1])
+
+
+def _time_plain(plain: PlainLoop, batches, steps: int, warmup: int) -> float:
+    sync = torch.cuda.synchronize if plain.device.type == "cuda" else (lambda: None)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        plain.step(batches[i % len(batches)])
+    sync()
+    return steps / (time.perf_counter() - t0)
+
+
+def main(args: argparse.Namespace) -> int:
+    from training import dist
+    from training.loop import setup
+
+    base = load_config(args.config, list(args.overrides) + ["unmix.enabled=true", "mlflow.enabled=false"])
+    dist.init()
+    batches = _cached_batches(base, max(4, min(args.steps, 8)))
+    runs, plains = {}, {}
+    for unmix in (False, True):
+        cfg = load_config(
+            args.config,
+            list(args.overrides) + [f"unmix.enabled={str(unmix).lower()}", "mlflow.enabled=false"],
+        )
+        data = (
+            batches if unmix else [{k: v for k, v in b.items() if k in ("view1", "view2")} for b in batches]
+        )
+        runs[unmix] = (setup(cfg, loader_factory=lambda *a, d=data: MemoryLoader(d)), data)
+        plains[unmix] = (PlainLoop(runs[unmix][0], unmix), data)
+    results: dict[str, list[float]] = {
+        f"{kind}_{u}": [] for kind in ("trainer", "plain") for u in ("off", "on")
+    }
+    for _ in range(args.repeats):
+        for unmix in (False, True):
+            u = "on" if unmix else "off"
+            run, data = runs[unmix]
+            results[f"trainer_{u}"].append(_time_trainer(run, data, args.steps, args.warmup))
+            plain, data = plains[unmix]
+            results[f"plain_{u}"].append(_time_plain(plain, data, args.steps, args.warmup))
+    med = {k: statistics.median(v) for k, v in results.items()}
+    cfg = runs[True][0].cfg
+    images = cfg.optim.batch_size
+    summary = {
+        "config": str(args.config),
+        "overrides": list(args.overrides),
+        "method": cfg.method.name,
+        "arch": cfg.model.arch,
+        "crop": cfg.data.crop,
+        "global_batch": images,
+        "device": str(runs[True][0].device),
+        "precision": cfg.deepspeed.precision,
+        "world_size": dist.world_size(),
+        "torch_threads": torch.get_num_threads(),
+        "steps_per_s": med,
+        "images_per_s": {k: v * images for k, v in med.items()},
+        "trainer_vs_plain_unmix_off": med["trainer_off"] / med["plain_off"],
+        "trainer_vs_plain_unmix_on": med["trainer_on"] / med["plain_on"],
+        "unmix_step_cost": med["trainer_off"] / med["trainer_on"],  # time(on) / time(off)
+        "unmix_step_cost_plain": med["plain_off"] / med["plain_on"],
+        "repeats": results,
+    }
+    if dist.rank() == 0:
+        print(
+            f"unmix bench train: {cfg.method.name} {cfg.model.arch} crop {cfg.data.crop} batch {images} "
+            f"on {summary['device']} ({cfg.deepspeed.precision}, {summary['torch_threads']} threads), "
+            f"median of {args.repeats} x {args.steps} steps"
+        )
+        for k in ("trainer_off", "plain_off", "trainer_on", "plain_on"):
+            print(f"  {k:12s} {med[k]:8.3f} steps/s  {med[k] * images:9.1f} images/s")
+        print(
+            f"  trainer / plain: {summary['trainer_vs_plain_unmix_off']:.3f} (Un-Mix off), "
+            f"{summary['trainer_vs_plain_unmix_on']:.3f} (Un-Mix on)   goal >= 0.95"
+        )
+        print(
+            f"  Un-Mix step cost (on / off): trainer {summary['unmix_step_cost']:.2f}x, "
+            f"plain {summary['unmix_step_cost_plain']:.2f}x   expected ~1.75x for MoCo"
+        )
+        if args.json:
+            Path(args.json).write_text(json.dumps(summary, indent=1))
+    sys.stdout.flush()
+    return 0

@@ -1,0 +1,80 @@
+"""BYOL with the Un-Mix loss: online = backbone + projector + predictor; target = EMA of the first two.
+
+The target is fp32 and lives here, outside the DeepSpeed engine; the loop updates it with
+:func:`training.ema.update_momentum` after each optimizer step, at the cosine tau of that step.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor
+
+from training.config import ByolConfig
+from training.heads import Network, byol_mlp, freeze_bn_stats
+from training.losses import byol_regression, unmix_weighted
+
+
+def build_online(backbone: torch.nn.Module, cfg: ByolConfig) -> Network:
+    """Online network: backbone -> projector (4096-256) -> predictor (4096-256)."""
+    projector = byol_mlp(backbone.feature_dim, cfg.proj_hidden_dim, cfg.proj_dim)
+    predictor = byol_mlp(cfg.proj_dim, cfg.pred_hidden_dim, cfg.proj_dim)
+    return Network(backbone, projector, predictor)
+
+
+def cosine_tau(step: int, total_steps: int, tau_base: float) -> float:
+    """BYOL's target momentum: ``1 - (1 - tau_base) * (cos(pi * step / total) + 1) / 2``."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)) + 1) / 2
+
+
+class BYOL:
+    """Target network and the symmetric BYOL loss (+ Un-Mix). ``online`` is not stored."""
+
+    def __init__(self, online: Network, cfg: ByolConfig, seed: int, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        target = Network(copy.deepcopy(online.backbone), copy.deepcopy(online.head))  # no predictor
+        self.target = freeze_bn_stats(target).float().to(device)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.queue = None
+
+    def online_inputs(self, batch: dict[str, Tensor], unmix: bool) -> tuple[Tensor, ...]:
+        views = (batch["view1"], batch["view2"])
+        return views + ((batch["mixed"],) if unmix else ())
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, ...]:
+        """Target projections of the clean views: ``(z1', z2')``."""
+        self.target.train()
+        return self.target(batch["view1"], batch["view2"])
+
+    def loss(
+        self, outs: tuple[Tensor, ...], targets: tuple[Tensor, ...], lam: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``L(p1, z2') + L(p2, z1') + lam * L(p_m, z2') + (1 - lam) * L(p_m.flip(0), z2')``.
+
+        The mixture is of view 1, so it is regressed onto the target of view 2 of the same images.
+        Returns (loss, clean, mix).
+        """
+        p1, p2 = outs[0], outs[1]  # p: NxC, online predictions
+        z1, z2 = targets  # z': NxC, target projections
+        clean = byol_regression(p1, z2).mean() + byol_regression(p2, z1).mean()
+        if lam is None:
+            return clean, clean.detach(), torch.zeros_like(clean).detach()
+        p_m = outs[2]  # p_m: NxC, predictions for the mixtures
+        mix = unmix_weighted(byol_regression(p_m, z2), byol_regression(p_m.flip(0), z2), lam)
+        return clean + mix, clean.detach(), mix.detach()
+
+    def keys_to_enqueue(self, targets: tuple[Tensor, ...]) -> None:
+        return None
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        return cosine_tau(step, total_steps, self.cfg.tau_base)
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])

@@ -1,0 +1,403 @@
+"""The pretraining configuration: typed dataclasses, YAML files, dotted ``key=value`` overrides.
+
+Every key has a default, so a YAML holding only the interface keys (``data.train``, ``model.arch``,
+``method.name``, ...) is a valid config. Unknown keys and invalid values raise :class:`ConfigError`
+naming the key and what is allowed, before any work starts. ``resolve`` fills the values that depend
+on others (MoCo v1/v2 defaults, the data recipe) so the written ``config.yaml`` says exactly what ran.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that names an unknown key or holds an invalid value."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # shard directory (or manifest.json) of the training split
+    val: str = ""  # shard directory of the validation split (recorded for evaluation; not read here)
+    device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
+    crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
+    threads: int = 4  # DALI CPU threads per process
+    recipe: str = ""  # augmentation recipe of the loader; "" = the method's (moco_v2, moco_v1, byol)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "resnet50"  # torchvision ResNet name or resnet10
+    small_images: bool | None = None  # force the CIFAR stem on/off; None = automatic from data.crop
+    channels_last: bool | None = None  # None = on for CUDA, off on the CPU
+
+
+@dataclass
+class MocoConfig:
+    K: int = 65536  # queue length (negatives)
+    m: float = 0.999  # momentum of the key encoder
+    T: float | None = None  # InfoNCE temperature; None = 0.2 (v2) or 0.07 (v1)
+    mlp: bool | None = None  # MLP projection head; None = True (v2) or False (v1)
+    dim: int = 128  # embedding dimension
+    hidden_dim: int = 2048  # hidden width of the MLP head
+    symmetric: bool = False  # loss in both directions (the paper's CIFAR runs)
+    shuffle_bn: bool = True  # Shuffle-BN across ranks for the key encoder
+    sync_bn: bool = False  # SyncBatchNorm in the query encoder instead (CUDA only)
+
+
+@dataclass
+class ByolConfig:
+    proj_hidden_dim: int = 4096
+    proj_dim: int = 256
+    pred_hidden_dim: int = 4096
+    tau_base: float = 0.996  # EMA momentum at step 0; cosine schedule to 1 at the end
+    sync_bn: bool = True  # SyncBatchNorm on several CUDA processes
+
+
+@dataclass
+class MethodConfig:
+    name: Literal["moco_v2", "moco_v1", "byol"] = "moco_v2"
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+
+
+@dataclass
+class UnmixConfig:
+    enabled: bool = False
+    p_mixup: float = 0.5  # probability that a step mixes globally (mixup) rather than by a box (CutMix)
+    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha), one per batch
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 200
+    batch_size: int = 256  # global batch, over all processes and accumulation steps
+    grad_accum: int = 1  # gradient accumulation steps per optimizer step
+    lr: float = 0.03  # per 256 images; the run uses lr * batch_size / 256
+    optimizer: Literal["sgd", "lars"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine to 0
+    schedule: Literal["cosine", "constant"] = "cosine"
+    lars_eta: float = 0.001  # LARS trust coefficient
+    lars_exclude_bias_norm: bool = True  # biases and norm parameters: no LARS adaptation, no weight decay
+
+
+@dataclass
+class MlflowConfig:
+    enabled: bool = True
+    experiment: str = "unmix"
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir parent>/mlflow.db
+    run_name: str = ""  # "" = the output directory's name
+    system_metrics: bool = True
+
+
+@dataclass
+class DeepspeedConfig:
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    zero_stage: int = 0  # 0, 1 or 2; 3 is refused (it partitions parameters, breaking the EMA target)
+    gradient_clipping: float = 0.0  # 0 = off, as in the papers (DeepSpeed's own default is 1.0)
+    config: dict = field(default_factory=dict)  # passed through into the DeepSpeed config (wins)
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0 = off
+    every_epochs: int = 1  # 0 = off; a checkpoint is also written at the end and on SIGUSR1/SIGTERM
+    keep: int = 2  # complete checkpoints kept (the newest ones)
+
+
+@dataclass
+class LogConfig:
+    every_steps: int = 10  # metrics to MLflow and the progress line
+    progress: Literal["auto", "tqdm", "lines", "off"] = "auto"  # auto: tqdm on a terminal, lines otherwise
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    unmix: UnmixConfig = field(default_factory=UnmixConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    seed: int = 0
+    output_dir: str = "runs/pretrain"
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    deepspeed: DeepspeedConfig = field(default_factory=DeepspeedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# Keys whose change does not change what the run computes: allowed to differ on resume.
+RESUME_SAFE_KEYS = (
+    "optim.epochs",  # raising it extends a finished run (the cosine schedules stretch to the new end)
+    "data.threads",
+    "data.val",
+    "output_dir",
+    "mlflow.tracking_uri",
+    "mlflow.system_metrics",
+    "log.",
+    "checkpoint.",
+)
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
+    origin = get_origin(tp)
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError:
+                pass
+        names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
+        raise ConfigError(f"{key}: invalid value {value!r}; expected {names}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: invalid value {value!r}; expected true or false")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: invalid value {value!r}; expected an integer")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a number")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a string")
+    if tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a mapping")
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or '<top level>'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"unknown key {prefix}{unknown[0]}; allowed keys"
+            f"{' under ' + prefix.rstrip('.') if prefix else ''}: {', '.join(fields)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr=0.1", "unmix.enabled=true"]`` -> nested dict; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+    return tree
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (or start from defaults), apply overrides, validate and resolve."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+    tree = _merge(tree, parse_overrides(overrides or []))
+    try:
+        cfg = _build(Config, tree, "")
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
+    return resolve(cfg)
+
+
+def from_dict(tree: dict) -> Config:
+    """A Config from a nested dict (e.g. a resolved config stored in a checkpoint)."""
+    return resolve(_build(Config, tree, ""))
+
+
+# ------------------------------------------------------------------------------------------- resolving
+
+
+def resolve(cfg: Config) -> Config:
+    """Fill the values that depend on others and check cross-key constraints (world-size-free)."""
+    from training.backbones import ARCHS
+
+    if cfg.model.arch not in ARCHS:
+        raise ConfigError(f"model.arch: invalid value {cfg.model.arch!r}; allowed: {', '.join(ARCHS)}")
+    moco = cfg.method.moco
+    v1 = cfg.method.name == "moco_v1"
+    if moco.T is None:
+        moco.T = 0.07 if v1 else 0.2
+    if moco.mlp is None:
+        moco.mlp = not v1
+    if not cfg.data.recipe:
+        cfg.data.recipe = cfg.method.name
+    if cfg.deepspeed.zero_stage == 3:
+        raise ConfigError(
+            "deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters across ranks, so "
+            "the momentum (EMA) update of the target network cannot read the online weights; use 0, 1 or 2"
+        )
+    if cfg.deepspeed.zero_stage not in (0, 1, 2):
+        raise ConfigError(
+            f"deepspeed.zero_stage: invalid value {cfg.deepspeed.zero_stage!r}; allowed: 0, 1, 2"
+        )
+    if cfg.optim.optimizer == "lars" and (cfg.deepspeed.zero_stage > 0 or cfg.deepspeed.precision == "fp16"):
+        raise ConfigError(
+            "optim.optimizer: lars needs each parameter tensor whole (its trust ratio is a per-tensor norm), "
+            "but DeepSpeed's ZeRO and fp16 optimizer wrappers hand it flattened partitions; "
+            "use deepspeed.zero_stage=0 with precision bf16 or fp32"
+        )
+    positive = {
+        "data.crop": cfg.data.crop,
+        "data.threads": cfg.data.threads,
+        "optim.epochs": cfg.optim.epochs,
+        "optim.batch_size": cfg.optim.batch_size,
+        "optim.grad_accum": cfg.optim.grad_accum,
+        "method.moco.K": moco.K,
+        "method.moco.dim": moco.dim,
+        "method.moco.hidden_dim": moco.hidden_dim,
+        "method.byol.proj_hidden_dim": cfg.method.byol.proj_hidden_dim,
+        "method.byol.proj_dim": cfg.method.byol.proj_dim,
+        "method.byol.pred_hidden_dim": cfg.method.byol.pred_hidden_dim,
+        "log.every_steps": cfg.log.every_steps,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: invalid value {value!r}; must be > 0")
+    nonneg = {
+        "optim.lr": cfg.optim.lr,
+        "optim.weight_decay": cfg.optim.weight_decay,
+        "optim.warmup_epochs": cfg.optim.warmup_epochs,
+        "deepspeed.gradient_clipping": cfg.deepspeed.gradient_clipping,
+        "checkpoint.every_steps": cfg.checkpoint.every_steps,
+        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "unmix.alpha": cfg.unmix.alpha,
+    }
+    for key, value in nonneg.items():
+        if value < 0:
+            raise ConfigError(f"{key}: invalid value {value!r}; must be >= 0")
+    unit = {
+        "unmix.p_mixup": cfg.unmix.p_mixup,
+        "method.moco.m": moco.m,
+        "method.byol.tau_base": cfg.method.byol.tau_base,
+        "optim.momentum": cfg.optim.momentum,
+    }
+    for key, value in unit.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: invalid value {value!r}; must be in [0, 1]")
+    if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
+        raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
+    if moco.T <= 0:
+        raise ConfigError(f"method.moco.T: invalid value {moco.T!r}; must be > 0")
+    return cfg
+
+
+def check_world(cfg: Config, world_size: int) -> int:
+    """The per-process micro-batch for ``world_size`` processes; errors name the keys at fault."""
+    per_step = world_size * cfg.optim.grad_accum
+    if cfg.optim.batch_size % per_step:
+        raise ConfigError(
+            f"optim.batch_size: {cfg.optim.batch_size} is not divisible by world size {world_size} x "
+            f"optim.grad_accum {cfg.optim.grad_accum}; choose a multiple of {per_step}"
+        )
+    micro = cfg.optim.batch_size // per_step
+    if cfg.unmix.enabled and micro < 2:
+        raise ConfigError(f"optim.batch_size: {micro} image(s) per process cannot be mixed with a partner")
+    return micro
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def dump(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def diff(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:
+    """Flattened keys whose values differ between two resolved configs, skipping ``ignore`` prefixes."""
+    a, b = flatten(old), flatten(new)
+    keys = sorted(set(a) | set(b))
+    return [
+        k
+        for k in keys
+        if a.get(k) != b.get(k) and not any(k == p or (p.endswith(".") and k.startswith(p)) for p in ignore)
+    ]

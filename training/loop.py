@@ -1,0 +1,503 @@
+"""The pretraining loop: ``unmix train`` runs :func:`train`.
+
+Read it top to bottom: set up (processes, model, target, engine, loader, resume, MLflow), then per step
+(1) targets of the clean views, no gradient, (2) the engine's forward of the online network, (3) the
+loss, backward, optimizer step, (4) the momentum update of the target, (5) the enqueue of the gathered
+keys. The learning rate and the momentum come from per-step schedules computed here and passed in.
+
+Host-device syncs stay out of the step: losses accumulate on the device and are read (one sync) every
+``log.every_steps``, which is also when a non-finite loss is detected (the error names the first bad
+step, recorded on the device). Every random draw of the loop (Shuffle-BN's permutation) comes from a
+generator seeded by (seed, step), and the loader's own state is checkpointed, so a resumed run repeats
+an uninterrupted one bitwise (CPU, fp32).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from training import byol, checkpoint, dist, moco
+from training.backbones import build_backbone, save_backbone
+from training.config import Config, ConfigError, check_world, diff, dump, from_dict, to_dict
+from training.ema import update_momentum
+from training.engine import build_engine, input_dtype, set_lr
+from training.preemption import EXIT_REQUEUE, Preemption
+from training.schedules import learning_rate
+from training.tracking import Tracker
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step."""
+
+
+@dataclass
+class Run:
+    """Everything :func:`setup` builds; :func:`train_step` and the benchmark use it."""
+
+    cfg: Config
+    rank: int
+    world: int
+    device: torch.device
+    micro_batch: int
+    engine: Any
+    method: Any  # moco.MoCo | byol.BYOL
+    loader: Any
+    ds_config: dict
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    base_lr: float = 0.0
+    state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "pos": 0})
+
+
+def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    if cfg.data.device == "gpu":
+        if not torch.cuda.is_available():
+            raise ConfigError("data.device: gpu, but no CUDA device is visible; set data.device=cpu")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
+    from pipeline.loaders import build_pretrain_loader
+
+    unmix = (
+        {"enabled": True, "p_mixup": cfg.unmix.p_mixup, "alpha": cfg.unmix.alpha}
+        if cfg.unmix.enabled
+        else None
+    )
+    return build_pretrain_loader(
+        cfg.data.train,
+        micro_batch,
+        recipe=cfg.data.recipe,
+        crop=cfg.data.crop,
+        unmix=unmix,
+        device=cfg.data.device,
+        shard_id=rank,
+        num_shards=world,
+        seed=cfg.seed,
+        num_threads=cfg.data.threads,
+    )
+
+
+def setup(cfg: Config, loader_factory=None) -> Run:
+    """Processes, model, target network, DeepSpeed engine and loader (nothing loaded from disk yet)."""
+    rank, world, local_rank = dist.init()
+    micro = check_world(cfg, world)
+    device = pick_device(cfg, local_rank)
+
+    # The same seed on every rank gives the same initial weights (DeepSpeed broadcasts them anyway).
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.model.arch, small_images=cfg.model.small_images, crop=cfg.data.crop)
+    if cfg.method.name == "byol":
+        online = byol.build_online(backbone, cfg.method.byol)
+        sync_bn = cfg.method.byol.sync_bn
+    else:
+        online = moco.build_online(backbone, cfg.method.moco)
+        sync_bn = cfg.method.moco.sync_bn
+    if sync_bn and world > 1 and device.type == "cuda":  # torch's SyncBatchNorm has no CPU kernel
+        online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    online = online.to(device)
+    channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
+    if channels_last:
+        online = online.to(memory_format=torch.channels_last)
+
+    # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
+    # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
+    cls = byol.BYOL if cfg.method.name == "byol" else moco.MoCo
+    method = cls(
+        online, getattr(cfg.method, "byol" if cfg.method.name == "byol" else "moco"), cfg.seed, device
+    )
+    dist.broadcast_([*method.target.parameters(), *method.target.buffers()])
+    if method.queue is not None:
+        dist.broadcast_([method.queue.queue])
+
+    base_lr = cfg.optim.lr * cfg.optim.batch_size / 256
+    engine, ds_config = build_engine(cfg, online, micro, base_lr)
+    loader = (loader_factory or build_loader)(cfg, micro, rank, world)
+    steps_per_epoch = len(loader) // cfg.optim.grad_accum
+    if steps_per_epoch == 0:
+        raise ConfigError(
+            f"data.train: {len(loader)} batch(es) of {micro} per process is less than one optimizer step "
+            f"(optim.grad_accum={cfg.optim.grad_accum}); lower optim.batch_size"
+        )
+    return Run(
+        cfg,
+        rank,
+        world,
+        device,
+        micro,
+        engine,
+        method,
+        loader,
+        ds_config,
+        steps_per_epoch,
+        steps_per_epoch * cfg.optim.epochs,
+        base_lr,
+    )
+
+
+def _to_device(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tensor]:
+    dtype = input_dtype(run.cfg)
+    channels_last = (
+        run.cfg.model.channels_last
+        if run.cfg.model.channels_last is not None
+        else (run.device.type == "cuda")
+    )
+    out = {}
+    for k, v in batch.items():
+        v = v.to(run.device, non_blocking=True)
+        if v.ndim == 4:
+            v = v.to(dtype)
+            if channels_last:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def _autocast(run: Run):
+    p = run.cfg.deepspeed.precision
+    if p == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(run.device.type, dtype=torch.bfloat16 if p == "bf16" else torch.float16)
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], micro_step: int, lr: float, m: float):
+    """One micro-step; returns ``(loss, loss_clean, loss_mix)`` as device tensors (no sync).
+
+    At a gradient-accumulation boundary the optimizer steps and the target follows it.
+    """
+    engine, method, unmix = run.engine, run.method, run.cfg.unmix.enabled
+    batch = _to_device(batch, run)
+    generator = torch.Generator().manual_seed(run.cfg.seed * 1_000_003 + micro_step)  # same on all ranks
+    lam = batch["lam"] if unmix else None  # lam: N, weight of view 1 in each mixture
+
+    with _autocast(run):
+        targets = method.targets(batch, generator)  # (1) keys / target projections, no grad
+    outs = engine(*method.online_inputs(batch, unmix))  # (2) online embeddings; separate BN passes
+    loss, loss_clean, loss_mix = method.loss(outs, targets, lam)  # (3)
+    boundary = engine.is_gradient_accumulation_boundary()
+    set_lr(engine, lr)
+    engine.backward(loss)
+    engine.step()
+    if boundary:
+        update_momentum(engine.module, method.target, m)  # (4) target <- m * target + (1 - m) * online
+    keys = method.keys_to_enqueue(targets)
+    if keys is not None:
+        method.queue.enqueue(dist.all_gather(keys))  # (5) the same global keys enter every rank's queue
+    return loss.detach(), loss_clean, loss_mix
+
+
+class Progress:
+    """Rank-0 progress: a tqdm bar on a terminal, else one line every ``log.every_steps``."""
+
+    def __init__(self, cfg: Config, total: int, start: int, active: bool):
+        mode = cfg.log.progress
+        if mode == "auto":
+            mode = "tqdm" if sys.stderr.isatty() else "lines"
+        self.mode = mode if active else "off"
+        self.total, self.bar = total, None
+        if self.mode == "tqdm":
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, unit="step", dynamic_ncols=True)
+
+    def update(self, step: int, n: int, loss: float, images_per_s: float, eta_s: float, epoch: int) -> None:
+        if self.mode == "tqdm":
+            self.bar.update(n)
+            self.bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}", img_s=f"{images_per_s:.1f}")
+        elif self.mode == "lines":
+            eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "?"
+            print(
+                f"[unmix] step {step}/{self.total} epoch {epoch} loss {loss:.4f} "
+                f"images/s {images_per_s:.1f} eta {eta}",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _export_backbone(run: Run, out: Path, tracker: Tracker) -> Path:
+    backbone = copy.deepcopy(run.engine.module.backbone).float().cpu()
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in backbone.modules()):
+        backbone = _revert_sync_bn(backbone)
+    meta = {
+        "method": run.cfg.method.name,
+        "unmix": run.cfg.unmix.enabled,
+        "epochs": run.cfg.optim.epochs,
+        "steps": run.state["step"],
+        "crop": run.cfg.data.crop,
+        "seed": run.cfg.seed,
+        "mlflow_run_id": tracker.run_id,
+        "mlflow_tracking_uri": tracker.uri if tracker.run_id else None,
+        "mlflow_experiment": run.cfg.mlflow.experiment,
+    }
+    return save_backbone(out / "backbone.pt", backbone, meta)
+
+
+def _revert_sync_bn(module: torch.nn.Module) -> torch.nn.Module:
+    """SyncBatchNorm -> BatchNorm2d with the same state (the exported backbone is a plain ResNet)."""
+    out = module
+    if isinstance(module, torch.nn.SyncBatchNorm):
+        out = torch.nn.BatchNorm2d(
+            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
+        )
+        out.load_state_dict(module.state_dict())
+    for name, child in module.named_children():
+        out.add_module(name, _revert_sync_bn(child))
+    return out
+
+
+def _resume(run: Run, ckpt_dir: Path, force_config: bool) -> str | None:
+    """Load the newest intact checkpoint, if any; returns the MLflow run id stored in it."""
+    path = checkpoint.find_resumable(ckpt_dir, run.world)
+    if path is None:
+        return None
+    client, rank_state = checkpoint.load(run.engine, path)
+    changed = diff(client["config"], to_dict(run.cfg))
+    if changed and not force_config:
+        old = from_dict(copy.deepcopy(client["config"]))
+        detail = ", ".join(
+            f"{k} ({_get(to_dict(old), k)!r} -> {_get(to_dict(run.cfg), k)!r})" for k in changed
+        )
+        raise ConfigError(
+            f"{path}: the config differs from the checkpoint's in {detail}; this would change the run. "
+            "Use a new output_dir, or pass --force-config to continue with the new values"
+        )
+    run.method.load_state_dict(client["method"])
+    run.loader.load_state_dict(rank_state["loader"])
+    run.state.update(step=client["step"], epoch=client["epoch"], pos=client["pos"])
+    if run.rank == 0:
+        print(
+            f"[unmix] resumed from {path} (step {client['step']}, epoch {client['epoch']}, "
+            f"{client['pos']} steps into it)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return client.get("mlflow_run_id")
+
+
+def _get(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree.get(part, {}) if isinstance(tree, dict) else None
+    return tree
+
+
+def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> int:
+    """Pretrain according to ``cfg``; resumes from ``output_dir/checkpoints`` when it holds one.
+
+    Returns 0 when the run is complete, :data:`EXIT_REQUEUE` (75) after a signal-triggered checkpoint.
+    Raises :class:`NonFiniteLossError` (naming the step) on a NaN/inf loss.
+    """
+    run = setup(cfg, loader_factory)
+    out = Path(cfg.output_dir)
+    ckpt_dir = out / "checkpoints"
+    if run.rank == 0:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+    dist.barrier()
+    run_id = _resume(run, ckpt_dir, force_config)
+    resumed = run_id is not None or run.state["step"] > 0
+
+    tracker = Tracker(cfg, active=run.rank == 0)
+    if run.rank == 0:
+        dump(cfg, out / "config.yaml")
+        (out / "deepspeed_config.json").write_text(json.dumps(run.ds_config, indent=1))
+    tracker.start(run_id, run.world, {"steps_per_epoch": run.steps_per_epoch, "micro_batch": run.micro_batch})
+    if run.rank == 0 and not resumed:
+        tracker.log_artifact(out / "config.yaml")
+        tracker.log_artifact(out / "deepspeed_config.json")
+    if resumed:
+        tracker.set_tags({"resumed_at_step": run.state["step"]})
+
+    preempt = Preemption()
+    status = "FAILED"
+    try:
+        code = _loop(run, tracker, preempt, ckpt_dir)
+        status = "FINISHED" if code == 0 else "KILLED"
+        if code == 0 and run.rank == 0:
+            path = _export_backbone(run, out, tracker)
+            print(f"[unmix] wrote {path}", file=sys.stderr, flush=True)
+        dist.barrier()
+        return code
+    finally:
+        preempt.restore()
+        tracker.end(status)
+
+
+def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> int:
+    cfg, engine, st = run.cfg, run.engine, run.state
+    accum, spe = cfg.optim.grad_accum, run.steps_per_epoch
+    warmup_steps = round(cfg.optim.warmup_epochs * spe)
+    progress = Progress(cfg, run.total_steps, st["step"], run.rank == 0)
+    global_batch = cfg.optim.batch_size
+
+    def client_state() -> dict:
+        return {
+            "step": st["step"],
+            "epoch": st["epoch"],
+            "pos": st["pos"],
+            "config": to_dict(cfg),
+            "method": run.method.state_dict(),
+            "mlflow_run_id": tracker.run_id,
+        }
+
+    def save() -> None:
+        check_finite()  # never write a checkpoint holding NaNs
+        checkpoint.save(
+            engine,
+            ckpt_dir,
+            st["step"],
+            client_state(),
+            {"loader": run.loader.state_dict()},
+            cfg.checkpoint.keep,
+        )
+
+    # Device-side accumulators: read only at log steps (one sync per interval).
+    zero = torch.zeros((), device=run.device)
+    sums = torch.zeros(4, device=run.device)  # loss, loss_clean, loss_mix, lam
+    epoch_sum = zero.clone()
+    epoch_n = 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
+    n_in_window, t_window, wait_window = 0, time.perf_counter(), 0.0
+    last_lr, last_m = 0.0, 0.0
+
+    def check_finite() -> None:
+        bad = first_bad.clone()
+        bad = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
+        if run.world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        bad_step = int(bad.item())
+        if bad_step < 2**62:
+            info = {
+                "step": bad_step,
+                "detected_at_step": st["step"],
+                "epoch": st["epoch"],
+                "lr": last_lr,
+                "momentum": last_m,
+                "last_good_checkpoint": (ckpt_dir / "latest").read_text().strip()
+                if (ckpt_dir / "latest").exists()
+                else None,
+                "nonfinite_params": [
+                    n for n, p in engine.module.named_parameters() if not torch.isfinite(p).all()
+                ][:50],
+            }
+            path = checkpoint.write_diagnostics(ckpt_dir, bad_step, info) if run.rank == 0 else None
+            raise NonFiniteLossError(
+                f"non-finite loss at step {bad_step} (optimizer step, 1-based; "
+                f"detected at step {st['step']}); "
+                f"diagnostics: {path or ckpt_dir}; last good checkpoint: {info['last_good_checkpoint']}"
+            )
+
+    def log(epoch_end: bool = False) -> None:
+        nonlocal sums, n_in_window, t_window, wait_window
+        check_finite()
+        if n_in_window == 0:
+            return
+        vals = sums / (n_in_window * accum)
+        if run.world > 1:
+            torch.distributed.all_reduce(vals)
+            vals = vals / run.world
+        loss, loss_clean, loss_mix, lam = vals.tolist()  # the one host sync of the interval
+        elapsed = time.perf_counter() - t_window
+        ips = n_in_window * global_batch / max(elapsed, 1e-9)
+        metrics = {
+            "loss": loss,
+            "loss_clean": loss_clean,
+            "loss_mix": loss_mix,
+            "lr": last_lr,
+            "momentum": last_m,
+            "images_per_s": ips,
+            "data_wait_fraction": wait_window / max(elapsed, 1e-9),
+            "epoch": st["epoch"] + st["pos"] / spe,
+        }
+        if cfg.unmix.enabled:
+            metrics["lam"] = lam
+        tracker.log_metrics(metrics, step=st["step"])
+        eta = (run.total_steps - st["step"]) * elapsed / n_in_window
+        progress.update(st["step"], n_in_window, loss, ips, eta, st["epoch"])
+        sums = torch.zeros_like(sums)
+        n_in_window, t_window, wait_window = 0, time.perf_counter(), 0.0
+
+    micro_step = st["step"] * accum
+    stop = False
+    while st["epoch"] < cfg.optim.epochs and not stop:
+        micro_in_epoch = st["pos"] * accum
+        it = iter(run.loader)
+        while True:
+            t0 = time.perf_counter()
+            batch = next(it, None)
+            wait_window += time.perf_counter() - t0
+            if batch is None:
+                break
+            if micro_in_epoch >= spe * accum or stop:
+                continue  # drain the epoch's leftover micro-batches so the loader starts the next epoch
+            last_lr = learning_rate(
+                st["step"], run.total_steps, run.base_lr, warmup_steps, cfg.optim.schedule
+            )
+            last_m = run.method.momentum(st["step"], run.total_steps)
+            loss, loss_clean, loss_mix = train_step(run, batch, micro_step, last_lr, last_m)
+            micro_step += 1
+            micro_in_epoch += 1
+            lam = batch["lam"].float().mean().to(run.device) if cfg.unmix.enabled else zero
+            sums += torch.stack([loss.float(), loss_clean.float(), loss_mix.float(), lam])
+            epoch_sum += loss.float()
+            first_bad = torch.where(
+                torch.isfinite(loss) | (first_bad >= 0), first_bad, torch.full_like(first_bad, st["step"] + 1)
+            )
+            if micro_in_epoch % accum:
+                continue
+            st["step"] += 1
+            st["pos"] += 1
+            epoch_n += 1
+            n_in_window += 1
+            last_of_epoch = st["pos"] == spe
+            if st["step"] % cfg.log.every_steps == 0:
+                log()
+            signalled = preempt.agreed()
+            if last_of_epoch:
+                stop = signalled  # checkpoint after the epoch ends (the loader then sits at the next one)
+                continue
+            if signalled or (cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0):
+                log()
+                save()
+            if signalled:
+                progress.close()
+                return EXIT_REQUEUE
+        # End of the epoch: the loader has rolled over to the next one.
+        st["epoch"] += 1
+        st["pos"] = 0
+        log(epoch_end=True)
+        if epoch_n:
+            tracker.log_metrics({"epoch_loss": (epoch_sum / (epoch_n * accum)).item()}, step=st["step"])
+        epoch_sum.zero_()
+        epoch_n = 0
+        last = st["epoch"] >= cfg.optim.epochs
+        every_e, every_s = cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps
+        if (
+            stop
+            or last
+            or (every_e and st["epoch"] % every_e == 0)
+            or (every_s and st["step"] % every_s == 0)
+        ):
+            save()
+        if stop:
+            progress.close()
+            return EXIT_REQUEUE
+    check_finite()
+    if st["step"] > 0 and not (ckpt_dir / checkpoint.tag_for(st["step"]) / checkpoint.COMPLETE).exists():
+        save()
+    progress.close()
+    return 0

@@ -1,0 +1,105 @@
+"""MoCo v2 (and v1) with the Un-Mix loss, after facebookresearch/moco ``builder.py``.
+
+The query encoder (``online``) is the module DeepSpeed trains; the key encoder and the queue are fp32
+and live here, outside the engine. The training loop calls, in order: ``targets`` (keys, no gradient,
+Shuffle-BN), the engine's forward, ``loss``, the optimizer step, then the momentum update
+(:func:`training.ema.update_momentum`) and ``queue.enqueue`` on the keys gathered from all ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+
+from training import dist
+from training.config import MocoConfig
+from training.heads import Network, freeze_bn_stats, moco_head
+from training.losses import info_nce, unmix_weighted
+from training.queue import KeyQueue
+
+
+def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:
+    """The query encoder: backbone + projection head (MLP for v2, linear for v1)."""
+    return Network(backbone, moco_head(backbone.feature_dim, cfg.hidden_dim, cfg.dim, bool(cfg.mlp)))
+
+
+@torch.no_grad()
+def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator) -> Tensor:
+    """Shuffle-BN: embed ``x`` with the batch shuffled across all ranks, return keys in input order.
+
+    Each rank's BN then normalises a random subset of the global batch, so the key statistics cannot
+    leak which key belongs to which query (MoCo §3.3). ``generator`` must be in the same state on every
+    rank (the loop seeds it from the run seed and the step), so no permutation is broadcast.
+    On one process this is a plain forward (shuffling within one BN batch changes nothing).
+    """
+    world = dist.world_size()
+    if world == 1:
+        return encoder.embed(x)
+    x_all = dist.all_gather(x)  # x_all: (W*N)x3xHxW
+    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
+    idx_unshuffle = torch.argsort(idx_shuffle)
+    mine = idx_shuffle.view(world, -1)[dist.rank()]
+    k_all = dist.all_gather(encoder.embed(x_all[mine]))  # k_all: (W*N)xC, shuffled order
+    return k_all[idx_unshuffle.view(world, -1)[dist.rank()]]  # k: NxC, this rank's input order
+
+
+class MoCo:
+    """Key encoder (EMA of the query encoder), queue, and the loss. ``online`` is not stored."""
+
+    def __init__(self, online: Network, cfg: MocoConfig, seed: int, device: torch.device | str = "cpu"):
+        self.cfg = cfg
+        self.target = freeze_bn_stats(copy.deepcopy(online)).float().to(device)  # encoder_k, fp32
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.queue = KeyQueue(cfg.dim, cfg.K, seed=seed, device=device)
+
+    def online_inputs(self, batch: dict[str, Tensor], unmix: bool) -> tuple[Tensor, ...]:
+        """What the query encoder embeds: view 1 (and view 2 if symmetric), then the mixture."""
+        views = (batch["view1"], batch["view2"]) if self.cfg.symmetric else (batch["view1"],)
+        return views + ((batch["mixed"],) if unmix else ())
+
+    @torch.no_grad()
+    def targets(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, ...]:
+        """Keys of the clean views: ``(k2,)`` or, symmetric, ``(k2, k1)``."""
+        self.target.train()
+        k2 = shuffled_embed(self.target, batch["view2"], generator)  # k2: NxC
+        if not self.cfg.symmetric:
+            return (k2,)
+        return k2, shuffled_embed(self.target, batch["view1"], generator)
+
+    def loss(
+        self, outs: tuple[Tensor, ...], keys: tuple[Tensor, ...], lam: Tensor | None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``L(q, k) + lam * L(z_m, k) + (1 - lam) * L(z_m.flip(0), k)``; returns (loss, clean, mix).
+
+        Symmetric: ``L(q1, k2) + L(q2, k1)`` for the clean part; the mixture (of view 1) is scored
+        against ``k2``, the key of the other view of the same images.
+        """
+        T, queue = float(self.cfg.T), self.queue.queue
+        k2 = keys[0]
+        if self.cfg.symmetric:
+            q1, q2 = outs[0], outs[1]
+            clean = info_nce(q1, k2, queue, T).mean() + info_nce(q2, keys[1], queue, T).mean()
+        else:
+            clean = info_nce(outs[0], k2, queue, T).mean()
+        if lam is None:
+            return clean, clean.detach(), torch.zeros_like(clean).detach()
+        z_m = outs[-1]  # z_m: NxC, embeddings of the mixtures
+        mix = unmix_weighted(info_nce(z_m, k2, queue, T), info_nce(z_m.flip(0), k2, queue, T), lam)
+        return clean + mix, clean.detach(), mix.detach()
+
+    def keys_to_enqueue(self, keys: tuple[Tensor, ...]) -> Tensor:
+        """This rank's keys for the queue (the loop gathers them from all ranks)."""
+        return torch.cat(keys) if len(keys) > 1 else keys[0]
+
+    def momentum(self, step: int, total_steps: int) -> float:
+        return self.cfg.m
+
+    def state_dict(self) -> dict:
+        return {"target": self.target.state_dict(), "queue": self.queue.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
+        self.queue.load_state_dict(state["queue"])
