@@ -4,7 +4,8 @@
 
 prints ``key=value`` lines for data.train, data.val, data.crop, output_dir (absolute, relative paths
 taken from the current directory, which is also the job's), mlflow.experiment and mlflow.tracking_uri
-(the trainer's default when unset). A bad config exits 2 with the trainer's message naming the key.
+(the trainer's default when unset: ``sqlite:///<output_dir's parent>/mlflow.db``) and where that URI
+came from. A bad config exits 2 with the trainer's message naming the key.
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ def main(argv: list[str]) -> int:
         "output_dir": os.path.abspath(cfg.output_dir),
         "mlflow.experiment": cfg.mlflow.experiment,
         "mlflow.tracking_uri": tracking_uri(cfg),
+        # "default" = the SQLite file beside output_dir, so it moves with output_dir
+        "mlflow.tracking_uri_from": "config"
+        if cfg.mlflow.tracking_uri
+        else "env"
+        if os.environ.get("MLFLOW_TRACKING_URI")
+        else "default",
     }
     for key, value in values.items():
         print(f"{key}={value}")

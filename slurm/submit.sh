@@ -134,9 +134,9 @@ pretrain=(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$tasks" --signal
   "$here/pretrain.sbatch" "$config" ${device_overrides[@]+"${device_overrides[@]}"}
   ${overrides[@]+"${overrides[@]}"})
 # Defaults for the evaluation come first so the user's UNMIX_LINEAR_ARGS/UNMIX_KNN_ARGS win.
-eval_defaults="${eval_device[*]+${eval_device[*]}} data.crop=$crop"
-linear_args="$eval_defaults ${UNMIX_LINEAR_ARGS:-}"
-knn_args="$eval_defaults ${UNMIX_KNN_ARGS:-}"
+eval_defaults=(${eval_device[@]+"${eval_device[@]}"} "data.crop=$crop")
+linear_args="${eval_defaults[*]}${UNMIX_LINEAR_ARGS:+ $UNMIX_LINEAR_ARGS}"
+knn_args="${eval_defaults[*]}${UNMIX_KNN_ARGS:+ $UNMIX_KNN_ARGS}"
 evaluate=(sbatch --parsable --nodes="$eval_nodes" --ntasks-per-node="$tasks" --kill-on-invalid-dep=yes
   --output="$output_dir/slurm-%x-%j.out" ${eval_time:+"--time=$eval_time"} "${common[@]}"
   "$here/linear.sbatch" "$output_dir" "$data_train" "$data_val")

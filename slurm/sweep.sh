@@ -55,9 +55,10 @@ resolved=$("$python" "$here/resolve_config.py" "$config" ${cpu_override[@]+"${cp
 base=$(sed -n 's/^output_dir=//p' <<<"$resolved")
 experiment=$(sed -n 's/^mlflow\.experiment=//p' <<<"$resolved")
 # Each run's default MLflow store is <its output_dir's parent>/mlflow.db = $base/mlflow.db: one store.
-first=${seeds%% *}
-uri=$("$python" "$here/resolve_config.py" "$config" ${cpu_override[@]+"${cpu_override[@]}"} "$@" \
-  "output_dir=$base/unmix-off-seed$first" | sed -n 's/^mlflow\.tracking_uri=//p')
+uri=$(sed -n 's/^mlflow\.tracking_uri=//p' <<<"$resolved")
+if [[ $(sed -n 's/^mlflow\.tracking_uri_from=//p' <<<"$resolved") == default ]]; then
+  uri="sqlite:///$base/mlflow.db"
+fi
 
 for seed in $seeds; do
   for unmix in off on; do

@@ -53,7 +53,7 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         _unavailable("the local Slurm cluster runs slurmd as root; run the Slurm tests as root")
     # Short path: the munge socket lives inside it (Unix socket paths are limited to 107 bytes).
     root = Path(tempfile.mkdtemp(prefix="unmix-slurm-", dir="/tmp"))
-    cluster = localcluster.LocalCluster(root, nodes=2, cpus=2, kill_wait=10)
+    cluster = localcluster.LocalCluster(root, nodes=2, cpus=2, kill_wait=30)
     try:
         cluster.start(timeout=60)
     except Exception as exc:

@@ -1,0 +1,254 @@
+"""slurm/submit.sh, pretrain.sbatch and linear.sbatch on a real two-node Slurm cluster (CPU processes).
+
+Three submissions run side by side (so the module costs about as long as its slowest scenario); the
+requeue test comes before the happy-path one so that it interrupts its job while the other one trains:
+
+- ``happy``: ``submit.sh --nodes 2 --tasks-per-node 1 --cpu``: the pretraining spans node1 and node2
+  (ranks 0 and 1, MLflow ``world_size`` = 2), the evaluation starts only after it succeeded and logs
+  ``linear_top1`` onto the pretraining run.
+- ``requeue``: the same, interrupted twice while training: ``scancel --signal=USR1 --batch`` (the batch
+  script forwards USR1, the ranks checkpoint and exit 75, the script requeues the job) and
+  ``scontrol requeue`` (Slurm's SIGTERM, the ranks checkpoint, Slurm requeues). Each time the job comes
+  back, resumes from the checkpoint, and the MLflow run is the same one with steps that never restart.
+- ``bad``: a config that passes submission but fails at start (global batch not divisible by the world
+  size): the pretraining fails and Slurm cancels the evaluation through the dependency; it never runs.
+
+Slurm holds a requeued job for about two minutes (its BeginTime) before starting it again; the test
+releases it at once with ``scontrol update JobId=... StartTime=now``.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SUBMIT = REPO / "slurm" / "submit.sh"
+VENV = Path(sys.prefix)
+
+# Small enough for two CPU processes on two shared cores; the digits sample at 32x32.
+TINY_CONFIG = """\
+data: {device: cpu, crop: 32, threads: 1}
+model: {arch: resnet10}
+method: {name: moco_v2, moco: {K: 128, m: 0.99, dim: 32, hidden_dim: 64}}
+unmix: {enabled: true}
+optim: {epochs: 1, batch_size: 32, lr: 0.06}
+mlflow: {experiment: slurm-test, system_metrics: false}
+deepspeed: {precision: fp32, zero_stage: 0}
+checkpoint: {every_epochs: 1, keep: 2}
+log: {every_steps: 1, progress: lines}
+"""
+EVAL_ARGS = {
+    "UNMIX_LINEAR_ARGS": "epochs=2 features=cached batch_size=128",
+    "UNMIX_KNN_ARGS": "batch_size=128",
+}
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}
+
+STEP_LINE = re.compile(r"\[unmix\] step (\d+)/(\d+)")
+RESUMED_LINE = re.compile(r"\[unmix\] resumed from \S+ \(step (\d+)")
+
+
+@dataclass
+class Submission:
+    pretrain: str
+    evaluate: str
+    output_dir: Path
+    tracking_uri: str
+
+    def log(self, job: str) -> Path:
+        name = "unmix-pretrain" if job == self.pretrain else "unmix-eval"
+        return self.output_dir / f"slurm-{name}-{job}.out"
+
+    def pretrain_log(self) -> str:
+        path = self.log(self.pretrain)
+        return path.read_text(errors="replace") if path.exists() else ""
+
+
+def submit(cluster, workdir: Path, *overrides: str, extra_env: dict[str, str] | None = None) -> Submission:
+    """Run submit.sh in ``workdir`` (2 nodes x 1 CPU task) and parse the two job ids it prints."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    config = workdir / "tiny.yaml"
+    config.write_text(TINY_CONFIG)
+    output_dir = workdir / "run"
+    env = {"UNMIX_VENV": str(VENV), "DS_ACCELERATOR": "cpu", **EVAL_ARGS, **(extra_env or {})}
+    out = subprocess.run(
+        [
+            str(SUBMIT),
+            "--nodes",
+            "2",
+            "--tasks-per-node",
+            "1",
+            "--cpu",
+            "--cpus-per-task",
+            "1",
+            "--time",
+            "15",
+            str(config),
+            f"output_dir={output_dir}",
+            *overrides,
+        ],
+        cwd=workdir,
+        env=cluster.env(**env),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, f"submit.sh failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
+    pretrain = re.search(r"^pretrain job (\d+)", out.stdout, re.M)
+    evaluate = re.search(r"^eval job (\d+)", out.stdout, re.M)
+    assert pretrain and evaluate, out.stdout
+    return Submission(pretrain.group(1), evaluate.group(1), output_dir, f"sqlite:///{workdir / 'mlflow.db'}")
+
+
+@pytest.fixture(scope="module")
+def submissions(slurm_cluster, sample_train, sample_val, tmp_path_factory):
+    """All three scenarios submitted at once; the tests below wait for their own."""
+    root = tmp_path_factory.mktemp("slurm-jobs")
+    data = [f"data.train={sample_train}", f"data.val={sample_val}"]
+    bad = submit(slurm_cluster, root / "bad", *data, "optim.batch_size=33")
+    happy = submit(slurm_cluster, root / "happy", *data)
+    # Pretrains on the small val split (11 steps an epoch) for 2 epochs; only kNN afterwards.
+    requeue = submit(
+        slurm_cluster,
+        root / "requeue",
+        f"data.train={sample_val}",
+        f"data.val={sample_val}",
+        "optim.epochs=2",
+        "unmix.enabled=false",
+        extra_env={"UNMIX_EVAL": "knn"},
+    )
+    return {"bad": bad, "happy": happy, "requeue": requeue}
+
+
+def _pretrain_run(tracking_uri: str):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    exp = client.get_experiment_by_name("slurm-test")
+    assert exp is not None, f"no MLflow experiment 'slurm-test' in {tracking_uri}"
+    runs = client.search_runs([exp.experiment_id], filter_string="tags.`unmix.kind` = 'pretrain'")
+    return client, runs
+
+
+def _times(cluster, job: str) -> tuple[str, str]:
+    rec = cluster.job(job)
+    return rec.get("StartTime", ""), rec.get("EndTime", "")
+
+
+def test_bad_config_cancels_the_evaluation(slurm_cluster, submissions):
+    sub = submissions["bad"]
+    state = slurm_cluster.wait_state(sub.pretrain, ENDED, 240, sub.log(sub.pretrain))
+    assert state == "FAILED", slurm_cluster.tail(sub.log(sub.pretrain))
+    assert "optim.batch_size" in sub.pretrain_log()  # the trainer's error names the key
+    assert slurm_cluster.wait_state(sub.evaluate, ENDED | {"RUNNING"}, 60) == "CANCELLED"
+    rec = slurm_cluster.job(sub.evaluate)
+    assert rec.get("Reason") == "DependencyNeverSatisfied", rec
+    # It never ran: no node was ever allocated and no batch script wrote its log.
+    assert rec.get("StartTime") == "Unknown" and rec.get("NodeList") in ("", "(null)"), rec
+    assert not sub.log(sub.evaluate).exists(), "the evaluation ran"
+
+
+def _wait_for_log(sub: Submission, pattern: re.Pattern, count: int, timeout: float, cluster) -> list:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = list(pattern.finditer(sub.pretrain_log()))
+        if len(found) >= count:
+            return found
+        state = cluster.state(sub.pretrain)
+        log = cluster.tail(sub.log(sub.pretrain))
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), f"{state}\n{log}"
+        time.sleep(1)
+    raise AssertionError(
+        f"no {pattern.pattern!r} x{count} in {timeout}s\n{cluster.tail(sub.log(sub.pretrain))}"
+    )
+
+
+def _comes_back(cluster, sub: Submission, restarts: int) -> None:
+    """Wait until the job is pending again after its ``restarts``-th requeue, then release it."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        rec = cluster.job(sub.pretrain)
+        if rec.get("JobState") == "PENDING" and int(rec.get("Restarts", 0)) >= restarts:
+            # The evaluation still waits: a requeue is not a success.
+            assert cluster.state(sub.evaluate) == "PENDING"
+            cluster.run("scontrol", "update", f"JobId={sub.pretrain}", "StartTime=now")
+            return
+        assert rec.get("JobState") in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), rec
+        time.sleep(0.5)
+    log = cluster.tail(sub.log(sub.pretrain))
+    raise AssertionError(f"job not requeued:\n{cluster.job(sub.pretrain)}\n{log}")
+
+
+def test_requeue_resumes_the_same_run(slurm_cluster, submissions):
+    sub = submissions["requeue"]
+    # 1) USR1 to the batch shell, as --signal=B:USR1@N does before the time limit.
+    _wait_for_log(sub, STEP_LINE, 1, 600, slurm_cluster)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", sub.pretrain)
+    _comes_back(slurm_cluster, sub, restarts=1)
+    first = _wait_for_log(sub, RESUMED_LINE, 1, 300, slurm_cluster)
+    # 2) scontrol requeue from outside: SIGTERM to the tasks, Slurm requeues.
+    steps_before = len(STEP_LINE.findall(sub.pretrain_log()))
+    _wait_for_log(sub, STEP_LINE, steps_before + 1, 300, slurm_cluster)
+    slurm_cluster.run("scontrol", "requeue", sub.pretrain)
+    _comes_back(slurm_cluster, sub, restarts=2)
+    resumed = _wait_for_log(sub, RESUMED_LINE, 2, 300, slurm_cluster)
+    state = slurm_cluster.wait_state(sub.pretrain, ENDED, 600, sub.log(sub.pretrain))
+    text = sub.pretrain_log()
+    assert state == "COMPLETED", slurm_cluster.tail(sub.log(sub.pretrain))
+    assert "unmix: checkpointed after USR1; requeueing job" in text
+    assert text.count("unmix: srun exited with 75") == 2, text
+
+    # Each restart resumed from a later checkpoint than the previous one, and never from scratch.
+    resumed_steps = [int(m.group(1)) for m in resumed]
+    assert int(first[0].group(1)) == resumed_steps[0] > 0
+    assert resumed_steps[1] > resumed_steps[0], resumed_steps
+    assert (sub.output_dir / "backbone.pt").exists()
+
+    # One MLflow run; its loss steps only ever increase and cover the whole run once.
+    client, runs = _pretrain_run(sub.tracking_uri)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    history = client.get_metric_history(runs[0].info.run_id, "loss")
+    history = sorted(history, key=lambda m: (m.timestamp, m.step))
+    steps = [m.step for m in history]
+    assert steps == sorted(set(steps)), steps
+    total = int(STEP_LINE.findall(text)[-1][1])
+    assert steps[-1] == total and steps == list(range(1, total + 1)), steps
+    # The requeued job's evaluation ran only after the final success.
+    state = slurm_cluster.wait_state(sub.evaluate, ENDED, 300, sub.log(sub.evaluate))
+    assert state == "COMPLETED", slurm_cluster.tail(sub.log(sub.evaluate))
+
+
+def test_two_nodes_then_dependent_evaluation(slurm_cluster, submissions):
+    sub = submissions["happy"]
+    log = sub.log(sub.pretrain)
+    # The evaluation waits on the dependency for as long as the pretraining has not succeeded.
+    deadline = time.monotonic() + 600
+    while slurm_cluster.state(sub.pretrain) in ("PENDING", "RUNNING", "COMPLETING", "CONFIGURING"):
+        assert slurm_cluster.state(sub.evaluate) == "PENDING", slurm_cluster.job(sub.evaluate)
+        assert time.monotonic() < deadline, slurm_cluster.tail(log)
+        time.sleep(2)
+    assert slurm_cluster.state(sub.pretrain) == "COMPLETED", slurm_cluster.tail(log)
+    text = sub.pretrain_log()
+    assert "unmix: rank 0/2 local 0 on node1" in text and "unmix: rank 1/2 local 0 on node2" in text, text
+    assert (sub.output_dir / "backbone.pt").exists()
+
+    state = slurm_cluster.wait_state(sub.evaluate, ENDED, 400, sub.log(sub.evaluate))
+    assert state == "COMPLETED", slurm_cluster.tail(sub.log(sub.evaluate))
+    assert _times(slurm_cluster, sub.evaluate)[0] >= _times(slurm_cluster, sub.pretrain)[1]  # ISO times
+    assert (sub.output_dir / "eval" / "linear.json").exists()
+    assert (sub.output_dir / "eval" / "knn.json").exists()
+
+    client, runs = _pretrain_run(sub.tracking_uri)
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    run = runs[0]
+    assert run.data.params["world_size"] == "2"
+    assert "linear_top1" in run.data.metrics and "knn_top1" in run.data.metrics, run.data.metrics
+    assert 0.0 <= run.data.metrics["linear_top1"] <= 100.0
