@@ -36,6 +36,7 @@ class DataConfig:
 class ModelConfig:
     arch: str = "resnet50"  # torchvision ResNet name or resnet10
     small_images: bool | None = None  # force the CIFAR stem on/off; None = automatic from data.crop
+    width: int = 64  # base channels of the ResNet (torchvision: 64); narrower trunks for CPU runs
     channels_last: bool | None = None  # None = on for CUDA, off on the CPU
 
 

@@ -98,7 +98,9 @@ def setup(cfg: Config, loader_factory=None) -> Run:
 
     # The same seed on every rank gives the same initial weights (DeepSpeed broadcasts them anyway).
     torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.model.arch, small_images=cfg.model.small_images, crop=cfg.data.crop)
+    backbone = build_backbone(
+        cfg.model.arch, small_images=cfg.model.small_images, crop=cfg.data.crop, width=cfg.model.width
+    )
     if cfg.method.name == "byol":
         online = byol.build_online(backbone, cfg.method.byol)
         sync_bn = cfg.method.byol.sync_bn
