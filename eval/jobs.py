@@ -21,7 +21,7 @@ from eval import distributed
 from eval.features import extract_features, freeze, state_fingerprint
 from eval.knn import knn_evaluate
 from eval.linear import linear_eval
-from eval.protocols import LinearProtocol, as_params
+from eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
 from eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
 
 
@@ -38,14 +38,19 @@ class BackboneSpec:
         return f"random_init:{self.random_init}" if self.random_init else str(self.path)
 
 
-def load(spec: BackboneSpec, crop: int, seed: int) -> tuple[nn.Module, dict[str, Any]]:
-    """The frozen backbone and its metadata (``random_init`` = ARCH for an untrained one)."""
+def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The frozen backbone and its metadata (``random_init`` = ARCH for an untrained one).
+
+    A random-init backbone is built for ``crop`` (default 224; <= 64 gives the CIFAR stem).
+    """
     from training.backbones import build_backbone, load_backbone
 
     if spec.random_init:
         torch.manual_seed(seed)
+        crop = crop or DEFAULT_CROP
         net = build_backbone(spec.random_init, crop=crop)
         meta = {
+            "crop": crop,
             "arch": spec.random_init,
             "random_init": True,
             "small_images": net.small_images,
@@ -147,6 +152,7 @@ def run_linear(
     tracker = None
     try:
         backbone, meta = load(spec, proto.crop, proto.seed)
+        proto = with_crop(proto, meta)
         before = state_fingerprint(backbone)
         num_classes = num_classes_of(train_dir)
         tracker = _tracker(
@@ -185,6 +191,7 @@ def run_linear(
             "pretrain_run_id": tracker.pretrain_run_id,
             "protocol": proto.protocol,
             "features": proto.features,
+            "crop": proto.crop,
             "val_samples": result.val_samples,
             "arch": meta.get("arch"),
         }
@@ -225,6 +232,7 @@ def run_knn(
     tracker = None
     try:
         backbone, meta = load(spec, proto.crop, proto.seed)
+        proto = with_crop(proto, meta)
         backbone.to(ctx.device)
         before = state_fingerprint(backbone)
         num_classes = num_classes_of(train_dir)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 PROTOCOLS = ("moco", "byol")
 FEATURE_MODES = ("augmented", "cached")
 DEVICES = ("gpu", "cpu")
+DEFAULT_CROP = 224
 
 
 @dataclass
@@ -36,7 +37,7 @@ class LinearProtocol:
     schedule: str = "step"  # "step" (x0.1 at `milestones`) or "cosine"
     milestones: tuple[int, ...] = (60, 80)
     device: str = "gpu"
-    crop: int = 224
+    crop: int | None = None  # None: the backbone's pretraining crop (backbone.pt meta "crop"), else 224
     features: str = "augmented"  # "augmented": backbone forward on augmented batches each epoch
     num_threads: int = 4
     seed: int = 0
@@ -128,11 +129,18 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
         ("num_threads", "num_threads"),
         ("eval_every", "eval_every"),
     ):
-        if getattr(proto, attr) < 1:
+        if getattr(proto, attr) is not None and getattr(proto, attr) < 1:
             raise ValueError(f"{key}={getattr(proto, attr)}: must be >= 1")
     if proto.lr <= 0:
         raise ValueError(f"lr={proto.lr}: must be > 0")
     return proto
+
+
+def with_crop(proto: LinearProtocol, meta: dict) -> LinearProtocol:
+    """``proto`` with ``crop`` filled in: ``data.crop`` if given, else the pretraining crop, else 224."""
+    if proto.crop is not None:
+        return proto
+    return dataclasses.replace(proto, crop=int(meta.get("crop") or DEFAULT_CROP))
 
 
 def as_params(proto: LinearProtocol) -> dict[str, object]:

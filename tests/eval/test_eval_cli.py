@@ -11,6 +11,7 @@ from eval.cli import main
 
 # digits are 8x8 upsampled to 32x32: a 16-pixel crop loses nothing and costs a quarter of the compute
 FAST = ["device=cpu", "data.crop=16", "num_threads=1", "batch_size=128"]
+NO_CROP = [a for a in FAST if not a.startswith("data.crop")]  # the backbone's meta says crop 16
 
 
 def test_random_init_linear_end_to_end(sample_train, sample_val, tmp_path, capsys):
@@ -75,17 +76,19 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
             "mlflow_run_id": pre.info.run_id,
             "mlflow_tracking_uri": uri,
             "mlflow_experiment": "pretraining",
+            "crop": 16,
         },
     )
     file_bytes = path.read_bytes()
 
     lin_json, knn_json = tmp_path / "lin.json", tmp_path / "knn.json"
     args = ["--backbone", str(path), "--train", str(sample_train), "--val", str(sample_val)]
-    assert main(["linear", *args, "--json", str(lin_json), "epochs=1", "lr=0.1", *FAST]) == 0
-    assert main(["knn", *args, "--json", str(knn_json), "--k", "20", *FAST]) == 0
+    assert main(["linear", *args, "--json", str(lin_json), "epochs=1", "lr=0.1", *NO_CROP]) == 0
+    assert main(["knn", *args, "--json", str(knn_json), "--k", "20", *NO_CROP]) == 0
     lin, knn = json.loads(lin_json.read_text()), json.loads(knn_json.read_text())
     assert lin["pretrain_run_id"] == knn["pretrain_run_id"] == pre.info.run_id
     assert lin["val_samples"] == knn["val_samples"] == 359
+    assert lin["crop"] == 16  # from the backbone's pretraining crop
     assert 10.0 < knn["top1"] <= 100.0  # random conv features of digits already cluster by class
 
     after = client.get_run(pre.info.run_id)

@@ -25,6 +25,7 @@ from eval.protocols import (
     moco_protocol,
     parse_overrides,
     resolve_protocol,
+    with_crop,
 )
 
 CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
@@ -144,6 +145,12 @@ def test_overrides_apply_and_unknown_keys_are_named():
     with pytest.raises(ValueError, match="protocol='simclr'"):
         resolve_protocol(parse_overrides(["protocol=simclr"]))
     assert "num_threads" in LINEAR_KEYS and "device" in LINEAR_KEYS
+
+
+def test_crop_defaults_to_the_pretraining_crop():
+    assert with_crop(moco_protocol(), {"crop": 32}).crop == 32
+    assert with_crop(moco_protocol(), {}).crop == 224
+    assert with_crop(resolve_protocol({"data.crop": "64"}), {"crop": 32}).crop == 64
 
 
 class FakeLoader:
