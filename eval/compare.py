@@ -276,7 +276,7 @@ def collect(
         for r in pretrain
     ]
     # pairs next to each other (off before on), then the floor rows
-    rows.sort(key=lambda r: (r.method or "", r.arch or "", r.epochs or 0, r.batch_size or 0, r.unmix != "off"))
+    rows.sort(key=lambda r: (r.method or "", r.arch or "", r.epochs or 0, r.batch_size or 0, r.unmix == "on"))
     rows += floor_rows(random_runs, names, now_ms)
     pairs = pair_rows(rows)
     return Comparison(rows=rows, pairs=pairs, eval_runs=evals)
