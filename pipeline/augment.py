@@ -30,6 +30,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from nvidia.dali import fn, types
+from nvidia.dali import math as dmath
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -122,14 +123,27 @@ def random_view(images, spec: ViewSpec, crop: int):
         if (jit > 0.5) | (keep_colour < 0.5):
             x = fn.color_twist(x, brightness=brightness, contrast=contrast, saturation=saturation, hue=hue)
     if spec.p_blur > 0:
-        sigma = fn.random.uniform(range=list(spec.blur_sigma))
         if spec.p_blur >= 1.0:
-            x = fn.gaussian_blur(x, window_size=blur_window(crop), sigma=sigma)
+            x = gaussian_blur(x, spec.blur_sigma, crop)
         elif _coin(spec.p_blur):
-            x = fn.gaussian_blur(x, window_size=blur_window(crop), sigma=sigma)
+            x = gaussian_blur(x, spec.blur_sigma, crop)
     if spec.p_solarize > 0 and _coin(spec.p_solarize):
         x = solarize(x)
     return x
+
+
+def gaussian_blur(x, sigma_range: tuple[float, float], crop: int):
+    """Gaussian blur with sigma ~ U(sigma_range) and the recipes' ``blur_window(crop)``-wide kernel.
+
+    The kernel is truncated per sample to ``min(blur_window(crop), 2 * ceil(4 * sigma) + 1)`` taps: the
+    Gaussian's weight beyond 4 sigma is < 7e-5 of the total, so the result equals the full-width kernel
+    to within uint8 rounding (tested), while DALI's CPU convolution costs time in proportion to the
+    width (at sigma 0.1-2 and 224 px: 3-17 taps instead of 23, about 3x faster).
+    """
+    sigma = fn.random.uniform(range=list(sigma_range))
+    taps = fn.cast(2.0 * dmath.ceil(4.0 * sigma) + 1.0, dtype=types.INT32)
+    window = dmath.min(taps, blur_window(crop))
+    return fn.gaussian_blur(x, window_size=window, sigma=sigma)
 
 
 def solarize(x, threshold: int = 128):

@@ -1,9 +1,300 @@
-"""``unmix bench pipeline``: the DALI loader against a torchvision + webdataset DataLoader."""
+"""``unmix bench pipeline``: the DALI loader against a torchvision + webdataset DataLoader.
+
+Both sides do the same work per image: read from the same shards, decode, two views of the same recipe
+at the same crop, and (with Un-Mix) the mixture of view 1 with its batch-reversed partner. The baseline
+is what the papers' code does: PIL transforms in ``num_workers=threads`` DataLoader workers (MoCo's PIL
+Gaussian blur, torchvision ColorJitter/Grayscale/Solarize), batched, and Un-Mix on the batch in the
+main process. Throughput is images per second (each image = two views + the mixture), timed after
+warm-up steps, the two loaders measured alternately in the same run, ``--repeat`` times; the report
+gives the medians and the ratios.
+
+Without SHARDS (or with ``--make-data N``) an ImageNet-like workload is written first: N JPEGs of about
+500x375 cut from real photographs shipped by scikit-learn and matplotlib (``pipeline.sample``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     """Add ``bench pipeline``."""
+    p = bench_sub.add_parser(
+        "pipeline",
+        help="DALI loader vs a torchvision + webdataset DataLoader (images/s, with and without Un-Mix)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shards", nargs="?", help="shard directory (default: write a photo workload first)")
+    p.add_argument("--make-data", type=int, metavar="N", help="write N ~500x375 photo JPEGs as shards (default 512)")
+    p.add_argument("--data-dir", help="where --make-data writes (kept; reused if present). Default: a temp dir")
+    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--recipe", choices=["moco_v2", "moco_v1", "byol"], default="moco_v2")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--crop", type=int, default=224)
+    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
+    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
+    p.add_argument("--repeat", type=int, default=2, help="measurements per configuration (median)")
+    p.add_argument("--only", choices=["dali", "torchvision"], help="measure one side only")
+    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
+    p.set_defaults(func=run_bench)
+
+
+# ------------------------------------------------------------------------------------------ workload
+
+
+def make_workload(out: Path, n_images: int, seed: int = 0) -> Path:
+    """Write ``n_images`` ImageNet-like JPEGs (about 500x375) as shards under ``out/train``."""
+    from pipeline.sample import write_photo_tree
+    from pipeline.shards import read_manifest, write_shards
+
+    shards = out / "train"
+    if (shards / "manifest.json").is_file() and read_manifest(shards).total == n_images:
+        return shards
+    with tempfile.TemporaryDirectory(prefix="unmix-bench-") as tmp:
+        tree = write_photo_tree(Path(tmp) / "tree", n_images, n_classes=10, seed=seed)
+        write_shards(tree, shards, samples_per_shard=max(64, n_images // 8), seed=seed, progress=False,
+                     overwrite=True, source_name=f"bench photos ({n_images} images, seed {seed})")
+    return shards
+
+
+# ------------------------------------------------------------------------------------------ baseline
+
+
+class _PilGaussianBlur:
+    """MoCo v2's blur: PIL GaussianBlur with radius = sigma ~ U(lo, hi)."""
+
+    def __init__(self, sigma: tuple[float, float]):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        import random
+
+        from PIL import ImageFilter
+
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(*self.sigma)))
+
+
+def torchvision_view(spec, crop: int):
+    """The torchvision/PIL transform of one view of a :class:`pipeline.augment.ViewSpec`."""
+    from torchvision import transforms as T
+
+    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+
+    ops: list[Any] = [T.RandomResizedCrop(crop, scale=spec.scale, ratio=spec.ratio)]
+    if spec.p_jitter > 0:
+        ops.append(T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.p_jitter))
+    if spec.p_gray > 0:
+        ops.append(T.RandomGrayscale(p=spec.p_gray))
+    if spec.p_blur > 0:
+        ops.append(T.RandomApply([_PilGaussianBlur(spec.blur_sigma)], p=spec.p_blur))
+    if spec.p_solarize > 0:
+        ops.append(T.RandomSolarize(128, p=spec.p_solarize))
+    if spec.p_flip > 0:
+        ops.append(T.RandomHorizontalFlip(spec.p_flip))
+    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    return T.Compose(ops)
+
+
+class _TwoViews:
+    def __init__(self, recipe, crop: int):
+        self.t1 = torchvision_view(recipe.view1, crop)
+        self.t2 = torchvision_view(recipe.view2, crop)
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def torch_unmix(x, p_mixup: float = 0.5, alpha: float = 1.0):
+    """The authors' Un-Mix on a batch in torch: returns (mixed, lam [B])."""
+    import numpy as np
+    import torch
+
+    lam = float(np.random.beta(alpha, alpha))
+    B, _, H, W = x.shape
+    if np.random.rand() < p_mixup:
+        mixed = lam * x + (1 - lam) * x.flip(0)
+    else:
+        cut = np.sqrt(1.0 - lam)
+        cw, ch = int(W * cut), int(H * cut)
+        cx, cy = np.random.randint(W), np.random.randint(H)
+        x1, x2 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
+        y1, y2 = np.clip(cy - ch // 2, 0, H), np.clip(cy + ch // 2, 0, H)
+        mixed = x.clone()
+        mixed[:, :, y1:y2, x1:x2] = x.flip(0)[:, :, y1:y2, x1:x2]
+        lam = 1 - (x2 - x1) * (y2 - y1) / (W * H)
+    return mixed, torch.full((B,), lam, dtype=torch.float32)
+
+
+def torchvision_loader(shards, batch_size: int, recipe, crop: int, workers: int):
+    """An endless torchvision + webdataset DataLoader yielding (view1, view2) batches."""
+    import torch
+    import webdataset as wds
+
+    from pipeline.shards import read_manifest
+
+    tars = read_manifest(shards).tar_paths
+    ds = (
+        wds.WebDataset(tars, resampled=True, shardshuffle=False, nodesplitter=None)
+        .shuffle(1000)
+        .decode("pil")
+        .to_tuple("jpg", "cls")
+        .map_tuple(_TwoViews(recipe, crop), lambda c: c)
+        .map(lambda s: s[0])
+    )
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False)
+
+
+# ------------------------------------------------------------------------------------------ measuring
+
+
+def _cpu_seconds() -> float:
+    """CPU time (user + system) of this process and its live children (DataLoader workers)."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def _time_steps(batches, warmup: int, steps: int, consume) -> tuple[float, float]:
+    """(images/s, CPU ms per image) over ``steps`` batches after ``warmup`` untimed ones.
+
+    The CPU time is that of this process and its worker processes: on a machine shared with other
+    jobs it still measures the work done per image, when wall-clock throughput does not.
+    """
+    it = iter(batches)
+    for _ in range(warmup):
+        consume(next(it))
+    c0, t0 = _cpu_seconds(), time.perf_counter()
+    n = 0
+    for _ in range(steps):
+        n += consume(next(it))
+    wall, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return n / wall, 1000 * cpu / n
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
+    """Images/s of :func:`pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
+    import torch
+
+    from pipeline.loaders import build_pretrain_loader
+
+    loader = build_pretrain_loader(
+        shards, args.batch_size, recipe=args.recipe, crop=args.crop, unmix={"enabled": unmix},
+        device=args.device, num_threads=args.threads, seed=0,
+    )
+
+    def consume(b):
+        if args.device == "gpu":
+            torch.cuda.synchronize()
+        return b["view1"].shape[0]
+
+    return _time_steps(_forever(loader), args.warmup, args.steps, consume)
+
+
+def measure_torchvision(shards, args, unmix: bool) -> tuple[float, float]:
+    """Images/s of the torchvision + webdataset DataLoader with Un-Mix in the main process."""
+    import torch
+
+    from pipeline.augment import get_recipe
+
+    torch.set_num_threads(args.threads)
+    loader = torchvision_loader(shards, args.batch_size, get_recipe(args.recipe), args.crop, args.threads)
+    dev = torch.device("cuda") if args.device == "gpu" else None
+
+    def consume(b):
+        v1, v2 = b
+        if dev is not None:
+            v1, v2 = v1.to(dev, non_blocking=True), v2.to(dev, non_blocking=True)
+        if unmix:
+            torch_unmix(v1)
+        if dev is not None:
+            torch.cuda.synchronize()
+        return v1.shape[0]
+
+    try:
+        return _time_steps(loader, args.warmup, args.steps, consume)
+    finally:
+        del loader
+
+
+def _load() -> float:
+    import os
+
+    return os.getloadavg()[0]
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Entry point of ``unmix bench pipeline``."""
+    tmp = None
+    shards = args.shards
+    if shards is None or args.make_data:
+        n = args.make_data or 512
+        root = Path(args.data_dir) if args.data_dir else Path(tmp := tempfile.mkdtemp(prefix="unmix-bench-"))
+        print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
+        shards = str(make_workload(root, n))
+    configs = [("dali", False), ("dali", True), ("torchvision", False), ("torchvision", True)]
+    if args.only:
+        configs = [c for c in configs if c[0] == args.only]
+    names = [f"{s}_{'unmix' if u else 'plain'}" for s, u in configs]
+    figures: dict[str, list[float]] = {k: [] for k in names}
+    cpu_ms: dict[str, list[float]] = {k: [] for k in names}
+    try:
+        for rep in range(args.repeat):
+            for (side, unmix), name in zip(configs, names, strict=True):
+                fn = measure_dali if side == "dali" else measure_torchvision
+                ips, ms = fn(shards, args, unmix)
+                figures[name].append(ips)
+                cpu_ms[name].append(ms)
+                print(f"[{rep + 1}/{args.repeat}] {side:11s} unmix={'on ' if unmix else 'off'} "
+                      f"{ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {_load():.1f})", flush=True)
+    finally:
+        if tmp:
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in figures.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
+    ratios = {}
+    if "dali_unmix" in med and "torchvision_unmix" in med:
+        for mode in ("unmix", "plain"):
+            ratios[f"speedup_{mode}"] = med[f"dali_{mode}"] / med[f"torchvision_{mode}"]
+            ratios[f"cpu_efficiency_{mode}"] = med_cpu[f"torchvision_{mode}"] / med_cpu[f"dali_{mode}"]
+    for side in ("dali", "torchvision"):
+        if f"{side}_unmix" in med:
+            ratios[f"{side}_unmix_cost"] = 1 - med[f"{side}_unmix"] / med[f"{side}_plain"]
+            ratios[f"{side}_unmix_cpu_cost"] = med_cpu[f"{side}_unmix"] / med_cpu[f"{side}_plain"] - 1
+    print("\nmedians (each image: two views, + the mixture when Un-Mix is on)")
+    for k in med:
+        print(f"  {k:20s} {med[k]:8.1f} img/s  {med_cpu[k]:6.2f} CPU ms/img")
+    print("ratios (speedup: wall clock; cpu_efficiency: CPU time per image, robust on a busy machine)")
+    for k, v in ratios.items():
+        print(f"  {k:28s} {v:8.3f}" + ("  (fraction)" if "cost" in k else "x"))
+    if args.json:
+        settings = {k: getattr(args, k) for k in ("device", "recipe", "batch_size", "crop", "threads", "steps",
+                                                  "warmup", "repeat")}
+        Path(args.json).write_text(json.dumps({"settings": settings, "shards": str(args.shards or "photos"),
+                                               "images_per_s": figures, "cpu_ms_per_image": cpu_ms,
+                                               "median": med, "median_cpu_ms": med_cpu, "ratios": ratios},
+                                              indent=1))
+    return 0

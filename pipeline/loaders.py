@@ -11,10 +11,12 @@ Pretraining drops the last incomplete batch, and every rank takes the same numbe
 ``len(loader) == (total // num_shards) // batch_size``. Evaluation loaders cover every sample exactly
 once across ranks per epoch (padded duplicates are stripped; the last batch may be smaller).
 
-Tensor ownership: DALI's PyTorch iterator may hand out tensors that alias DALI's output buffers (with
-the dynamic executor it returns DLPack views). Every tensor this loader yields is a fresh torch tensor
-(copied, or produced by the dtype conversion), so it stays valid after later batches; keep them as
-long as you like.
+Tensor ownership: DALI's PyTorch iterator hands out tensors that alias DALI's output buffers. The
+pipelines run DALI's dynamic executor (``exec_dynamic=True``), whose outputs are per-iteration buffers
+that the torch tensors keep alive (zero-copy, DALI >= 1.44): a later batch never overwrites a tensor
+you hold, so nothing is copied (a copy of three float outputs costs more CPU than Un-Mix itself).
+If a pipeline ever runs another executor, the loader clones instead. A test holds a batch across later
+ones and checks it is unchanged. Keep the tensors as long as you like.
 
 Checkpointing: the pipeline runs with ``enable_checkpointing=True``. ``loader.state_dict()`` returns the
 DALI checkpoint of the reader position, the shuffle buffer and every random generator, taken after the
@@ -193,8 +195,8 @@ class DaliLoader:
         batch: dict[str, Any] = {}
         for k, t in raw.items():
             if k in self._float_outputs:
-                # .to() copies when the dtype changes; clone otherwise: never alias DALI's buffers
-                batch[k] = t.to(self.dtype) if t.dtype != self.dtype else t.clone()
+                # zero-copy under the dynamic executor (see _owned); .to() converts into a new tensor
+                batch[k] = t.to(self.dtype) if t.dtype != self.dtype else self._owned(t)
             elif k == "lam":
                 batch[k] = t.reshape(-1).to(torch.float32, copy=True)
             elif k == "cls":
@@ -205,10 +207,20 @@ class DaliLoader:
             elif k == "partner":
                 batch[k] = t.reshape(-1).to(torch.int64, copy=True).to(self._torch_device())
             else:  # pragma: no cover - output_map is ours
-                batch[k] = t.clone()
+                batch[k] = self._owned(t)
         if "lam" in batch:
             batch["lam"] = batch["lam"].to(self._torch_device())
         return batch
+
+    def _owned(self, t: torch.Tensor) -> torch.Tensor:
+        """A tensor the next batch cannot overwrite.
+
+        With DALI's dynamic executor (``exec_dynamic=True``, which these pipelines set) the iterator hands
+        out DLPack views of per-iteration output buffers that the torch tensor keeps alive (DALI >= 1.44
+        "zero-copy outputs"): nothing is recycled while a tensor refers to it, so no copy is needed.
+        Any other executor recycles its output buffers: copy.
+        """
+        return t if self.pipeline.exec_dynamic else t.clone()
 
     def _torch_device(self) -> torch.device:
         if self.device == "gpu":
@@ -293,6 +305,7 @@ def build_pretrain_loader(
             prefetch_queue_depth=prefetch,
             enable_checkpointing=True,
             checkpoint=checkpoint,
+            exec_dynamic=True,
         )
 
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
@@ -355,6 +368,7 @@ def build_eval_loader(
             prefetch_queue_depth=prefetch,
             enable_checkpointing=True,
             checkpoint=checkpoint,
+            exec_dynamic=True,
         )
 
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
