@@ -27,6 +27,7 @@ ITU-R 601 luma torchvision uses), so jitter and grayscale cost one pass together
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 from nvidia.dali import fn, types
@@ -140,7 +141,10 @@ def gaussian_blur(x, sigma_range: tuple[float, float], crop: int):
     to within uint8 rounding (tested), while DALI's CPU convolution costs time in proportion to the
     width (at sigma 0.1-2 and 224 px: 3-17 taps instead of 23, about 3x faster).
     """
-    sigma = fn.random.uniform(range=list(sigma_range))
+    lo, hi = sigma_range
+    if lo == hi:  # a fixed sigma (tests, ablations)
+        return fn.gaussian_blur(x, window_size=min(2 * math.ceil(4 * lo) + 1, blur_window(crop)), sigma=lo)
+    sigma = fn.random.uniform(range=[lo, hi])
     taps = fn.cast(2.0 * dmath.ceil(4.0 * sigma) + 1.0, dtype=types.INT32)
     window = dmath.min(taps, blur_window(crop))
     return fn.gaussian_blur(x, window_size=window, sigma=sigma)

@@ -33,8 +33,9 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("shards", nargs="?", help="shard directory (default: write a photo workload first)")
-    p.add_argument("--make-data", type=int, metavar="N", help="write N ~500x375 photo JPEGs as shards (default 512)")
-    p.add_argument("--data-dir", help="where --make-data writes (kept; reused if present). Default: a temp dir")
+    p.add_argument("--make-data", type=int, metavar="N",
+                   help="write N ~500x375 photo JPEGs as shards (default 512)")
+    p.add_argument("--data-dir", help="where --make-data writes (kept, reused); default: a temp dir")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--recipe", choices=["moco_v2", "moco_v1", "byol"], default="moco_v2")
     p.add_argument("--batch-size", type=int, default=64)
@@ -150,7 +151,7 @@ def torchvision_loader(shards, batch_size: int, recipe, crop: int, workers: int)
         .map_tuple(_TwoViews(recipe, crop), lambda c: c)
         .map(lambda s: s[0])
     )
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers, persistent_workers=False)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=workers)
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -250,7 +251,10 @@ def run_bench(args: argparse.Namespace) -> int:
     shards = args.shards
     if shards is None or args.make_data:
         n = args.make_data or 512
-        root = Path(args.data_dir) if args.data_dir else Path(tmp := tempfile.mkdtemp(prefix="unmix-bench-"))
+        if args.data_dir:
+            root = Path(args.data_dir)
+        else:
+            root = Path(tmp := tempfile.mkdtemp(prefix="unmix-bench-"))
         print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
         shards = str(make_workload(root, n))
     configs = [("dali", False), ("dali", True), ("torchvision", False), ("torchvision", True)]
@@ -291,8 +295,8 @@ def run_bench(args: argparse.Namespace) -> int:
     for k, v in ratios.items():
         print(f"  {k:28s} {v:8.3f}" + ("  (fraction)" if "cost" in k else "x"))
     if args.json:
-        settings = {k: getattr(args, k) for k in ("device", "recipe", "batch_size", "crop", "threads", "steps",
-                                                  "warmup", "repeat")}
+        keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
+        settings = {k: getattr(args, k) for k in keys}
         Path(args.json).write_text(json.dumps({"settings": settings, "shards": str(args.shards or "photos"),
                                                "images_per_s": figures, "cpu_ms_per_image": cpu_ms,
                                                "median": med, "median_cpu_ms": med_cpu, "ratios": ratios},

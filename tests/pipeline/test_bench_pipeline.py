@@ -1,0 +1,44 @@
+"""``unmix bench pipeline`` runs end to end on a tiny workload and reports both loaders."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pipeline.bench import torch_unmix
+
+
+def test_bench_pipeline_cli_tiny(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--make-data", "24", "--data-dir",
+           str(tmp_path / "data"), "--crop", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
+           "--repeat", "1", "--threads", "1", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    assert set(d["median"]) == {"dali_plain", "dali_unmix", "torchvision_plain", "torchvision_unmix"}
+    assert all(v > 0 for v in d["median"].values()) and all(v > 0 for v in d["median_cpu_ms"].values())
+    assert {"speedup_unmix", "cpu_efficiency_unmix", "dali_unmix_cost"} <= set(d["ratios"])
+    assert "speedup_unmix" in r.stdout
+    assert (tmp_path / "data" / "train" / "manifest.json").is_file()
+
+
+def test_baseline_unmix_is_the_reference_mixing():
+    torch.manual_seed(0)
+    x = torch.randn(6, 3, 16, 16)
+    modes = set()
+    for _ in range(30):
+        m, lam = torch_unmix(x)
+        lam4 = lam.view(-1, 1, 1, 1)
+        if torch.allclose(m, lam4 * x + (1 - lam4) * x.flip(0), atol=1e-6):
+            modes.add("mixup")
+        else:
+            assert torch.all((m == x) | (m == x.flip(0)))
+            pasted = (m != x).any(dim=(0, 1)).float()
+            assert float(lam[0]) == pytest.approx(1 - float(pasted.mean()), abs=1e-6)
+            modes.add("cutmix")
+    assert modes == {"mixup", "cutmix"}
