@@ -7,17 +7,31 @@ import argparse
 from eval import demo
 
 LINEAR_EPILOG = """\
-key=value overrides: protocol (moco|byol), epochs, batch_size (global), lr (per 256 images), device (gpu|cpu),
-data.crop, features (augmented|cached), num_threads, seed, eval_every.
-protocol=moco (default): SGD lr 30 per 256, momentum 0.9, wd 0, batch 256, 100 epochs, lr x0.1 at 60 and 80.
-protocol=byol: SGD Nesterov momentum 0.9, wd 0, base lr 0.2 per 256 with cosine decay, batch 1024, 80 epochs.
-Distributed: run under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS).
+key=value overrides:
+  protocol=moco|byol   moco (default): SGD lr 30 per 256 images, momentum 0.9, wd 0, batch 256, 100 epochs,
+                       lr x0.1 at 60 and 80 (scaled with epochs); byol: SGD Nesterov momentum 0.9, wd 0,
+                       lr 0.2 per 256 with cosine decay, batch 1024, 80 epochs
+  epochs, batch_size (global), lr (per 256 images; applied: lr * batch_size / 256), seed
+  device=gpu|cpu       data.crop (default: the backbone's pretraining crop, else 224)
+  features=augmented|cached   augmented (default): RandomResizedCrop+flip, backbone forward every epoch;
+                       cached: features extracted once with the val transform (fast path for CPU/small data)
+  num_threads (DALI), eval_every (val every N epochs; always after the last)
+Output: top-1/top-5 (%) on stdout and in --json; an MLflow run in the pretraining run's experiment (tag
+unmix.pretrain_run_id; train_loss/val_top1/lr per epoch); linear_top1/linear_top5 on the pretraining run.
+Distributed: run under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS); val counted once.
 """
 
 KNN_EPILOG = """\
 key=value overrides: batch_size, device (gpu|cpu), data.crop, num_threads, seed.
-Weighted kNN (InstDisc / MoCo monitor): cosine similarity on L2-normalised features, the k nearest training
-features vote with weight exp(sim / t).
+Weighted kNN (InstDisc / MoCo monitor): cosine similarity on L2-normalised features (val transform), the k
+nearest training features vote with weight exp(sim / t). knn_top1/knn_top5 go onto the pretraining run.
+"""
+
+COMPARE_EPILOG = """\
+Pretraining runs: tag unmix.kind=pretrain (or tags method + unmix without unmix.kind); tags method, unmix
+(on/off/true/false); params model.arch, optim.epochs, optim.batch_size (global); metrics loss, images_per_s,
+linear_top1, linear_top5, knn_top1. Random-init evaluations (tag unmix.kind=random_init) give floor rows.
+Rows equal in (method, arch, epochs, batch) and differing in Un-Mix are paired; the Un-Mix row shows the gain.
 """
 
 
@@ -70,7 +84,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.set_defaults(func=_knn)
 
-    p = sub.add_parser("compare", help="compare pretraining runs from MLflow (table and plot)")
+    p = sub.add_parser(
+        "compare",
+        help="compare pretraining runs from MLflow (table and plot)",
+        epilog=COMPARE_EPILOG,
+        formatter_class=fmt,
+    )
     p.add_argument("--experiment", metavar="NAME", help="only this experiment (default: all)")
     p.add_argument("--runs", nargs="+", metavar="ID", help="exactly these pretraining runs")
     p.add_argument("--tracking-uri", metavar="URI", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI)")
