@@ -122,7 +122,7 @@ def _linear(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
         return fail("linear", exc)
     return 0
 

@@ -56,7 +56,7 @@ def setup(device: str = "gpu") -> DistContext:
     local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
     if device == "gpu":
         if not torch.cuda.is_available():
-            raise RuntimeError("device=gpu: no CUDA device is visible; pass device=cpu")
+            raise ValueError("device=gpu: no CUDA device is visible; pass device=cpu")
         torch.cuda.set_device(local_rank)
         dev = torch.device("cuda", local_rank)
     else:

@@ -161,6 +161,11 @@ def train_linear_head(
                 ]
             )
         loss_sum = all_reduce_sum(loss_sum)
+        if not torch.isfinite(loss_sum[0]):
+            raise FloatingPointError(
+                f"linear head: training loss not finite in epoch {epoch + 1} "
+                f"(lr={proto.lr_at(epoch):.4g}); the features' scale calls for a smaller lr=..."
+            )
         record = {
             "epoch": float(epoch + 1),
             "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),

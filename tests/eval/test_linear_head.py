@@ -222,3 +222,11 @@ def test_state_fingerprint_sees_bn_statistics():
     net.train()
     net(torch.randn(4, 3, 8, 8))  # a train-mode forward moves running_mean/var
     assert state_fingerprint(net) != before
+
+
+def test_non_finite_loss_stops_with_a_clear_error():
+    f_tr, y_tr = _blobs(100, 8, 3, seed=1)
+    f_tr[5, 0] = float("inf")  # e.g. an exploding random-init feature
+    proto = dataclasses.replace(moco_protocol(), epochs=2, batch_size=50, lr=1.0)
+    with pytest.raises(FloatingPointError, match=r"not finite in epoch 1 .*smaller lr"):
+        _train(f_tr, y_tr, f_tr, y_tr, proto, 3)
