@@ -140,10 +140,10 @@ def _time_plain(plain: PlainLoop, batches, steps: int, warmup: int) -> float:
 
 def main(args: argparse.Namespace) -> int:
     from training import dist
-    from training.loop import setup
+    from training.loop import backend_for, setup
 
     base = load_config(args.config, list(args.overrides) + ["unmix.enabled=true", "mlflow.enabled=false"])
-    dist.init()
+    dist.init(backend_for(base))
     batches = _cached_batches(base, max(4, min(args.steps, 8)))
     runs, plains = {}, {}
     for unmix in (False, True):

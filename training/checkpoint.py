@@ -8,10 +8,13 @@ Layout under ``<output_dir>/checkpoints/``::
 
 Saving: every rank calls :func:`save`; DeepSpeed writes its files, each rank writes its RNG states and
 loader position, a barrier waits for all, then rank 0 records every file's size and SHA-256 in
-``COMPLETE`` (written to a temporary name and renamed), switches ``latest`` the same way and deletes all but the newest
-``keep`` complete checkpoints. A checkpoint interrupted at any point has no ``COMPLETE`` and is
-ignored. Loading (:func:`find_resumable`) takes the newest checkpoint whose files all match their
-recorded size and hash, and warns naming every newer one it skipped and why.
+``COMPLETE`` (written to a temporary name and renamed), switches ``latest`` the same way and deletes
+all but the newest ``keep`` complete checkpoints. A checkpoint interrupted at any point has no
+``COMPLETE`` and is ignored. Loading (:func:`find_resumable`) takes the newest checkpoint whose files
+all match their recorded size and hash, and warns naming every newer one it skipped and why.
+
+Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`training.preemption`),
+and a process killed outright leaves at worst a directory without ``COMPLETE``.
 """
 
 from __future__ import annotations

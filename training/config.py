@@ -352,6 +352,8 @@ def resolve(cfg: Config) -> Config:
             raise ConfigError(f"{key}: invalid value {value!r}; must be in [0, 1]")
     if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
         raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
+    if cfg.model.width < 8 or cfg.model.width % 8:
+        raise ConfigError(f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8")
     if moco.T <= 0:
         raise ConfigError(f"method.moco.T: invalid value {moco.T!r}; must be > 0")
     return cfg

@@ -59,6 +59,11 @@ class Run:
     state: dict = field(default_factory=lambda: {"step": 0, "epoch": 0, "pos": 0})
 
 
+def backend_for(cfg: Config) -> str:
+    """NCCL when the batches live on the GPU, gloo otherwise (CPU tensors)."""
+    return "nccl" if cfg.data.device == "gpu" and torch.cuda.is_available() else "gloo"
+
+
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
     if cfg.data.device == "gpu":
         if not torch.cuda.is_available():
@@ -92,7 +97,7 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
 
 def setup(cfg: Config, loader_factory=None) -> Run:
     """Processes, model, target network, DeepSpeed engine and loader (nothing loaded from disk yet)."""
-    rank, world, local_rank = dist.init()
+    rank, world, local_rank = dist.init(backend_for(cfg))
     micro = check_world(cfg, world)
     device = pick_device(cfg, local_rank)
 

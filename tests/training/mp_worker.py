@@ -1,0 +1,115 @@
+"""Run under ``torchrun --nproc_per_node 2`` by test_distributed.py: a few steps of each method on a
+repeated batch, then check that the target network, the queue and the online weights are bitwise
+identical on every rank. Rank 0 writes the results as JSON to argv[1]."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+from training import dist  # noqa: E402
+from training.bench import MemoryLoader  # noqa: E402
+from training.config import load_config  # noqa: E402
+from training.loop import setup, train_step  # noqa: E402
+
+CASES = [  # method, Un-Mix, ZeRO stage, optimizer, lr
+    ("moco_v2", True, 0, "sgd", 0.5),
+    ("moco_v2", False, 2, "sgd", 0.5),
+    ("byol", True, 2, "sgd", 0.5),
+    ("byol", False, 0, "lars", 5.0),
+]
+STEPS = 6
+
+
+def _batch(rank: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)  # ranks see different data
+    x1, x2 = torch.randn(4, 3, 16, 16, generator=g), torch.randn(4, 3, 16, 16, generator=g)
+    lam = torch.full((4,), 0.3)
+    return {"view1": x1, "view2": x2, "mixed": 0.3 * x1 + 0.7 * x1.flip(0), "lam": lam}
+
+
+def _identical(tensors: list[torch.Tensor]) -> bool:
+    flat = torch.cat([t.detach().float().reshape(-1) for t in tensors])
+    gathered = dist.all_gather(flat.unsqueeze(0))
+    return bool(all(torch.equal(gathered[0], g) for g in gathered[1:]))
+
+
+@torch.no_grad()
+def _loss_against(run, batch: dict[str, torch.Tensor], queue: torch.Tensor) -> float:
+    """MoCo's loss on ``batch`` against a fixed queue (the repeated batch's own keys, which training
+    enqueues, would otherwise become negatives as similar as the positives)."""
+    current = run.method.queue.queue
+    run.method.queue.queue = queue
+    try:
+        keys = run.method.targets(batch, torch.Generator().manual_seed(0))
+        outs = run.engine.module(*run.method.online_inputs(batch, run.cfg.unmix.enabled))
+        lam = batch["lam"] if run.cfg.unmix.enabled else None
+        return float(run.method.loss(outs, keys, lam)[0])
+    finally:
+        run.method.queue.queue = current
+
+
+def main() -> None:
+    results = []
+    for name, unmix, zero, opt, lr in CASES:
+        cfg = load_config(
+            None,
+            [
+                f"method.name={name}",
+                f"unmix.enabled={str(unmix).lower()}",
+                f"deepspeed.zero_stage={zero}",
+                "deepspeed.precision=fp32",
+                "data.device=cpu",
+                "data.crop=16",
+                "model.arch=resnet10",
+                "model.width=16",
+                "optim.batch_size=8",
+                f"optim.optimizer={opt}",
+                "mlflow.enabled=false",
+                "optim.weight_decay=0",
+                "method.moco.K=2048",
+                "method.moco.dim=16",
+                "method.moco.hidden_dim=32",
+                "method.moco.m=0.9",
+                "method.byol.proj_hidden_dim=32",
+                "method.byol.proj_dim=16",
+                "method.byol.pred_hidden_dim=32",
+            ],
+        )
+        batch = _batch(dist.rank() if dist.world_size() > 1 else int(os.environ.get("RANK", 0)))
+        run = setup(cfg, loader_factory=lambda *a, b=batch: MemoryLoader([b]))
+        start_identical = _identical(list(run.method.target.parameters()))
+        queue0 = run.method.queue.queue.clone() if run.method.queue is not None else None
+        losses, fixed_queue_losses = [], [_loss_against(run, batch, queue0)] if queue0 is not None else []
+        for step in range(STEPS):
+            loss, _, _ = train_step(run, batch, step, lr, run.method.momentum(step, 100))
+            losses.append(float(loss))
+        if queue0 is not None:
+            fixed_queue_losses.append(_loss_against(run, batch, queue0))
+        target = list(run.method.target.parameters()) + list(run.method.target.buffers())
+        results.append(
+            {
+                "case": f"{name} unmix={unmix} zero={zero} {opt}",
+                "world": dist.world_size(),
+                "losses": losses,
+                "fixed_queue_losses": fixed_queue_losses,
+                "target_identical_at_start": start_identical,
+                "target_identical": _identical(target),
+                "queue_identical": _identical([run.method.queue.queue])
+                if run.method.queue is not None
+                else None,
+                "online_identical": _identical(list(run.engine.module.parameters())),
+            }
+        )
+    if dist.rank() == 0:
+        with open(sys.argv[1], "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
