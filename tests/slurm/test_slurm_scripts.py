@@ -37,7 +37,7 @@ VENV = Path(sys.prefix)
 # Small enough for two CPU processes on two shared cores; the digits sample at 32x32.
 TINY_CONFIG = """\
 data: {device: cpu, crop: 32, threads: 1}
-model: {arch: resnet10}
+model: {arch: resnet10, width: 16}
 method: {name: moco_v2, moco: {K: 128, m: 0.99, dim: 32, hidden_dim: 64}}
 unmix: {enabled: true}
 optim: {epochs: 1, batch_size: 32, lr: 0.06}
@@ -72,70 +72,85 @@ class Submission:
         return path.read_text(errors="replace") if path.exists() else ""
 
 
-def submit(cluster, workdir: Path, *overrides: str, extra_env: dict[str, str] | None = None) -> Submission:
-    """Run submit.sh in ``workdir`` (2 nodes x 1 CPU task) and parse the two job ids it prints."""
+def submit(cluster, workdir: Path, *overrides: str, extra_env: dict[str, str] | None = None):
+    """Start submit.sh in ``workdir`` (2 nodes x 1 CPU task); :func:`parse` reads the two job ids."""
     workdir.mkdir(parents=True, exist_ok=True)
     config = workdir / "tiny.yaml"
     config.write_text(TINY_CONFIG)
-    output_dir = workdir / "run"
     env = {"UNMIX_VENV": str(VENV), "DS_ACCELERATOR": "cpu", **EVAL_ARGS, **(extra_env or {})}
-    out = subprocess.run(
-        [
-            str(SUBMIT),
-            "--nodes",
-            "2",
-            "--tasks-per-node",
-            "1",
-            "--cpu",
-            "--cpus-per-task",
-            "1",
-            "--time",
-            "15",
-            str(config),
-            f"output_dir={output_dir}",
-            *overrides,
-        ],
-        cwd=workdir,
-        env=cluster.env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
+    cmd = [
+        str(SUBMIT),
+        "--nodes",
+        "2",
+        "--tasks-per-node",
+        "1",
+        "--cpu",
+        "--cpus-per-task",
+        "1",
+        "--time",
+        "60",  # minutes; --signal=B:USR1@600 would otherwise checkpoint-and-requeue it mid-test
+        str(config),
+        f"output_dir={workdir / 'run'}",
+        *overrides,
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=workdir, env=cluster.env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    assert out.returncode == 0, f"submit.sh failed ({out.returncode}):\n{out.stdout}\n{out.stderr}"
-    pretrain = re.search(r"^pretrain job (\d+)", out.stdout, re.M)
-    evaluate = re.search(r"^eval job (\d+)", out.stdout, re.M)
-    assert pretrain and evaluate, out.stdout
-    return Submission(pretrain.group(1), evaluate.group(1), output_dir, f"sqlite:///{workdir / 'mlflow.db'}")
+    return workdir, proc
+
+
+def parse(workdir: Path, proc: subprocess.Popen) -> Submission:
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, f"submit.sh failed ({proc.returncode}):\n{stdout}\n{stderr}"
+    pretrain = re.search(r"^pretrain job (\d+)", stdout, re.M)
+    evaluate = re.search(r"^eval job (\d+)", stdout, re.M)
+    assert pretrain and evaluate, stdout
+    return Submission(
+        pretrain.group(1), evaluate.group(1), workdir / "run", f"sqlite:///{workdir / 'mlflow.db'}"
+    )
 
 
 @pytest.fixture(scope="module")
 def submissions(slurm_cluster, sample_train, sample_val, tmp_path_factory):
-    """All three scenarios submitted at once; the tests below wait for their own."""
+    """All three scenarios submitted at once (submit.sh runs in parallel); the tests wait for their own."""
     root = tmp_path_factory.mktemp("slurm-jobs")
     data = [f"data.train={sample_train}", f"data.val={sample_val}"]
-    bad = submit(slurm_cluster, root / "bad", *data, "optim.batch_size=33")
-    happy = submit(slurm_cluster, root / "happy", *data)
-    # Pretrains on the small val split (11 steps an epoch) for 2 epochs; only kNN afterwards.
-    requeue = submit(
-        slurm_cluster,
-        root / "requeue",
-        f"data.train={sample_val}",
-        f"data.val={sample_val}",
-        "optim.epochs=2",
-        "unmix.enabled=false",
-        extra_env={"UNMIX_EVAL": "knn"},
-    )
-    return {"bad": bad, "happy": happy, "requeue": requeue}
+    started = {
+        "bad": submit(slurm_cluster, root / "bad", *data, "optim.batch_size=33"),
+        "happy": submit(slurm_cluster, root / "happy", *data),
+        # Pretrains on the small val split (11 steps an epoch) for 2 epochs; only kNN afterwards.
+        "requeue": submit(
+            slurm_cluster,
+            root / "requeue",
+            f"data.train={sample_val}",
+            f"data.val={sample_val}",
+            "optim.epochs=2",
+            "unmix.enabled=false",
+            extra_env={"UNMIX_EVAL": "knn"},
+        ),
+    }
+    try:
+        return {name: parse(*s) for name, s in started.items()}
+    finally:
+        for _, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def _pretrain_run(tracking_uri: str):
+    """The MLflow client and the pretraining runs of the experiment (evaluation runs point to theirs)."""
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
     exp = client.get_experiment_by_name("slurm-test")
     assert exp is not None, f"no MLflow experiment 'slurm-test' in {tracking_uri}"
-    runs = client.search_runs([exp.experiment_id], filter_string="tags.`unmix.kind` = 'pretrain'")
-    return client, runs
+    runs = client.search_runs([exp.experiment_id])
+    pretrain = [r for r in runs if "unmix.pretrain_run_id" not in r.data.tags]
+    for r in runs:
+        if r not in pretrain:  # every evaluation run is linked to the one pretraining run
+            assert [r.data.tags["unmix.pretrain_run_id"]] == [p.info.run_id for p in pretrain], r.data.tags
+    return client, pretrain
 
 
 def _times(cluster, job: str) -> tuple[str, str]:
