@@ -18,7 +18,9 @@ import pytest
 from eval import compare
 from eval.cli import main
 
-MLFLOW = Path(sys.executable).with_name("mlflow")
+# the venv's `mlflow` script when there is one (what users run), else the same CLI through the interpreter
+_SCRIPT = Path(sys.executable).with_name("mlflow")
+MLFLOW = [str(_SCRIPT)] if _SCRIPT.is_file() else [sys.executable, "-m", "mlflow"]
 
 
 def populate(uri: str, experiment: str = "cmp") -> dict[str, str]:
@@ -170,7 +172,7 @@ def mlflow_server(tmp_path):
     env = {**os.environ, "MLFLOW_TRACKING_URI": ""}
     proc = subprocess.Popen(
         [
-            str(MLFLOW),
+            *MLFLOW,
             "server",
             "--host",
             "127.0.0.1",
