@@ -24,6 +24,8 @@ last batch handed out, plus the loader's epoch counter. ``load_state_dict(state)
 ``build_*_loader(..., state=state)``) rebuilds the pipeline from it: iteration continues with exactly
 the batches (same samples, same augmentations) that the original loader would have produced next;
 nothing of the epoch is visited twice or skipped. The loader must be built with the same arguments.
+``len(loader)`` stays the length of a full epoch; a loader resumed after k steps of an epoch yields the
+remaining ``len(loader) - k`` batches of it, then full epochs.
 """
 
 from __future__ import annotations
@@ -79,7 +81,11 @@ def _dist_defaults(shard_id: int | None, num_shards: int | None) -> tuple[int, i
 def _device_id(device: str) -> int | None:
     if device not in DEVICES:
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    return int(os.environ.get("LOCAL_RANK", 0)) if device == "gpu" else None
+    if device == "cpu":
+        return None
+    if not torch.cuda.is_available():
+        raise RuntimeError("device='gpu' but no CUDA device is visible; pass device='cpu' for the CPU pipeline")
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def pipeline_seed(seed: int, shard_id: int) -> int:

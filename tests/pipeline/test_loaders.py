@@ -169,6 +169,9 @@ def test_errors_name_the_culprit(sample_val, tmp_path):
         _pretrain(sample_val, shard_id=2, num_shards=2)
     with pytest.raises(Exception, match="manifest"):
         _pretrain(tmp_path)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="device='cpu'"):
+            _pretrain(sample_val, device="gpu")
 
 
 @pytest.mark.gpu
