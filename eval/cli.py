@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The full ``unmix`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="unmix",
-        description="Self-supervised pretraining with Un-Mix image mixtures (MoCo v2, BYOL) on DALI + DeepSpeed.",
+        description="Self-supervised pretraining with Un-Mix image mixtures (MoCo v2, BYOL).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="benchmarks (shards, pipeline, train)")

@@ -47,6 +47,12 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--arch", help="architecture of a bare state_dict (backbone.pt files carry their own)")
     p.add_argument(
+        "--width",
+        type=int,
+        default=64,
+        help="base channel width of --random-init (default 64, torchvision's)",
+    )
+    p.add_argument(
         "--train", required=True, metavar="DIR", help="training shards (directory with manifest.json)"
     )
     p.add_argument("--val", required=True, metavar="DIR", help="validation shards")
@@ -103,7 +109,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
     from eval.jobs import BackboneSpec
 
-    return BackboneSpec(path=args.backbone, arch=args.arch, random_init=args.random_init)
+    return BackboneSpec(path=args.backbone, arch=args.arch, random_init=args.random_init, width=args.width)
 
 
 def _linear(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class BackboneSpec:
     path: str | None = None
     arch: str | None = None
     random_init: str | None = None
+    width: int = 64  # base width of a random-init backbone
 
     @property
     def label(self) -> str:
@@ -48,12 +49,13 @@ def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, di
     if spec.random_init:
         torch.manual_seed(seed)
         crop = crop or DEFAULT_CROP
-        net = build_backbone(spec.random_init, crop=crop)
+        net = build_backbone(spec.random_init, crop=crop, width=spec.width)
         meta = {
             "crop": crop,
             "arch": spec.random_init,
             "random_init": True,
             "small_images": net.small_images,
+            "width": net.width,
             "feature_dim": net.feature_dim,
         }
     else:
