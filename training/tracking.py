@@ -85,7 +85,13 @@ class Tracker:
             params.update({"world_size": world_size, "git_commit": git_commit(), **library_versions()})
             params.update(extra_params)
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})
-            mlflow.set_tags({"method": self.cfg.method.name, "unmix": str(self.cfg.unmix.enabled).lower()})
+            mlflow.set_tags(
+                {
+                    "unmix.kind": "pretrain",
+                    "method": self.cfg.method.name,
+                    "unmix": str(self.cfg.unmix.enabled).lower(),
+                }
+            )
         else:
             # Params are immutable in MLflow: a resumed run keeps the ones it started with.
             run = mlflow.start_run(run_id=run_id, log_system_metrics=self.cfg.mlflow.system_metrics)
