@@ -34,6 +34,12 @@ import torch
 from training import dist
 
 COMPLETE = "COMPLETE"
+
+
+class ResumeError(RuntimeError):
+    """The output directory holds a checkpoint this job cannot continue (e.g. another process count)."""
+
+
 PREFIX = "step_"
 
 
@@ -84,7 +90,16 @@ def save(
     ckpt_dir = Path(ckpt_dir)
     tag = tag_for(step)
     path = ckpt_dir / tag
-    if (path / COMPLETE).exists():  # e.g. the end-of-run checkpoint at a step already saved
+    # The same step may already be on disk: intact (e.g. the end-of-run checkpoint right after an epoch's)
+    # -> keep it; damaged (a resume fell back past it) -> replace it.
+    state: list[Any] = [False]
+    if dist.rank() == 0 and path.exists():
+        state[0] = verify(path) is None
+        if not state[0]:
+            shutil.rmtree(path)
+    if dist.world_size() > 1:
+        torch.distributed.broadcast_object_list(state, src=0)
+    if state[0]:
         return path
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save({"rng": rng_state(), **rank_state}, path / f"rank{dist.rank()}_state.pt")
@@ -122,7 +137,7 @@ def prune(ckpt_dir: Path, keep: int) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def verify(path: Path, world_size: int | None = None) -> str | None:
+def verify(path: Path) -> str | None:
     """None if checkpoint ``path`` is complete and intact, else the reason it is not."""
     marker = path / COMPLETE
     if not marker.exists():
@@ -131,8 +146,6 @@ def verify(path: Path, world_size: int | None = None) -> str | None:
         record = json.loads(marker.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         return f"unreadable {COMPLETE} marker ({exc})"
-    if world_size is not None and record.get("world_size") != world_size:
-        return f"written by {record.get('world_size')} processes, this job has {world_size}"
     for name, (size, digest) in record["files"].items():
         f = path / name
         if not f.exists():
@@ -144,15 +157,25 @@ def verify(path: Path, world_size: int | None = None) -> str | None:
     return None
 
 
-def find_resumable(ckpt_dir: Path, world_size: int | None = None) -> Path | None:
-    """The newest intact checkpoint (rank 0 decides, all ranks agree), warning about skipped ones."""
-    choice: list[Any] = [None]
+def find_resumable(ckpt_dir: Path, world_size: int) -> Path | None:
+    """The newest intact checkpoint (rank 0 decides, all ranks agree), warning about skipped ones.
+
+    Raises :class:`ResumeError` when it was written by a different number of processes: each rank's data
+    position belongs to its shard of the data, so the run cannot continue exactly with another count.
+    """
+    choice: list[Any] = [None, None]
     if dist.rank() == 0:
         skipped = []
         for path in _tags(Path(ckpt_dir)):
-            reason = verify(path, world_size)
+            reason = verify(path)
             if reason is None:
                 choice[0] = str(path)
+                written_by = json.loads((path / COMPLETE).read_text()).get("world_size")
+                if written_by != world_size:
+                    choice[1] = (
+                        f"{path}: written by {written_by} process(es), this job has {world_size}; resume "
+                        f"with {written_by} process(es), or start a new output_dir"
+                    )
                 break
             skipped.append(f"{path.name}: {reason}")
         if skipped:
@@ -163,6 +186,8 @@ def find_resumable(ckpt_dir: Path, world_size: int | None = None) -> Path | None
             )
     if dist.world_size() > 1:
         torch.distributed.broadcast_object_list(choice, src=0)
+    if choice[1]:
+        raise ResumeError(choice[1])
     return Path(choice[0]) if choice[0] else None
 
 

@@ -37,11 +37,12 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    from training.checkpoint import ResumeError
     from training.loop import NonFiniteLossError, train
 
     try:
         return train(cfg, force_config=args.force_config)
-    except ConfigError as exc:
+    except (ConfigError, ResumeError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

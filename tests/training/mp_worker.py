@@ -54,6 +54,27 @@ def _loss_against(run, batch: dict[str, torch.Tensor], queue: torch.Tensor) -> f
         run.method.queue.queue = current
 
 
+def _shuffle_roundtrip() -> dict:
+    """Shuffle-BN's bookkeeping: with a per-sample encoder (no BN) keys come back in input order, and the
+    permutation really spreads samples over ranks (with BN, keys then differ from a local forward)."""
+    from torch import nn
+
+    from training.heads import Network
+    from training.moco import shuffled_embed
+
+    torch.manual_seed(0)
+    per_sample = Network(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))
+    with_bn = Network(nn.Sequential(nn.Flatten(), nn.Linear(3 * 4 * 4, 5)), nn.BatchNorm1d(5))
+    x = torch.randn(4, 3, 4, 4, generator=torch.Generator().manual_seed(dist.rank()))
+    k = shuffled_embed(per_sample, x, torch.Generator().manual_seed(1))
+    k_bn = shuffled_embed(with_bn, x, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        return {
+            "order_kept": bool(torch.allclose(k, per_sample.embed(x), atol=1e-6)),
+            "bn_stats_mixed_across_ranks": not bool(torch.allclose(k_bn, with_bn.embed(x), atol=1e-4)),
+        }
+
+
 def main() -> None:
     results = []
     for name, unmix, zero, opt, lr in CASES:
@@ -106,6 +127,7 @@ def main() -> None:
                 "online_identical": _identical(list(run.engine.module.parameters())),
             }
         )
+    results.append({"case": "shuffle_bn_roundtrip", **_shuffle_roundtrip()})
     if dist.rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)

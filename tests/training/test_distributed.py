@@ -50,6 +50,11 @@ CASES = [
 ]
 
 
+def test_shuffle_bn_across_ranks(results):
+    (r,) = [r for r in results if r["case"] == "shuffle_bn_roundtrip"]
+    assert r["order_kept"] and r["bn_stats_mixed_across_ranks"], r
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks(results, case):
     (r,) = [r for r in results if r["case"] == case]

@@ -266,5 +266,10 @@ def test_sigusr1_to_one_of_two_ranks_checkpoints_both(tiny_train, tmp_path):
     assert codes == [75, 75], jobs[0].text[-2000:] + jobs[1].text[-2000:]
     latest = (out / "checkpoints" / "latest").read_text()
     record = json.loads((out / "checkpoints" / latest / "COMPLETE").read_text())
-    assert record["world_size"] == 2 and verify(out / "checkpoints" / latest, 2) is None
+    assert record["world_size"] == 2 and verify(out / "checkpoints" / latest) is None
     assert {"rank0_state.pt", "rank1_state.pt"} <= set(record["files"])
+
+    # Resuming it with another number of processes is refused (each rank's data position is its shard's).
+    job = Job(cfg)
+    assert job.finish() == 2
+    assert "written by 2 process(es), this job has 1" in job.text
