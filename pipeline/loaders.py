@@ -84,7 +84,7 @@ def _device_id(device: str) -> int | None:
     if device == "cpu":
         return None
     if not torch.cuda.is_available():
-        raise RuntimeError("device='gpu' but no CUDA device is visible; pass device='cpu' for the CPU pipeline")
+        raise RuntimeError("device='gpu' but no CUDA device is visible; pass device='cpu' (CPU pipeline)")
     return int(os.environ.get("LOCAL_RANK", 0))
 
 

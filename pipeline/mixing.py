@@ -79,9 +79,11 @@ def _to(x, device: str):
 def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: str = "cpu"):
     """Mix the batch ``x`` (float CHW, ``size`` = (H, W)) with its partner.
 
-    Returns ``(mixed, lam, partner_index)``: ``mixed`` like ``x``; ``lam`` float32 of shape [1] per sample
-    (the weight of ``x`` itself, recomputed from the clipped box for CutMix); ``partner_index`` int32
-    per sample, or None for the default reversed partner.
+    Returns ``(mixed, lam, partner_index)``: ``mixed`` like ``x``; ``lam`` a float32 scalar per sample
+    (the weight of ``x`` itself, recomputed from the clipped box for CutMix); ``partner_index`` an int32
+    scalar per sample, or None for the default reversed partner. ``device`` is where ``x`` lives; the
+    random draws are CPU operators (``fn.random.beta`` has no GPU variant) and move to the GPU only
+    where they meet image data.
     """
     H, W = size
     if cfg.random_partner:
