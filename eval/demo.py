@@ -104,7 +104,7 @@ def run_demo(
             env,
         )
         results[name] = json.loads(js.read_text())
-    model, crop = _demo_model()
+    model, crop = _demo_model(overrides or [])
     js = runs / "random_init" / "linear.json"
     js.parent.mkdir(parents=True, exist_ok=True)
     random_init = [
@@ -159,12 +159,19 @@ def run_demo(
     return {"results": results, "compare": json.loads(rows_json.read_text())}
 
 
-def _demo_model() -> tuple[dict, int]:
-    """The demo config's ``model`` section and crop (the random-init floor uses the same backbone)."""
+def _demo_model(overrides: list[str]) -> tuple[dict, int]:
+    """The pretraining ``model`` section and crop, overrides applied: the random-init floor uses the same."""
     import yaml
 
     cfg = yaml.safe_load(DEMO_CONFIG.read_text())
-    return cfg["model"], cfg["data"]["crop"]
+    model, crop = dict(cfg["model"]), int(cfg["data"]["crop"])
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key in ("model.arch", "model.width"):
+            model[key.split(".")[1]] = yaml.safe_load(value)
+        elif key == "data.crop":
+            crop = int(value)
+    return model, crop
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
