@@ -166,6 +166,7 @@ SchedulerParameters=sched_interval=2,bf_interval=2
 DependencyParameters=kill_invalid_depend
 SlurmdParameters=config_overrides
 MpiDefault=none
+MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
 KillWait={self.kill_wait}

@@ -42,7 +42,7 @@ def _unavailable(reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def slurm_cluster() -> Iterator[SlurmCluster]:
+def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SlurmCluster]:
     """A started two-node cluster (``node1``, ``node2``, 2 CPUs each); stopped after the session."""
     missing = localcluster.slurm_installed()
     if missing:
@@ -64,6 +64,9 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
         yield handle
     finally:
         cluster.stop()
+        # Keep the daemons' logs (and the job-completion log) with the test session's files.
+        keep = tmp_path_factory.mktemp("slurm-logs")
+        shutil.copytree(root / "log", keep, dirs_exist_ok=True)
         shutil.rmtree(root, ignore_errors=True)
 
 
@@ -114,6 +117,25 @@ class SlurmCluster:
             f"job {job_id} not in {sorted(states)} after {timeout:.0f}s (state {state!r})\n"
             f"{self.job(job_id)}\n{self.tail(log)}\n{self.cluster.logs(lines=15)}"
         )
+
+    def job_processes(self, job_id: str | int) -> list[int]:
+        """Processes of the job still alive on this machine: its slurmstepd and its tasks."""
+        stepd = f"slurmstepd: [{job_id}.".encode()
+        marks = (f"SLURM_JOB_ID={job_id}".encode(), f"SLURM_CONF={self.cluster.conf}".encode())
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                if (entry / "cmdline").read_bytes().startswith(stepd):
+                    found.append(int(entry.name))
+                    continue
+                env = (entry / "environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if all(m in env for m in marks):
+                found.append(int(entry.name))
+        return found
 
     def jobcomp(self, job_id: str | int) -> list[dict[str, str]]:
         """The job's records in the job-completion log (one per end, requeues included)."""

@@ -167,8 +167,10 @@ def test_bad_config_cancels_the_evaluation(slurm_cluster, submissions):
     rec = slurm_cluster.job(sub.evaluate)
     assert rec.get("Reason") == "DependencyNeverSatisfied", rec
     # It never ran: no node was ever allocated and no batch script wrote its log.
-    assert rec.get("StartTime") == "Unknown" and rec.get("NodeList") in ("", "(null)"), rec
+    assert rec.get("NodeList") in ("", "(null)") and "BatchHost" not in rec, rec
     assert not sub.log(sub.evaluate).exists(), "the evaluation ran"
+    [record] = slurm_cluster.jobcomp(sub.evaluate)
+    assert record["JobState"] == "CANCELLED" and record["NodeCnt"] == "0", record
 
 
 def _wait_for_log(sub: Submission, pattern: re.Pattern, count: int, timeout: float, cluster) -> list:
@@ -187,13 +189,19 @@ def _wait_for_log(sub: Submission, pattern: re.Pattern, count: int, timeout: flo
 
 
 def _comes_back(cluster, sub: Submission, restarts: int) -> None:
-    """Wait until the job is pending again after its ``restarts``-th requeue, then release it."""
+    """Wait until the job is pending again after its ``restarts``-th requeue, then release it.
+
+    Slurm would hold it for about two minutes; releasing it at once is only safe once the previous
+    instance is gone from the nodes (slurmd refuses to launch a job id it still runs).
+    """
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         rec = cluster.job(sub.pretrain)
-        if rec.get("JobState") == "PENDING" and int(rec.get("Restarts", 0)) >= restarts:
+        pending = rec.get("JobState") == "PENDING" and int(rec.get("Restarts", 0)) >= restarts
+        if pending and not cluster.job_processes(sub.pretrain):
             # The evaluation still waits: a requeue is not a success.
             assert cluster.state(sub.evaluate) == "PENDING"
+            time.sleep(1)
             cluster.run("scontrol", "update", f"JobId={sub.pretrain}", "StartTime=now")
             return
         assert rec.get("JobState") in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"), rec
@@ -226,6 +234,9 @@ def test_requeue_resumes_the_same_run(slurm_cluster, submissions):
     assert int(first[0].group(1)) == resumed_steps[0] > 0
     assert resumed_steps[1] > resumed_steps[0], resumed_steps
     assert (sub.output_dir / "backbone.pt").exists()
+    # Slurm's own record: two requeues (recorded as PENDING ends), then the completed run.
+    states = [r["JobState"] for r in slurm_cluster.jobcomp(sub.pretrain)]
+    assert states == ["PENDING", "PENDING", "COMPLETED"], states
 
     # One MLflow run; its loss steps only ever increase and cover the whole run once.
     client, runs = _pretrain_run(sub.tracking_uri)
