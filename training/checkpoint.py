@@ -103,6 +103,8 @@ def save(
         return path
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save({"rng": rng_state(), **rank_state}, path / f"rank{dist.rank()}_state.pt")
+    if dist.rank() == 0 and "config" in client_state:  # readable without loading the checkpoint
+        (path / "config.json").write_text(json.dumps(client_state["config"], indent=1))
     dist.barrier()  # every rank's files are on disk
     if dist.rank() == 0:
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
@@ -189,6 +191,17 @@ def find_resumable(ckpt_dir: Path, world_size: int) -> Path | None:
     if choice[1]:
         raise ResumeError(choice[1])
     return Path(choice[0]) if choice[0] else None
+
+
+def newest_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The resolved config stored with the newest checkpoint that has a COMPLETE marker (no hashing)."""
+    for path in _tags(Path(ckpt_dir)):
+        if (path / COMPLETE).exists() and (path / "config.json").exists():
+            try:
+                return path, json.loads((path / "config.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+    return None
 
 
 def load(engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -268,22 +268,25 @@ def _revert_sync_bn(module: torch.nn.Module) -> torch.nn.Module:
     return out
 
 
+def check_resume_config(cfg: Config, stored: dict, path: Path, force_config: bool) -> None:
+    """Refuse to continue a checkpoint whose config differs in keys that change the run."""
+    changed = diff(stored, to_dict(cfg))
+    if changed and not force_config:
+        old, new = to_dict(from_dict(copy.deepcopy(stored))), to_dict(cfg)
+        detail = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in changed)
+        raise ConfigError(
+            f"{path}: the config differs from the checkpoint's in {detail}; this would change the run. "
+            "Use a new output_dir, or pass --force-config to continue with the new values"
+        )
+
+
 def _resume(run: Run, ckpt_dir: Path, force_config: bool) -> str | None:
     """Load the newest intact checkpoint, if any; returns the MLflow run id stored in it."""
     path = checkpoint.find_resumable(ckpt_dir, run.world)
     if path is None:
         return None
     client, rank_state = checkpoint.load(run.engine, path)
-    changed = diff(client["config"], to_dict(run.cfg))
-    if changed and not force_config:
-        old = from_dict(copy.deepcopy(client["config"]))
-        detail = ", ".join(
-            f"{k} ({_get(to_dict(old), k)!r} -> {_get(to_dict(run.cfg), k)!r})" for k in changed
-        )
-        raise ConfigError(
-            f"{path}: the config differs from the checkpoint's in {detail}; this would change the run. "
-            "Use a new output_dir, or pass --force-config to continue with the new values"
-        )
+    check_resume_config(run.cfg, client["config"], path, force_config)
     run.method.load_state_dict(client["method"])
     run.loader.load_state_dict(rank_state["loader"])
     run.state.update(step=client["step"], epoch=client["epoch"], pos=client["pos"])
@@ -309,9 +312,12 @@ def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> in
     Returns 0 when the run is complete, :data:`EXIT_REQUEUE` (75) after a signal-triggered checkpoint.
     Raises :class:`NonFiniteLossError` (naming the step) on a NaN/inf loss.
     """
-    run = setup(cfg, loader_factory)
     out = Path(cfg.output_dir)
     ckpt_dir = out / "checkpoints"
+    stored = checkpoint.newest_config(ckpt_dir)
+    if stored is not None:  # fail before any work; _resume checks again against what it loads
+        check_resume_config(cfg, stored[1], stored[0], force_config)
+    run = setup(cfg, loader_factory)
     if run.rank == 0:
         ckpt_dir.mkdir(parents=True, exist_ok=True)
     dist.barrier()

@@ -156,6 +156,7 @@ def _metric_history(out: Path, key: str = "loss") -> tuple[str, list[tuple[int, 
     return meta["mlflow_run_id"], [(m.step, m.value) for m in hist]
 
 
+@pytest.mark.slow  # six `unmix train` launches: ~1-2 minutes on two free cores
 def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, tmp_path):
     total = 2 * STEPS_PER_EPOCH
     straight_out, resumed_out = tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
