@@ -92,6 +92,24 @@ overrides=("$@")
 for n in "$nodes" "$gpus" "$eval_nodes" "$signal_seconds" ${tasks:+"$tasks"} ${cpus_per_task:+"$cpus_per_task"}; do
   [[ $n =~ ^[0-9]+$ && $n -ge 1 ]] || die "expected a positive integer, got '$n'"
 done
+# Slurm time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S -> seconds (empty when not one of them).
+to_seconds() {
+  local t=$1 d=0 h=0 m=0 s=0 a b c
+  [[ $t =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ ]] || return 0
+  if [[ $t == *-* ]]; then
+    d=${t%%-*}
+    IFS=: read -r h m s <<<"${t#*-}"
+  else
+    IFS=: read -r a b c <<<"$t"
+    if [[ -n $c ]]; then h=$a m=$b s=$c; elif [[ -n $b ]]; then m=$a s=$b; else m=$a; fi
+  fi
+  echo $(((((10#$d * 24 + 10#${h:-0}) * 60) + 10#${m:-0}) * 60 + 10#${s:-0}))
+}
+limit=$(to_seconds "$time_limit")
+if [[ -n "$limit" && $signal_seconds -ge $limit ]]; then
+  die "--signal-seconds $signal_seconds is not shorter than --time $time_limit ($limit s): the job would be" \
+    "told to checkpoint and requeue as soon as it starts; pass a smaller --signal-seconds"
+fi
 for o in ${overrides[@]+"${overrides[@]}"}; do
   [[ $o == *=* ]] || die "override '$o' is not key=value"
 done

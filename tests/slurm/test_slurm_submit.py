@@ -123,6 +123,10 @@ def test_submit_refuses_a_bad_config_before_queueing(tmp_path):
     assert out.returncode == 2 and "positive integer" in out.stderr
     out = _run(SUBMIT, "--dry-run", "-A", "proj", "exp.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "--name=value" in out.stderr
+    out = _run(SUBMIT, "--dry-run", "--time", "9:00", "exp.yaml", cwd=tmp_path)  # 9 min < 600 s
+    assert (
+        out.returncode == 2 and "--signal-seconds 600 is not shorter than --time 9:00 (540 s)" in out.stderr
+    )
     out = _run(SUBMIT, "--dry-run", "missing.yaml", cwd=tmp_path)
     assert out.returncode == 2 and "missing.yaml does not exist" in out.stderr
 
