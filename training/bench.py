@@ -5,7 +5,8 @@ figures measure the step (forward, backward, optimizer, EMA, queue), not the dat
 
 - ``trainer``: :func:`training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
 - ``plain``: the same method and model written as a plain PyTorch loop (``torch.optim``, no DeepSpeed);
-- each with Un-Mix on and off. Variants alternate over ``--repeats`` rounds; medians are reported.
+- each with Un-Mix on and off. Single steps of the four variants are interleaved (rotating order) and
+  the median step time of each is reported, so load changes on a shared machine hit all variants alike.
 
 The goals (issue 4): trainer / plain >= 0.95 on the CPU; Un-Mix on / off about 1.75x for MoCo (one more
 query forward and backward on top of query + key forwards and the query backward).
@@ -63,17 +64,27 @@ def _cached_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def _time_trainer(run, batches, steps: int, warmup: int) -> float:
+def _trainer_step(run, batches):
     from training.loop import train_step
 
-    sync = torch.cuda.synchronize if run.device.type == "cuda" else (lambda: None)
-    for i in range(warmup + steps):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
+    counter = {"i": 0}
+
+    def step() -> None:
+        i = counter["i"]
         train_step(run, batches[i % len(batches)], i, 0.01, run.method.momentum(i, 10**6))
-    sync()
-    return steps / (time.perf_counter() - t0)
+        counter["i"] += 1
+
+    return step
+
+
+def _plain_step(plain, batches):
+    counter = {"i": 0}
+
+    def step() -> None:
+        plain.step(batches[counter["i"] % len(batches)])
+        counter["i"] += 1
+
+    return step
 
 
 class PlainLoop:
@@ -127,15 +138,22 @@ class PlainLoop:
                 self.ptr = int((self.ptr + k.shape[0]) % self.queue.shape[1])
 
 
-def _time_plain(plain: PlainLoop, batches, steps: int, warmup: int) -> float:
-    sync = torch.cuda.synchronize if plain.device.type == "cuda" else (lambda: None)
-    for i in range(warmup + steps):
-        if i == warmup:
+def _interleaved_step_times(steps: dict, n: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
+    """Time single steps of every variant in turn (rotating the order), so that a machine whose load
+    changes over time (shared CI cores) slows all variants alike; returns per-step seconds."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    names = list(steps)
+    times: dict[str, list[float]] = {k: [] for k in names}
+    for i in range(warmup + n):
+        order = names[i % len(names) :] + names[: i % len(names)]
+        for name in order:
             sync()
             t0 = time.perf_counter()
-        plain.step(batches[i % len(batches)])
-    sync()
-    return steps / (time.perf_counter() - t0)
+            steps[name]()
+            sync()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main(args: argparse.Namespace) -> int:
@@ -156,17 +174,13 @@ def main(args: argparse.Namespace) -> int:
         )
         runs[unmix] = (setup(cfg, loader_factory=lambda *a, d=data: MemoryLoader(d)), data)
         plains[unmix] = (PlainLoop(runs[unmix][0], unmix), data)
-    results: dict[str, list[float]] = {
-        f"{kind}_{u}": [] for kind in ("trainer", "plain") for u in ("off", "on")
-    }
-    for _ in range(args.repeats):
-        for unmix in (False, True):
-            u = "on" if unmix else "off"
-            run, data = runs[unmix]
-            results[f"trainer_{u}"].append(_time_trainer(run, data, args.steps, args.warmup))
-            plain, data = plains[unmix]
-            results[f"plain_{u}"].append(_time_plain(plain, data, args.steps, args.warmup))
-    med = {k: statistics.median(v) for k, v in results.items()}
+    steps = {}
+    for unmix in (False, True):
+        u = "on" if unmix else "off"
+        steps[f"trainer_{u}"] = _trainer_step(*runs[unmix])
+        steps[f"plain_{u}"] = _plain_step(*plains[unmix])
+    results = _interleaved_step_times(steps, args.steps * args.repeats, args.warmup, runs[True][0].device)
+    med = {k: 1.0 / statistics.median(v) for k, v in results.items()}  # steps/s from the median step time
     cfg = runs[True][0].cfg
     images = cfg.optim.batch_size
     summary = {
@@ -186,13 +200,13 @@ def main(args: argparse.Namespace) -> int:
         "trainer_vs_plain_unmix_on": med["trainer_on"] / med["plain_on"],
         "unmix_step_cost": med["trainer_off"] / med["trainer_on"],  # time(on) / time(off)
         "unmix_step_cost_plain": med["plain_off"] / med["plain_on"],
-        "repeats": results,
+        "step_seconds": results,
     }
     if dist.rank() == 0:
         print(
             f"unmix bench train: {cfg.method.name} {cfg.model.arch} crop {cfg.data.crop} batch {images} "
             f"on {summary['device']} ({cfg.deepspeed.precision}, {summary['torch_threads']} threads), "
-            f"median of {args.repeats} x {args.steps} steps"
+            f"median step time of {args.repeats * args.steps} interleaved steps per variant"
         )
         for k in ("trainer_off", "plain_off", "trainer_on", "plain_on"):
             print(f"  {k:12s} {med[k]:8.3f} steps/s  {med[k] * images:9.1f} images/s")

@@ -64,7 +64,12 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating repeats; the median is reported")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="timed steps = steps x repeats per variant, interleaved; medians are reported",
+    )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=_bench)
 
