@@ -86,7 +86,8 @@ class OptimConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine to 0
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Literal["cosine", "step", "constant"] = "cosine"  # step: x0.1 at each milestone (MoCo v1)
+    milestones: list = field(default_factory=lambda: [120, 160])  # epochs, for schedule: step
     lars_eta: float = 0.001  # LARS trust coefficient
     lars_exclude_bias_norm: bool = True  # biases and norm parameters: no LARS adaptation, no weight decay
 
@@ -191,6 +192,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
         raise ConfigError(f"{key}: invalid value {value!r}; expected a string")
+    if tp is list:
+        if isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return value
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a list of integers")
     if tp is dict:
         if isinstance(value, dict):
             return value

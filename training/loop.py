@@ -354,6 +354,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
     cfg, engine, st = run.cfg, run.engine, run.state
     accum, spe = cfg.optim.grad_accum, run.steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * spe)
+    milestone_steps = tuple(m * spe for m in cfg.optim.milestones)
     progress = Progress(cfg, run.total_steps, st["step"], run.rank == 0)
     global_batch = cfg.optim.batch_size
 
@@ -458,7 +459,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
             if micro_in_epoch >= spe * accum or stop:
                 continue  # drain the epoch's leftover micro-batches so the loader starts the next epoch
             last_lr = learning_rate(
-                st["step"], run.total_steps, run.base_lr, warmup_steps, cfg.optim.schedule
+                st["step"], run.total_steps, run.base_lr, warmup_steps, cfg.optim.schedule, milestone_steps
             )
             last_m = run.method.momentum(st["step"], run.total_steps)
             loss, loss_clean, loss_mix = train_step(run, batch, micro_step, last_lr, last_m)

@@ -69,6 +69,10 @@ def test_dotted_overrides_parse_yaml_scalars(tmp_path):
         (["model.arch=vit_b"], "model.arch: invalid value 'vit_b'; allowed: resnet10"),
         (["optim.optimizer=lars", "deepspeed.zero_stage=2"], "optim.optimizer: lars needs each parameter"),
         (["optim"], "expected key=value"),
+        (
+            ["optim.milestones=[1, x]"],
+            "optim.milestones: invalid value [1, 'x']; expected a list of integers",
+        ),
         (["model.width=12"], "model.width: invalid value 12; must be a positive multiple of 8"),
     ],
 )

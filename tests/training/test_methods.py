@@ -190,6 +190,9 @@ def test_schedules():
     assert learning_rate(55, 100, 1.0, warmup_steps=10) == pytest.approx(0.5)
     assert learning_rate(100, 100, 1.0) == pytest.approx(0.0, abs=1e-12)
     assert learning_rate(50, 100, 0.3, schedule="constant") == 0.3
+    assert learning_rate(119, 200, 1.0, schedule="step", milestone_steps=(120, 160)) == 1.0
+    assert learning_rate(120, 200, 1.0, schedule="step", milestone_steps=(120, 160)) == pytest.approx(0.1)
+    assert learning_rate(199, 200, 1.0, schedule="step", milestone_steps=(120, 160)) == pytest.approx(0.01)
     assert byol.cosine_tau(0, 100, 0.996) == pytest.approx(0.996)
     assert byol.cosine_tau(100, 100, 0.996) == pytest.approx(1.0)
     assert byol.cosine_tau(50, 100, 0.996) == pytest.approx(1 - 0.004 * (math.cos(math.pi / 2) + 1) / 2)
