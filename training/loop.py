@@ -415,7 +415,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
                 f"diagnostics: {path or ckpt_dir}; last good checkpoint: {info['last_good_checkpoint']}"
             )
 
-    def log(epoch_end: bool = False) -> None:
+    def log() -> None:
         nonlocal sums, n_in_window, t_window, wait_window
         check_finite()
         if n_in_window == 0:
@@ -493,7 +493,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
         # End of the epoch: the loader has rolled over to the next one.
         st["epoch"] += 1
         st["pos"] = 0
-        log(epoch_end=True)
+        log()
         if epoch_n:
             tracker.log_metrics({"epoch_loss": (epoch_sum / (epoch_n * accum)).item()}, step=st["step"])
         epoch_sum.zero_()
