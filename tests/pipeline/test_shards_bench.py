@@ -34,7 +34,7 @@ def test_bench_shards_small(tmp_path: Path, capsys):
     assert set(rows) == {("copy", 1), ("reencode", 1)}
     assert rows["copy", 1]["encoded"] == {"copied": 12} and rows["reencode", 1]["encoded"] == {"resized": 12}
     assert all(
-        r["images"] == 12 and r["images_per_s"] > 0 and r["cpu_ms_per_image"] > 0 for r in rows.values()
+        r["images"] == 12 and r["images_per_s"] > 0 and r["cpu_ms_per_image"] >= 0 for r in rows.values()
     )
     assert res["command"].startswith("unmix bench shards --images 12")
     table = capsys.readouterr().out
