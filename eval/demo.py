@@ -129,23 +129,9 @@ def run_demo(
         env,
     )
     rows_json = workdir / "compare.json"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "eval",
-            "compare",
-            "--experiment",
-            EXPERIMENT,
-            "--tracking-uri",
-            tracking_uri,
-            "--format",
-            "json",
-        ],
-        stdout=open(rows_json, "w"),
-        check=True,
-        env=env,
-    )
+    with open(rows_json, "w") as fh:
+        cmd = ["compare", "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--format", "json"]
+        subprocess.run([sys.executable, "-m", "eval", *cmd], stdout=fh, check=True, env=env)
 
     floor = results["random_init"]["top1"]
     print(f"\nDemo finished in {time.time() - t0:.0f} s. Linear top-1 on the digits val set:")
