@@ -11,6 +11,7 @@ from training.losses import byol_regression, info_nce, unmix_weighted
 
 
 def _naive_info_nce(q, k, queue, T):
+    q, k = q.detach(), k.detach()
     out = []
     for i in range(q.shape[0]):
         qi = q[i] / q[i].norm()
