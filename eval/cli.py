@@ -11,6 +11,7 @@ Subcommands import their heavy dependencies (DALI, DeepSpeed, MLflow) inside the
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import eval.commands as eval_commands
@@ -38,6 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``unmix`` console script; returns the process exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # The `deepspeed` launcher appends --local_rank=N (unless given --no_local_rank): take it as LOCAL_RANK.
+    for arg in [a for a in argv if a.startswith(("--local_rank=", "--local-rank="))]:
+        os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        argv.remove(arg)
     args = build_parser().parse_args(argv)
     status = args.func(args)
     return int(status or 0)
