@@ -24,8 +24,9 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from training.config import ARCHS
+
 SMALL_IMAGE_MAX_CROP = 64
-ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 
 
 def _resnet10(**kwargs: Any) -> ResNet:

@@ -17,6 +17,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+# Backbones :func:`training.backbones.build_backbone` builds; here so that reading a config imports no torch.
+ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+
 
 class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds an invalid value."""
@@ -289,8 +292,6 @@ def from_dict(tree: dict) -> Config:
 
 def resolve(cfg: Config) -> Config:
     """Fill the values that depend on others and check cross-key constraints (world-size-free)."""
-    from training.backbones import ARCHS
-
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: invalid value {cfg.model.arch!r}; allowed: {', '.join(ARCHS)}")
     moco = cfg.method.moco
