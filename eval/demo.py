@@ -160,10 +160,15 @@ def _demo_model(overrides: list[str]) -> tuple[dict, int]:
     return model, crop
 
 
+def _default_device() -> str:
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
-    run_demo(
-        Path(args.workdir), device=args.device, overrides=args.overrides, linear_epochs=args.linear_epochs
-    )
+    device = args.device or _default_device()
+    run_demo(Path(args.workdir), device=device, overrides=args.overrides, linear_epochs=args.linear_epochs)
     return 0
 
 
@@ -178,7 +183,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--workdir", default="demo", help="where data, runs, MLflow store and plot go (default: ./demo)"
     )
-    p.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    p.add_argument(
+        "--device", choices=("cpu", "gpu"), default=None, help="default: gpu when CUDA is available, else cpu"
+    )
     p.add_argument(
         "--linear-epochs", type=int, default=30, help="epochs of the linear head on cached features"
     )
