@@ -33,8 +33,9 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("shards", nargs="?", help="shard directory (default: write a photo workload first)")
-    p.add_argument("--make-data", type=int, metavar="N",
-                   help="write N ~500x375 photo JPEGs as shards (default 512)")
+    p.add_argument(
+        "--make-data", type=int, metavar="N", help="write N ~500x375 photo JPEGs as shards (default 512)"
+    )
     p.add_argument("--data-dir", help="where --make-data writes (kept, reused); default: a temp dir")
     p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     p.add_argument("--recipe", choices=["moco_v2", "moco_v1", "byol"], default="moco_v2")
@@ -62,8 +63,15 @@ def make_workload(out: Path, n_images: int, seed: int = 0) -> Path:
         return shards
     with tempfile.TemporaryDirectory(prefix="unmix-bench-") as tmp:
         tree = write_photo_tree(Path(tmp) / "tree", n_images, n_classes=10, seed=seed)
-        write_shards(tree, shards, samples_per_shard=max(64, n_images // 8), seed=seed, progress=False,
-                     overwrite=True, source_name=f"bench photos ({n_images} images, seed {seed})")
+        write_shards(
+            tree,
+            shards,
+            samples_per_shard=max(64, n_images // 8),
+            seed=seed,
+            progress=False,
+            overwrite=True,
+            source_name=f"bench photos ({n_images} images, seed {seed})",
+        )
     return shards
 
 
@@ -201,8 +209,14 @@ def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
     from pipeline.loaders import build_pretrain_loader
 
     loader = build_pretrain_loader(
-        shards, args.batch_size, recipe=args.recipe, crop=args.crop, unmix={"enabled": unmix},
-        device=args.device, num_threads=args.threads, seed=0,
+        shards,
+        args.batch_size,
+        recipe=args.recipe,
+        crop=args.crop,
+        unmix={"enabled": unmix},
+        device=args.device,
+        num_threads=args.threads,
+        seed=0,
     )
 
     def consume(b):
@@ -270,8 +284,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 ips, ms = fn(shards, args, unmix)
                 figures[name].append(ips)
                 cpu_ms[name].append(ms)
-                print(f"[{rep + 1}/{args.repeat}] {side:11s} unmix={'on ' if unmix else 'off'} "
-                      f"{ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {_load():.1f})", flush=True)
+                print(
+                    f"[{rep + 1}/{args.repeat}] {side:11s} unmix={'on ' if unmix else 'off'} "
+                    f"{ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {_load():.1f})",
+                    flush=True,
+                )
     finally:
         if tmp:
             import shutil
@@ -297,8 +314,18 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.json:
         keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
         settings = {k: getattr(args, k) for k in keys}
-        Path(args.json).write_text(json.dumps({"settings": settings, "shards": str(args.shards or "photos"),
-                                               "images_per_s": figures, "cpu_ms_per_image": cpu_ms,
-                                               "median": med, "median_cpu_ms": med_cpu, "ratios": ratios},
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "settings": settings,
+                    "shards": str(args.shards or "photos"),
+                    "images_per_s": figures,
+                    "cpu_ms_per_image": cpu_ms,
+                    "median": med,
+                    "median_cpu_ms": med_cpu,
+                    "ratios": ratios,
+                },
+                indent=1,
+            )
+        )
     return 0

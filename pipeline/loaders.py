@@ -320,10 +320,26 @@ def build_pretrain_loader(
     if cfg.enabled:
         outputs += ["mixed", "lam"] + (["partner"] if cfg.random_partner else [])
     outputs += ["key"] if with_keys else []
-    identity = {"kind": "pretrain", "batch_size": batch_size, "shard_id": shard_id, "num_shards": num_shards,
-                "seed": seed, "recipe": rec.name, "crop": crop}
-    return DaliLoader(make, outputs, LastBatchPolicy.DROP, batch_size, device, dtype,
-                      ("view1", "view2", "mixed"), identity, state)
+    identity = {
+        "kind": "pretrain",
+        "batch_size": batch_size,
+        "shard_id": shard_id,
+        "num_shards": num_shards,
+        "seed": seed,
+        "recipe": rec.name,
+        "crop": crop,
+    }
+    return DaliLoader(
+        make,
+        outputs,
+        LastBatchPolicy.DROP,
+        batch_size,
+        device,
+        dtype,
+        ("view1", "view2", "mixed"),
+        identity,
+        state,
+    )
 
 
 def build_eval_loader(
@@ -379,8 +395,15 @@ def build_eval_loader(
 
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
-    identity = {"kind": "eval-" + split, "batch_size": batch_size, "shard_id": shard_id,
-                "num_shards": num_shards, "seed": seed, "crop": crop}
+    identity = {
+        "kind": "eval-" + split,
+        "batch_size": batch_size,
+        "shard_id": shard_id,
+        "num_shards": num_shards,
+        "seed": seed,
+        "crop": crop,
+    }
     outputs = ["image", "cls"] + (["key"] if with_keys else [])
-    return DaliLoader(make, outputs, LastBatchPolicy.PARTIAL, batch_size, device, dtype,
-                      ("image",), identity, state)
+    return DaliLoader(
+        make, outputs, LastBatchPolicy.PARTIAL, batch_size, device, dtype, ("image",), identity, state
+    )

@@ -91,8 +91,11 @@ def test_all_probabilities_zero_gives_a_plain_resized_crop(sample_val):
     for k in ("view1", "view2"):
         assert (_nearest_distance(b[k], refs) <= 1.01).all(), "each view is a decoded image, unchanged"
     # the same crop with the recipe's coin flips is (mostly) not an unchanged image
-    b = _first(build_pretrain_loader(sample_val, 32, recipe=Recipe("whole", whole), crop=32, device="cpu",
-                                     num_threads=2))
+    b = _first(
+        build_pretrain_loader(
+            sample_val, 32, recipe=Recipe("whole", whole), crop=32, device="cpu", num_threads=2
+        )
+    )
     assert (_nearest_distance(b["view1"], refs) > 3).mean() > 0.5
 
 
@@ -102,8 +105,9 @@ def _spec(**kw) -> Recipe:
 
 
 def _views(shards, recipe, n_batches=4, batch=32, crop=32, seed=0):
-    loader = build_pretrain_loader(shards, batch, recipe=recipe, crop=crop, device="cpu", num_threads=2,
-                                   seed=seed)
+    loader = build_pretrain_loader(
+        shards, batch, recipe=recipe, crop=crop, device="cpu", num_threads=2, seed=seed
+    )
     out = []
     while len(out) < n_batches:
         for b in loader:

@@ -14,9 +14,31 @@ from pipeline.bench import torch_unmix
 
 def test_bench_pipeline_cli_tiny(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--make-data", "24", "--data-dir",
-           str(tmp_path / "data"), "--crop", "32", "--batch-size", "4", "--steps", "2", "--warmup", "1",
-           "--repeat", "1", "--threads", "1", "--json", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "bench",
+        "pipeline",
+        "--make-data",
+        "24",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--crop",
+        "32",
+        "--batch-size",
+        "4",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--repeat",
+        "1",
+        "--threads",
+        "1",
+        "--json",
+        str(out),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     d = json.loads(out.read_text())

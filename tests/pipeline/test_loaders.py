@@ -47,8 +47,10 @@ def _take(loader, n):
 def test_pretrain_epochs_cover_each_rank_part_without_duplicates(sample_train, num_shards):
     total = read_manifest(sample_train).total
     keys_all = set(_labels_in_shards(sample_train))
-    loaders = [_pretrain(sample_train, shard_id=r, num_shards=num_shards, with_keys=True, unmix=None)
-               for r in range(num_shards)]
+    loaders = [
+        _pretrain(sample_train, shard_id=r, num_shards=num_shards, with_keys=True, unmix=None)
+        for r in range(num_shards)
+    ]
     for epoch in range(2 if num_shards > 1 else 1):
         seen = []
         for loader in loaders:
@@ -70,8 +72,17 @@ def test_eval_covers_every_sample_once_with_its_label(sample_train, sample_val, 
     truth = _labels_in_shards(shards)
     seen = {}
     for r in range(num_shards):
-        loader = build_eval_loader(shards, 64, split=split, crop=CROP, device="cpu", shard_id=r,
-                                   num_shards=num_shards, num_threads=2, with_keys=True)
+        loader = build_eval_loader(
+            shards,
+            64,
+            split=split,
+            crop=CROP,
+            device="cpu",
+            shard_id=r,
+            num_shards=num_shards,
+            num_threads=2,
+            with_keys=True,
+        )
         steps = 0
         for b in loader:
             assert b["image"].shape[1:] == (3, CROP, CROP) and b["label"].dtype == torch.int64
@@ -90,8 +101,9 @@ def test_val_order_is_shard_order(sample_val):
         with tarfile.open(s.path) as tf:
             order += [n[:-4] for n in tf.getnames() if n.endswith(".jpg")]
     keys = []
-    for b in build_eval_loader(sample_val, 100, split="val", crop=CROP, device="cpu", num_threads=2,
-                               with_keys=True):
+    for b in build_eval_loader(
+        sample_val, 100, split="val", crop=CROP, device="cpu", num_threads=2, with_keys=True
+    ):
         keys += b["key"]
     assert keys == order
 

@@ -89,8 +89,11 @@ def test_cutmix_box_follows_the_authors_rand_bbox():
 def test_modes_occur_with_configured_frequency():
     p = 0.3
     # an empty CutMix box (lam0 > 63/64 at 16x16) looks like mixup with lam = 1: leave those out
-    modes = [_classify(*b) for b in _mix_batches(UnmixConfig(p_mixup=p), 400, batch_size=2, hw=(16, 16))
-             if not np.array_equal(b[0], b[1])]
+    modes = [
+        _classify(*b)
+        for b in _mix_batches(UnmixConfig(p_mixup=p), 400, batch_size=2, hw=(16, 16))
+        if not np.array_equal(b[0], b[1])
+    ]
     assert None not in modes
     k, n = sum(m == "mixup" for m in modes), len(modes)
     assert n > 350
@@ -133,8 +136,16 @@ def test_config_resolution_and_errors():
 def _loader_batches(shards, unmix, n, **kw):
     from pipeline import build_pretrain_loader
 
-    loader = build_pretrain_loader(shards, 8, crop=32, unmix=unmix, device=kw.pop("device", "cpu"),
-                                   num_threads=2, seed=kw.pop("seed", 0), **kw)
+    loader = build_pretrain_loader(
+        shards,
+        8,
+        crop=32,
+        unmix=unmix,
+        device=kw.pop("device", "cpu"),
+        num_threads=2,
+        seed=kw.pop("seed", 0),
+        **kw,
+    )
     out = []
     for i, b in enumerate(loader):
         if i == n:
@@ -150,8 +161,9 @@ def _check_loader_mixing(batches):
         assert lam.shape == (v1.shape[0],) and lam.dtype == torch.float32
         assert torch.all(lam == lam[0])
         partner = v1.flip(0)
-        if torch.allclose(mixed, lam[:, None, None, None] * v1 + (1 - lam[:, None, None, None]) * partner,
-                          atol=1e-5, rtol=0):
+        if torch.allclose(
+            mixed, lam[:, None, None, None] * v1 + (1 - lam[:, None, None, None]) * partner, atol=1e-5, rtol=0
+        ):
             modes.add("mixup")
             continue
         assert torch.all((mixed == v1) | (mixed == partner)), "region mix: each pixel original or partner"
