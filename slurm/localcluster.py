@@ -170,7 +170,7 @@ MailProg=/bin/true
 ReturnToService=2
 JobRequeue=1
 KillWait={self.kill_wait}
-MinJobAge=300
+MinJobAge=3600
 InactiveLimit=0
 SlurmdTimeout=60
 {nodes}

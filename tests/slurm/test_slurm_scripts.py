@@ -1,7 +1,8 @@
 """slurm/submit.sh, pretrain.sbatch and linear.sbatch on a real two-node Slurm cluster (CPU processes).
 
-Three submissions run side by side (so the module costs about as long as its slowest scenario); the
-requeue test comes before the happy-path one so that it interrupts its job while the other one trains:
+Three submissions run side by side (so the module costs about as long as its slowest scenario). The
+requeue test comes first: its job may start at once and takes well under a minute, so a test before it
+that waits for another job would let it finish before it is ever interrupted.
 
 - ``happy``: ``submit.sh --nodes 2 --tasks-per-node 1 --cpu``: the pretraining spans node1 and node2
   (ranks 0 and 1, MLflow ``world_size`` = 2), the evaluation starts only after it succeeded and logs
@@ -158,21 +159,6 @@ def _times(cluster, job: str) -> tuple[str, str]:
     return rec.get("StartTime", ""), rec.get("EndTime", "")
 
 
-def test_bad_config_cancels_the_evaluation(slurm_cluster, submissions):
-    sub = submissions["bad"]
-    state = slurm_cluster.wait_state(sub.pretrain, ENDED, 240, sub.log(sub.pretrain))
-    assert state == "FAILED", slurm_cluster.tail(sub.log(sub.pretrain))
-    assert "optim.batch_size" in sub.pretrain_log()  # the trainer's error names the key
-    assert slurm_cluster.wait_state(sub.evaluate, ENDED | {"RUNNING"}, 60) == "CANCELLED"
-    rec = slurm_cluster.job(sub.evaluate)
-    assert rec.get("Reason") == "DependencyNeverSatisfied", rec
-    # It never ran: no node was ever allocated and no batch script wrote its log.
-    assert rec.get("NodeList") in ("", "(null)") and "BatchHost" not in rec, rec
-    assert not sub.log(sub.evaluate).exists(), "the evaluation ran"
-    [record] = slurm_cluster.jobcomp(sub.evaluate)
-    assert record["JobState"] == "CANCELLED" and record["NodeCnt"] == "0", record
-
-
 def _wait_for_log(sub: Submission, pattern: re.Pattern, count: int, timeout: float, cluster) -> list:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -213,7 +199,9 @@ def _comes_back(cluster, sub: Submission, restarts: int) -> None:
 def test_requeue_resumes_the_same_run(slurm_cluster, submissions):
     sub = submissions["requeue"]
     # 1) USR1 to the batch shell, as --signal=B:USR1@N does before the time limit.
-    _wait_for_log(sub, STEP_LINE, 1, 600, slurm_cluster)
+    *_, last = _wait_for_log(sub, STEP_LINE, 1, 600, slurm_cluster)
+    assert int(last.group(1)) < int(last.group(2)), f"the job trained to the end before the test: {last[0]}"
+    assert slurm_cluster.state(sub.pretrain) == "RUNNING", slurm_cluster.job(sub.pretrain)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", sub.pretrain)
     _comes_back(slurm_cluster, sub, restarts=1)
     first = _wait_for_log(sub, RESUMED_LINE, 1, 300, slurm_cluster)
@@ -250,6 +238,21 @@ def test_requeue_resumes_the_same_run(slurm_cluster, submissions):
     # The requeued job's evaluation ran only after the final success.
     state = slurm_cluster.wait_state(sub.evaluate, ENDED, 300, sub.log(sub.evaluate))
     assert state == "COMPLETED", slurm_cluster.tail(sub.log(sub.evaluate))
+
+
+def test_bad_config_cancels_the_evaluation(slurm_cluster, submissions):
+    sub = submissions["bad"]
+    state = slurm_cluster.wait_state(sub.pretrain, ENDED, 240, sub.log(sub.pretrain))
+    assert state == "FAILED", slurm_cluster.tail(sub.log(sub.pretrain))
+    assert "optim.batch_size" in sub.pretrain_log()  # the trainer's error names the key
+    assert slurm_cluster.wait_state(sub.evaluate, ENDED | {"RUNNING"}, 60) == "CANCELLED"
+    rec = slurm_cluster.job(sub.evaluate)
+    assert rec.get("Reason") == "DependencyNeverSatisfied", rec
+    # It never ran: no node was ever allocated and no batch script wrote its log.
+    assert rec.get("NodeList") in ("", "(null)") and "BatchHost" not in rec, rec
+    assert not sub.log(sub.evaluate).exists(), "the evaluation ran"
+    [record] = slurm_cluster.jobcomp(sub.evaluate)
+    assert record["JobState"] == "CANCELLED" and record["NodeCnt"] == "0", record
 
 
 def test_two_nodes_then_dependent_evaluation(slurm_cluster, submissions):
