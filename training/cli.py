@@ -30,6 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from training.preemption import record_early
+
+    record_early()  # before torch loads: a SIGUSR1/SIGTERM during start-up must not kill the rank
     from training.config import ConfigError, load_config
 
     try:

@@ -4,6 +4,12 @@ The handler only records the signal; the loop polls :meth:`Preemption.agreed` af
 all-reduces the flag over a CPU (gloo) group so that every rank stops after the same step even when
 the signal reached only one of them. A second signal while the checkpoint is written only sets the
 flag again: it cannot interrupt the save (the checkpoint itself is also switched in atomically).
+
+Start-up (importing torch, DeepSpeed's set-up, the rendezvous, loading a checkpoint) takes seconds to
+minutes, and a signal then would kill the rank with the default action. :func:`record_early`, called
+first thing by ``unmix train``, records such a signal instead; :class:`Preemption` takes it over, so
+the run trains one step, checkpoints and exits 75 like any other preemption. This module imports torch
+only when it is used, so that the early handlers are in place before torch loads.
 """
 
 from __future__ import annotations
@@ -11,19 +17,46 @@ from __future__ import annotations
 import signal
 import sys
 
-import torch
-import torch.distributed as dist
-
 EXIT_REQUEUE = 75  # EX_TEMPFAIL: "checkpointed after SIGUSR1/SIGTERM, requeue me"
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+
+
+class _Early:
+    """The start-up recorder's state: the signal received (if any) and the handlers it replaced."""
+
+    signum: int | None = None
+    previous: dict = {}
+
+
+def _handle_early(signum, frame) -> None:
+    if _Early.signum is None:
+        print(
+            f"[unmix] received {signal.Signals(signum).name} during start-up: "
+            "checkpointing after the first step",
+            file=sys.stderr,
+            flush=True,
+        )
+    _Early.signum = signum
+
+
+def record_early(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
+    """Record ``signals`` from now until a :class:`Preemption` takes over (instead of dying of them)."""
+    for s in signals:
+        previous = signal.signal(s, _handle_early)
+        _Early.previous.setdefault(s, previous)
 
 
 class Preemption:
     """Installs the handlers on construction; :meth:`restore` puts the previous ones back."""
 
     def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
-        self.signum: int | None = None
+        import torch.distributed as dist
+
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
+        # Take over from the start-up recorder: its signal, and the handlers from before it.
+        self.signum: int | None = _Early.signum
+        self._previous.update({s: h for s, h in _Early.previous.items() if s in self._previous})
+        _Early.signum, _Early.previous = None, {}
         self._group = None
         if dist.is_initialized() and dist.get_world_size() > 1:
             # A gloo group: the flag is a CPU tensor, so polling it never syncs a GPU stream.
@@ -41,6 +74,9 @@ class Preemption:
         """True on every rank when any rank has received a signal (collective: call on all ranks)."""
         if self._group is None:
             return self.signum is not None
+        import torch
+        import torch.distributed as dist
+
         flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
         return bool(flag.item())

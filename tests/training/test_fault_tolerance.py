@@ -274,3 +274,24 @@ def test_sigusr1_to_one_of_two_ranks_checkpoints_both(tiny_train, tmp_path):
     job = Job(cfg)
     assert job.finish() == 2
     assert "written by 2 process(es), this job has 1" in job.text
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler for ``signum`` (the SigCgt mask of /proc/PID/status)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
+
+
+def test_sigusr1_during_startup_checkpoints_after_the_first_step(tiny_train, tmp_path):
+    out = tmp_path / "early" / "run"
+    job = Job(_config(tmp_path, tiny_train, out))
+    # As soon as the early handler is in place (before torch loads), long before training starts.
+    job.wait_for(lambda: _catches(job.proc.pid, signal.SIGUSR1), timeout=60)
+    job.proc.send_signal(signal.SIGUSR1)
+    assert job.finish() == 75, job.text[-3000:]
+    assert "received SIGUSR1 during start-up" in job.text, job.text[-3000:]
+    assert job.logged_step(1) and not job.logged_step(2), job.text[-3000:]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000001"
+    assert (out / "checkpoints" / "step_00000001" / "COMPLETE").exists()
