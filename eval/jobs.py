@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,15 +128,84 @@ def _tracker(
     )
 
 
-def _check_unchanged(backbone: nn.Module, before: str) -> None:
-    if state_fingerprint(backbone) != before:
-        raise RuntimeError("the backbone changed during evaluation (parameters or BatchNorm statistics)")
-
-
 def _write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+
+
+@dataclass
+class EvalJob:
+    """One evaluation in progress: the process group, the frozen backbone and its MLflow run."""
+
+    kind: str  # "linear" | "knn": the prefix of the metrics logged
+    spec: BackboneSpec
+    ctx: distributed.DistContext
+    backbone: nn.Module
+    meta: dict[str, Any]
+    proto: LinearProtocol  # crop resolved from the backbone's metadata
+    num_classes: int
+    tracker: EvalTracker
+    fingerprint: str  # of the backbone before the evaluation
+
+    def report(
+        self, top1: float, top5: float, val_dir: str, val_samples: int, payload: dict, json_path: str | None
+    ) -> dict[str, Any]:
+        """Check the backbone and the val count, log, print and write the result; returns the payload."""
+        if state_fingerprint(self.backbone) != self.fingerprint:
+            raise RuntimeError("the backbone changed during evaluation (parameters or BatchNorm statistics)")
+        check_val_count(val_dir, val_samples)
+        payload = {
+            "top1": top1,
+            "top5": top5,
+            **payload,
+            "backbone": self.spec.label,
+            "run_id": self.tracker.run_id,
+            "pretrain_run_id": self.tracker.pretrain_run_id,
+            "val_samples": val_samples,
+            "arch": self.meta.get("arch"),
+        }
+        metrics = {f"{self.kind}_top1": top1, f"{self.kind}_top5": top5}
+        self.tracker.log_metrics(metrics)
+        self.tracker.log_on_pretrain_run(metrics)
+        self.tracker.finish()
+        if self.ctx.is_main:
+            _write_json(json_path, payload)
+        return payload
+
+
+@contextmanager
+def eval_job(
+    kind: str,
+    spec: BackboneSpec,
+    train_dir: str,
+    val_dir: str,
+    proto: LinearProtocol,
+    params: Callable[[LinearProtocol], dict[str, Any]],
+    track: bool,
+    tracking_uri: str | None,
+    experiment: str | None,
+) -> Iterator[EvalJob]:
+    """Join the process group, load the backbone, open the MLflow run (``params(proto)`` + data paths).
+
+    The run is marked FAILED when the body raises; the process group is left in every case.
+    """
+    ctx = distributed.setup(proto.device)
+    tracker = None
+    try:
+        backbone, meta = load(spec, proto.crop, proto.seed)
+        proto = with_crop(proto, meta)
+        fingerprint = state_fingerprint(backbone)
+        num_classes = num_classes_of(train_dir)
+        run_params = {**params(proto), "train": train_dir, "val": val_dir}
+        tracker = _tracker(kind, spec, meta, ctx, track, tracking_uri, experiment, run_params)
+        yield EvalJob(kind, spec, ctx, backbone, meta, proto, num_classes, tracker, fingerprint)
+    except BaseException:
+        if tracker is not None:
+            tracker.finish("FAILED")
+        raise
+    finally:
+        distributed.teardown(ctx)
 
 
 def run_linear(
@@ -150,28 +220,15 @@ def run_linear(
     make_loader: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Linear evaluation job; returns the JSON payload (identical on every rank)."""
-    ctx = distributed.setup(proto.device)
-    tracker = None
-    try:
-        backbone, meta = load(spec, proto.crop, proto.seed)
-        proto = with_crop(proto, meta)
-        before = state_fingerprint(backbone)
-        num_classes = num_classes_of(train_dir)
-        tracker = _tracker(
-            "linear",
-            spec,
-            meta,
-            ctx,
-            track,
-            tracking_uri,
-            experiment,
-            {**as_params(proto), "train": train_dir, "val": val_dir},
-        )
+    with eval_job(
+        "linear", spec, train_dir, val_dir, proto, as_params, track, tracking_uri, experiment
+    ) as job:
+        proto = job.proto
 
         def on_epoch(rec: dict[str, float]) -> None:
             step = int(rec["epoch"])
-            tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=step)
-            if ctx.is_main:
+            job.tracker.log_metrics({k: v for k, v in rec.items() if k != "epoch"}, step=step)
+            if job.ctx.is_main:
                 val = f"  val top-1 {rec['val_top1']:.2f}%" if "val_top1" in rec else ""
                 print(
                     f"linear epoch {step}/{proto.epochs}  loss {rec['train_loss']:.4f}  "
@@ -179,41 +236,24 @@ def run_linear(
                     flush=True,
                 )
 
+        loader = make_loader or default_loader()
         result = linear_eval(
-            backbone, num_classes, proto, ctx, make_loader or default_loader(), train_dir, val_dir, on_epoch
+            job.backbone, job.num_classes, proto, job.ctx, loader, train_dir, val_dir, on_epoch
         )
-        _check_unchanged(backbone, before)
-        check_val_count(val_dir, result.val_samples)
-        payload = {
-            "top1": result.top1,
-            "top5": result.top5,
+        extra = {
             "epochs": result.epochs,
-            "backbone": spec.label,
-            "run_id": tracker.run_id,
-            "pretrain_run_id": tracker.pretrain_run_id,
             "protocol": proto.protocol,
             "features": proto.features,
             "crop": proto.crop,
-            "val_samples": result.val_samples,
-            "arch": meta.get("arch"),
         }
-        tracker.log_metrics({"linear_top1": result.top1, "linear_top5": result.top5})
-        tracker.log_on_pretrain_run({"linear_top1": result.top1, "linear_top5": result.top5})
-        tracker.finish()
-        if ctx.is_main:
+        payload = job.report(result.top1, result.top5, val_dir, result.val_samples, extra, json_path)
+        if job.ctx.is_main:
             print(
                 f"linear top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
                 f"({result.val_samples} val images, {result.epochs} epochs, {spec.label})",
                 flush=True,
             )
-            _write_json(json_path, payload)
         return payload
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
-        raise
-    finally:
-        distributed.teardown(ctx)
 
 
 def run_knn(
@@ -230,33 +270,20 @@ def run_knn(
     make_loader: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Weighted-kNN evaluation job (features with the val transform); returns the JSON payload."""
-    ctx = distributed.setup(proto.device)
-    tracker = None
-    try:
-        backbone, meta = load(spec, proto.crop, proto.seed)
-        proto = with_crop(proto, meta)
-        backbone.to(ctx.device)
-        before = state_fingerprint(backbone)
-        num_classes = num_classes_of(train_dir)
+
+    def params(proto: LinearProtocol) -> dict[str, Any]:
+        return {
+            "knn.k": k,
+            "knn.t": t,
+            "batch_size": proto.batch_size,
+            "data.crop": proto.crop,
+            "device": proto.device,
+        }
+
+    with eval_job("knn", spec, train_dir, val_dir, proto, params, track, tracking_uri, experiment) as job:
+        proto, ctx = job.proto, job.ctx
+        job.backbone.to(ctx.device)
         make_loader = make_loader or default_loader()
-        tracker = _tracker(
-            "knn",
-            spec,
-            meta,
-            ctx,
-            track,
-            tracking_uri,
-            experiment,
-            {
-                "knn.k": k,
-                "knn.t": t,
-                "batch_size": proto.batch_size,
-                "data.crop": proto.crop,
-                "device": proto.device,
-                "train": train_dir,
-                "val": val_dir,
-            },
-        )
         local_batch = max(1, proto.batch_size // ctx.world_size)
 
         def features(shards: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -271,40 +298,18 @@ def run_knn(
                 seed=proto.seed,
                 num_threads=proto.num_threads,
             )
-            return extract_features(backbone, loader, ctx.device)
+            return extract_features(job.backbone, loader, ctx.device)
 
         f_train, y_train = features(train_dir)
         f_val, y_val = features(val_dir)
-        result = knn_evaluate(f_val, y_val, f_train, y_train, num_classes, k=k, t=t)
-        _check_unchanged(backbone, before)
-        check_val_count(val_dir, result.total)
-        payload = {
-            "top1": result.top1,
-            "top5": result.top5,
-            "k": k,
-            "t": t,
-            "backbone": spec.label,
-            "run_id": tracker.run_id,
-            "pretrain_run_id": tracker.pretrain_run_id,
-            "val_samples": result.total,
-            "arch": meta.get("arch"),
-        }
-        tracker.log_metrics({"knn_top1": result.top1, "knn_top5": result.top5})
-        tracker.log_on_pretrain_run({"knn_top1": result.top1, "knn_top5": result.top5})
-        tracker.finish()
+        result = knn_evaluate(f_val, y_val, f_train, y_train, job.num_classes, k=k, t=t)
+        payload = job.report(result.top1, result.top5, val_dir, result.total, {"k": k, "t": t}, json_path)
         if ctx.is_main:
             print(
                 f"knn top-1 {result.top1:.2f}%  (k={k}, t={t}, {result.total} val images, {spec.label})",
                 flush=True,
             )
-            _write_json(json_path, payload)
         return payload
-    except BaseException:
-        if tracker is not None:
-            tracker.finish("FAILED")
-        raise
-    finally:
-        distributed.teardown(ctx)
 
 
 def fail(command: str, exc: BaseException) -> int:
