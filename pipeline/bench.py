@@ -46,6 +46,11 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
     p.add_argument("--repeat", type=int, default=2, help="measurements per configuration (median)")
     p.add_argument("--only", choices=["dali", "torchvision"], help="measure one side only")
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead: where the DALI graph's time goes, stage by stage (decode, crops, colour, blur, ...)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_bench)
 
@@ -253,6 +258,84 @@ def measure_torchvision(shards, args, unmix: bool) -> tuple[float, float]:
         del loader
 
 
+STAGES = ("read", "decode", "crop", "colour", "blur", "solarize", "normalize")
+
+
+def _stage_recipe(recipe, stage: str):
+    """``recipe`` with the augmentations after ``stage`` switched off (crop: random resized crop only)."""
+    import dataclasses
+
+    from pipeline.augment import Recipe
+
+    off = {
+        "crop": {"p_jitter": 0.0, "p_gray": 0.0, "p_blur": 0.0, "p_solarize": 0.0},
+        "colour": {"p_blur": 0.0, "p_solarize": 0.0},
+        "blur": {"p_solarize": 0.0},
+    }.get(stage, {})
+    return Recipe(
+        recipe.name, dataclasses.replace(recipe.view1, **off), dataclasses.replace(recipe.view2, **off)
+    )
+
+
+def measure_stage(shards, args, stage: str) -> tuple[float, float]:
+    """(images/s, CPU ms per image) of the DALI graph cut after ``stage`` (one of :data:`STAGES`)."""
+    from nvidia.dali import pipeline_def
+
+    from pipeline.augment import get_recipe, random_view, two_views
+    from pipeline.loaders import _decode, _device_id, _read, shard_files
+
+    files = shard_files(shards)
+    recipe = _stage_recipe(get_recipe(args.recipe), stage)
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        jpegs, _ = _read(files, 0, 1, True, 1024)
+        if stage == "read":
+            return jpegs
+        images = _decode(jpegs, args.device)
+        if stage == "decode":
+            return images
+        if stage == "normalize":
+            return two_views(images, recipe, args.crop)
+        return random_view(images, recipe.view1, args.crop), random_view(images, recipe.view2, args.crop)
+
+    pipe = graph(
+        batch_size=args.batch_size,
+        num_threads=args.threads,
+        device_id=_device_id(args.device),
+        seed=0,
+        exec_dynamic=True,
+        prefetch_queue_depth=2,
+    )
+    pipe.build()
+
+    def batches():
+        while True:
+            pipe.run()  # outputs stay on the host: the cost of the graph alone
+            yield args.batch_size
+
+    return _time_steps(batches(), args.warmup, args.steps, lambda n: n)
+
+
+def run_stages(shards: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Measure every stage (medians over ``--repeat``) and print CPU ms per image and each stage's share."""
+    figures: dict[str, dict[str, float]] = {}
+    print(
+        f"\nDALI {args.recipe} graph, {args.device}, batch {args.batch_size}, "
+        f"{args.threads} threads, crop {args.crop}"
+    )
+    print(f"  {'cut after':10s} {'img/s':>8s} {'CPU ms/img':>11s} {'stage adds':>11s}")
+    previous = 0.0
+    for stage in STAGES:
+        runs = [measure_stage(shards, args, stage) for _ in range(args.repeat)]
+        ips = statistics.median(r[0] for r in runs)
+        ms = statistics.median(r[1] for r in runs)
+        figures[stage] = {"images_per_s": ips, "cpu_ms_per_image": ms, "stage_cpu_ms": ms - previous}
+        print(f"  {stage:10s} {ips:8.1f} {ms:11.2f} {ms - previous:+11.2f}", flush=True)
+        previous = ms
+    return figures
+
+
 def _load() -> float:
     import os
 
@@ -271,6 +354,19 @@ def run_bench(args: argparse.Namespace) -> int:
             root = Path(tmp := tempfile.mkdtemp(prefix="unmix-bench-"))
         print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
         shards = str(make_workload(root, n))
+    if args.stages:
+        try:
+            stages = run_stages(shards, args)
+        finally:
+            if tmp:
+                import shutil
+
+                shutil.rmtree(tmp, ignore_errors=True)
+        if args.json:
+            keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
+            settings = {k: getattr(args, k) for k in keys}
+            Path(args.json).write_text(json.dumps({"settings": settings, "stages": stages}, indent=1))
+        return 0
     configs = [("dali", False), ("dali", True), ("torchvision", False), ("torchvision", True)]
     if args.only:
         configs = [c for c in configs if c[0] == args.only]

@@ -64,3 +64,32 @@ def test_baseline_unmix_is_the_reference_mixing():
             assert float(lam[0]) == pytest.approx(1 - float(pasted.mean()), abs=1e-6)
             modes.add("cutmix")
     assert modes == {"mixup", "cutmix"}
+
+
+def test_stage_recipes_switch_off_what_comes_after_the_stage():
+    from pipeline.augment import get_recipe
+    from pipeline.bench import _stage_recipe
+
+    byol = get_recipe("byol")
+    crop = _stage_recipe(byol, "crop")
+    for v, ref in ((crop.view1, byol.view1), (crop.view2, byol.view2)):
+        assert (v.p_jitter, v.p_gray, v.p_blur, v.p_solarize) == (0, 0, 0, 0)
+        assert (v.scale, v.ratio, v.p_flip) == (ref.scale, ref.ratio, ref.p_flip)
+    colour = _stage_recipe(byol, "colour")
+    assert (colour.view1.p_jitter, colour.view1.p_gray, colour.view1.p_blur) == (0.8, 0.2, 0.0)
+    blur = _stage_recipe(byol, "blur")
+    assert (blur.view1.p_blur, blur.view2.p_blur, blur.view2.p_solarize) == (1.0, 0.1, 0.0)
+    assert _stage_recipe(byol, "solarize") == _stage_recipe(byol, "normalize") == byol
+
+
+def test_bench_pipeline_stages_tiny(tmp_path):
+    out = tmp_path / "stages.json"
+    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--stages", "--make-data", "16"]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--recipe", "byol", "--crop", "32", "--batch-size", "4"]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeat", "1", "--threads", "1", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stages = json.loads(out.read_text())["stages"]
+    assert list(stages) == ["read", "decode", "crop", "colour", "blur", "solarize", "normalize"]
+    assert all(s["images_per_s"] > 0 and s["cpu_ms_per_image"] >= 0 for s in stages.values())
+    assert [line.split()[0] for line in r.stdout.splitlines()[-7:]] == list(stages)
