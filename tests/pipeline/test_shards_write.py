@@ -141,9 +141,8 @@ def test_round_trip_webdataset_and_dali(tree: Path, tmp_path: Path):
 
 def test_index_matches_wds2idx(tree: Path, tmp_path: Path):
     m = write_shards(tree, tmp_path / "out", samples_per_shard=7, workers=1, progress=False)
-    wds2idx = Path(sys.executable).with_name("wds2idx")
-    if not wds2idx.exists():
-        pytest.skip("DALI's wds2idx is not installed next to this python")
+    wds2idx = Path(sys.executable).with_name("wds2idx")  # a console script of the nvidia-dali wheel
+    assert wds2idx.exists(), f"DALI's wds2idx is not installed next to {sys.executable}"
     for s in m.shards:
         ref = tmp_path / (s.name + ".ref.idx")
         subprocess.run([str(wds2idx), str(s.path), str(ref)], check=True, capture_output=True, timeout=60)
