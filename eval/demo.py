@@ -104,19 +104,21 @@ def run_demo(
             env,
         )
         results[name] = json.loads(js.read_text())
-    model, crop = _demo_model(overrides or [])
+    from training.config import load_config
+
+    cfg = load_config(DEMO_CONFIG, overrides)  # the random-init floor: the pretrained architecture
     js = runs / "random_init" / "linear.json"
     js.parent.mkdir(parents=True, exist_ok=True)
     random_init = [
         "--random-init",
-        model["arch"],
+        cfg.model.arch,
         "--width",
-        str(model.get("width", 64)),
+        str(cfg.model.width),
         "--experiment",
         EXPERIMENT,
     ]
     _unmix(
-        ["linear", *random_init, *splits, "--json", str(js), *linear, f"data.crop={crop}"],
+        ["linear", *random_init, *splits, "--json", str(js), *linear, f"data.crop={cfg.data.crop}"],
         logs / "linear_random_init.log",
         env,
     )
@@ -143,21 +145,6 @@ def run_demo(
     print(f"\nResults:   {workdir}\n  table:   {rows_json}\n  plot:    {plot}\n  logs:    {logs}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     return {"results": results, "compare": json.loads(rows_json.read_text())}
-
-
-def _demo_model(overrides: list[str]) -> tuple[dict, int]:
-    """The pretraining ``model`` section and crop, overrides applied: the random-init floor uses the same."""
-    import yaml
-
-    cfg = yaml.safe_load(DEMO_CONFIG.read_text())
-    model, crop = dict(cfg["model"]), int(cfg["data"]["crop"])
-    for item in overrides:
-        key, _, value = item.partition("=")
-        if key in ("model.arch", "model.width"):
-            model[key.split(".")[1]] = yaml.safe_load(value)
-        elif key == "data.crop":
-            crop = int(value)
-    return model, crop
 
 
 def _default_device() -> str:

@@ -1,8 +1,8 @@
 """Process-group handling for evaluation: one process, ``torchrun``, or ``srun``.
 
-Ranks come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or, when those are absent, from
-SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID (srun). MASTER_ADDR/MASTER_PORT must be set by the launcher
-for more than one process (the Slurm scripts export them); 127.0.0.1:29500 is the single-node default.
+Ranks come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or, when those are absent, from the srun
+step's SLURM_* variables through :func:`training.dist.map_slurm_env` (which also sets MASTER_ADDR from
+the node list and MASTER_PORT from the job id); 127.0.0.1:29500 is the single-node default.
 """
 
 from __future__ import annotations
@@ -32,28 +32,18 @@ class DistContext:
         return self.world_size > 1
 
 
-def _env_int(*names: str, default: int) -> int:
-    for name in names:
-        if os.environ.get(name, "") != "":
-            return int(os.environ[name])
-    return default
-
-
 def setup(device: str = "gpu") -> DistContext:
     """Join (or create) the process group described by the environment; ``device`` is "gpu" or "cpu".
 
     Exports RANK/WORLD_SIZE/LOCAL_RANK when they came from Slurm, so the eval loaders (which read
     them) shard the data the same way.
     """
-    try:  # the training package's srun mapping (MASTER_ADDR from the node list, port from the job id)
-        from training.dist import map_slurm_env
-    except ImportError:
-        map_slurm_env = None
-    if map_slurm_env is not None:
-        map_slurm_env()
-    rank = _env_int("RANK", "SLURM_PROCID", default=0)
-    world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-    local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    from training.dist import map_slurm_env
+
+    map_slurm_env()  # inside an srun step: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM_*
+    rank = int(os.environ.get("RANK") or 0)
+    world_size = int(os.environ.get("WORLD_SIZE") or 1)
+    local_rank = int(os.environ.get("LOCAL_RANK") or 0)
     if device == "gpu":
         if not torch.cuda.is_available():
             raise ValueError("device=gpu: no CUDA device is visible; pass device=cpu")
@@ -62,9 +52,6 @@ def setup(device: str = "gpu") -> DistContext:
     else:
         dev = torch.device("cpu")
     if world_size > 1:
-        os.environ.setdefault("RANK", str(rank))
-        os.environ.setdefault("WORLD_SIZE", str(world_size))
-        os.environ.setdefault("LOCAL_RANK", str(local_rank))
         if not dist.is_initialized():
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")

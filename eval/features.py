@@ -13,8 +13,6 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from eval.distributed import all_gather_rows
-
 
 def freeze(backbone: nn.Module) -> nn.Module:
     """Put ``backbone`` in eval mode with every parameter's ``requires_grad`` off; returns it."""
@@ -47,12 +45,10 @@ def extract_features(
     backbone: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     device: torch.device,
-    gather: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and labels of every batch ({"image": [B,3,H,W], "label": [B]}) of this rank's shard.
 
-    Returns ``(features [N, D] float32, labels [N] int64)`` on ``device``. With ``gather=True`` the
-    rows of all ranks are concatenated (every rank gets the full set).
+    Returns ``(features [N, D] float32, labels [N] int64)`` on ``device``.
     """
     feats, labels = [], []
     for batch in batches:
@@ -64,6 +60,4 @@ def extract_features(
     else:
         dim = getattr(backbone, "feature_dim", 0)
         f, y = torch.zeros((0, dim), device=device), torch.zeros((0,), dtype=torch.long, device=device)
-    if gather:
-        f, y = all_gather_rows(f), all_gather_rows(y)
     return f, y

@@ -88,7 +88,7 @@ def knn_evaluate(
     b = F.normalize(train_features.float(), dim=1)
     q_all = F.normalize(q_all, dim=1)
     distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-    hits = torch.zeros(2, dtype=torch.int64)
+    hits = torch.zeros(2, dtype=torch.int64, device=q_all.device)  # read once after the loop
     kk = min(5, num_classes)
     for i in range(0, q_all.shape[0], chunk):
         q = q_all[i : i + chunk]
@@ -101,11 +101,12 @@ def knn_evaluate(
         scores = knn_scores(sims, labels, num_classes, t)
         top = scores.topk(kk, dim=1).indices
         hit = top.eq(y_all[i : i + chunk].view(-1, 1))
-        hits += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()]).cpu()
+        hits += torch.stack([hit[:, 0].sum(), hit.any(dim=1).sum()])
     total = int(q_all.shape[0])
     if total == 0:
         raise RuntimeError("knn: validation set is empty")
-    return KnnResult(top1=100.0 * int(hits[0]) / total, top5=100.0 * int(hits[1]) / total, total=total)
+    top1, top5 = hits.tolist()
+    return KnnResult(top1=100.0 * top1 / total, top5=100.0 * top5 / total, total=total)
 
 
 def _gather_cols(t: torch.Tensor) -> torch.Tensor:

@@ -58,15 +58,14 @@ def evaluate_head(head: nn.Module, batches: Iterable[Batch]) -> tuple[float, flo
     """Top-1 and top-5 accuracy (%) of ``head`` over every rank's batches, and the sample count."""
     was_training = head.training
     head.eval()
-    counts = None
-    for f, y in batches:
-        c = torch.cat([topk_correct(head(f), y), torch.tensor([y.numel()], device=y.device)])
-        counts = c if counts is None else counts + c
-    head.train(was_training)
     device = next(head.parameters()).device
-    if counts is None:
-        counts = torch.zeros(3, dtype=torch.int64, device=device)
-    counts = all_reduce_sum(counts.to(device))
+    correct = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5 hits: on the device, no sync
+    seen = 0
+    for f, y in batches:
+        correct += topk_correct(head(f), y).to(device)
+        seen += y.numel()
+    head.train(was_training)
+    counts = all_reduce_sum(torch.cat([correct, torch.tensor([seen], device=device)]))
     top1, top5, total = (int(v) for v in counts.tolist())
     if total == 0:
         raise RuntimeError("validation set is empty")
@@ -145,7 +144,9 @@ def train_linear_head(
     head.train()
     for epoch in range(proto.epochs):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros(2, dtype=torch.float64, device=next(head.parameters()).device)
+        device = next(head.parameters()).device
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)  # sum of loss x batch size
+        seen = 0
         for step, (f, y) in enumerate(train_epoch(epoch)):
             lr = proto.lr_at(epoch + step / max(steps_per_epoch, 1))
             for g in opt.param_groups:
@@ -154,13 +155,10 @@ def train_linear_head(
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            loss_sum += torch.stack(
-                [
-                    loss.detach().double() * y.numel(),
-                    torch.tensor(float(y.numel()), dtype=torch.float64, device=loss_sum.device),
-                ]
-            )
-        loss_sum = all_reduce_sum(loss_sum)
+            loss_sum += loss.detach().double() * y.numel()  # stays on the device: no sync per step
+            seen += y.numel()
+        n = torch.tensor(float(seen), dtype=torch.float64, device=device)
+        loss_sum = all_reduce_sum(torch.stack([loss_sum, n]))
         if not torch.isfinite(loss_sum[0]):
             raise FloatingPointError(
                 f"linear head: training loss not finite in epoch {epoch + 1} "
