@@ -253,11 +253,12 @@ def parse_overrides(overrides: list[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge(base: dict, extra: dict) -> dict:
+    """``extra`` merged into ``base`` recursively (dicts merged, other values replaced); a new dict."""
     out = dict(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge(out[k], v)
         else:
             out[k] = v
     return out
@@ -274,7 +275,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    tree = _merge(tree, parse_overrides(overrides or []))
+    tree = merge(tree, parse_overrides(overrides or []))
     try:
         cfg = _build(Config, tree, "")
     except ConfigError as exc:

@@ -152,12 +152,12 @@ def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
         dist.broadcast(t.data, src)
 
 
-def any_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
-    """True on every rank when ``flag`` is true on at least one (an all-reduce MAX)."""
+def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool:
+    """True on every rank when ``flag`` is true on at least one (an all-reduce MAX over ``group``)."""
     if world_size() == 1:
         return flag
     t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return bool(t.item())
 
 

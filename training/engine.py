@@ -15,14 +15,7 @@ import torch
 from torch import nn
 
 from training import lars
-from training.config import Config
-
-
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
+from training.config import Config, merge
 
 
 def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:
@@ -43,7 +36,7 @@ def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:
         ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
     elif cfg.deepspeed.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
-    return _deep_merge(ds, cfg.deepspeed.config)
+    return merge(ds, copy.deepcopy(cfg.deepspeed.config))  # a copy: DeepSpeed may edit its config
 
 
 def build_optimizer(cfg: Config, model: nn.Module, lr: float) -> torch.optim.Optimizer:

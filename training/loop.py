@@ -28,7 +28,7 @@ import torch
 
 from training import byol, checkpoint, dist, moco
 from training.backbones import build_backbone, save_backbone
-from training.config import Config, ConfigError, check_world, diff, dump, from_dict, to_dict
+from training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from training.ema import update_momentum
 from training.engine import build_engine, input_dtype, set_lr
 from training.preemption import EXIT_REQUEUE, Preemption
@@ -272,8 +272,8 @@ def check_resume_config(cfg: Config, stored: dict, path: Path, force_config: boo
     """Refuse to continue a checkpoint whose config differs in keys that change the run."""
     changed = diff(stored, to_dict(cfg))
     if changed and not force_config:
-        old, new = to_dict(from_dict(copy.deepcopy(stored))), to_dict(cfg)
-        detail = ", ".join(f"{k} ({_get(old, k)!r} -> {_get(new, k)!r})" for k in changed)
+        old, new = flatten(to_dict(from_dict(copy.deepcopy(stored)))), flatten(to_dict(cfg))
+        detail = ", ".join(f"{k} ({old.get(k)!r} -> {new.get(k)!r})" for k in changed)
         raise ConfigError(
             f"{path}: the config differs from the checkpoint's in {detail}; this would change the run. "
             "Use a new output_dir, or pass --force-config to continue with the new values"
@@ -298,12 +298,6 @@ def _resume(run: Run, ckpt_dir: Path, force_config: bool) -> str | None:
             flush=True,
         )
     return client.get("mlflow_run_id")
-
-
-def _get(tree: dict, dotted: str) -> Any:
-    for part in dotted.split("."):
-        tree = tree.get(part, {}) if isinstance(tree, dict) else None
-    return tree
 
 
 def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> int:

@@ -74,12 +74,9 @@ class Preemption:
         """True on every rank when any rank has received a signal (collective: call on all ranks)."""
         if self._group is None:
             return self.signum is not None
-        import torch
-        import torch.distributed as dist
+        from training.dist import any_rank
 
-        flag = torch.tensor([0 if self.signum is None else 1], dtype=torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-        return bool(flag.item())
+        return any_rank(self.signum is not None, group=self._group)
 
     def restore(self) -> None:
         for s, h in self._previous.items():
