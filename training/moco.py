@@ -16,7 +16,7 @@ from torch import Tensor
 from training import dist
 from training.config import MocoConfig
 from training.heads import Network, freeze_bn_stats, moco_head
-from training.losses import info_nce, unmix_weighted
+from training.losses import info_nce, info_nce_mixed, unmix_weighted
 from training.queue import KeyQueue
 
 
@@ -38,7 +38,9 @@ def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator) -> T
     if world == 1:
         return encoder.embed(x)
     x_all = dist.all_gather(x)  # x_all: (W*N)x3xHxW
-    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator).to(x.device)
+    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator)  # same on every rank (CPU generator)
+    if x.is_cuda:  # from pinned memory: the copy does not wait for the device's queued work
+        idx_shuffle = idx_shuffle.pin_memory().to(x.device, non_blocking=True)
     idx_unshuffle = torch.argsort(idx_shuffle)
     mine = idx_shuffle.view(world, -1)[dist.rank()]
     k_all = dist.all_gather(encoder.embed(x_all[mine]))  # k_all: (W*N)xC, shuffled order
@@ -64,10 +66,11 @@ class MoCo:
     def targets(self, batch: dict[str, Tensor], generator: torch.Generator) -> tuple[Tensor, ...]:
         """Keys of the clean views: ``(k2,)`` or, symmetric, ``(k2, k1)``."""
         self.target.train()
-        k2 = shuffled_embed(self.target, batch["view2"], generator)  # k2: NxC
+        embed = shuffled_embed if self.cfg.shuffle_bn else lambda enc, x, _: enc.embed(x)
+        k2 = embed(self.target, batch["view2"], generator)  # k2: NxC
         if not self.cfg.symmetric:
             return (k2,)
-        return k2, shuffled_embed(self.target, batch["view1"], generator)
+        return k2, embed(self.target, batch["view1"], generator)
 
     def loss(
         self, outs: tuple[Tensor, ...], keys: tuple[Tensor, ...], lam: Tensor | None
@@ -87,7 +90,7 @@ class MoCo:
         if lam is None:
             return clean, clean.detach(), torch.zeros_like(clean).detach()
         z_m = outs[-1]  # z_m: NxC, embeddings of the mixtures
-        mix = unmix_weighted(info_nce(z_m, k2, queue, T), info_nce(z_m.flip(0), k2, queue, T), lam)
+        mix = unmix_weighted(*info_nce_mixed(z_m, k2, queue, T), lam)
         return clean + mix, clean.detach(), mix.detach()
 
     def keys_to_enqueue(self, keys: tuple[Tensor, ...]) -> Tensor:

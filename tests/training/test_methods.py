@@ -113,6 +113,19 @@ def test_moco_with_unmix_off_equals_plain_moco():
         torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=n)
 
 
+@pytest.mark.parametrize("shuffle_bn", [True, False])
+def test_moco_shuffle_bn_switch(monkeypatch, shuffle_bn):
+    cfg = MocoConfig(K=32, dim=16, hidden_dim=32, symmetric=True, shuffle_bn=shuffle_bn)
+    method = moco.MoCo(moco.build_online(build_backbone("resnet10", crop=16), cfg), cfg, seed=0)
+    used = []
+    real = moco.shuffled_embed
+    monkeypatch.setattr(moco, "shuffled_embed", lambda enc, x, g: used.append(1) or real(enc, x, g))
+    batch = {"view1": torch.randn(4, 3, 16, 16), "view2": torch.randn(4, 3, 16, 16)}
+    k2, k1 = method.targets(batch, torch.Generator().manual_seed(0))
+    assert len(used) == (2 if shuffle_bn else 0)
+    assert k2.shape == k1.shape == (4, 16)
+
+
 def test_moco_unmix_loss_is_clean_plus_weighted_mix():
     torch.manual_seed(0)
     cfg = MocoConfig(K=32, dim=16, hidden_dim=32, T=0.2, mlp=True)
