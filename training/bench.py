@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from training.config import Config, load_config
-from training.losses import byol_regression, info_nce, unmix_weighted
+from training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
 
 
 class MemoryLoader:
@@ -121,9 +121,7 @@ class PlainLoop:
             loss = info_nce(self.online.embed(x1), k, self.queue, T).mean()
             if self.unmix:
                 z_m = self.online.embed(b["mixed"])
-                loss = loss + unmix_weighted(
-                    info_nce(z_m, k, self.queue, T), info_nce(z_m.flip(0), k, self.queue, T), lam
-                )
+                loss = loss + unmix_weighted(*info_nce_mixed(z_m, k, self.queue, T), lam)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -31,6 +31,24 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, T: float) -> Tensor:
     return F.cross_entropy(logits, labels, reduction="none")
 
 
+def info_nce_mixed(z_m: Tensor, k: Tensor, queue: Tensor, T: float) -> tuple[Tensor, Tensor]:
+    """``(info_nce(z_m, k), info_nce(z_m.flip(0), k))`` with the NxK product against the queue done once.
+
+    The reversed mixtures' negatives are the same rows in reverse order (``l_neg.flip(0)``); only the
+    positives differ. Saves one of the two largest matrix products of the Un-Mix loss (and its backward).
+    """
+    z = F.normalize(z_m.float(), dim=1)
+    k = F.normalize(k.float(), dim=1).detach()
+    l_neg = torch.einsum("nc,ck->nk", z, queue.detach())  # l_neg: NxK
+    labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # positives: index 0
+    losses = []
+    for zz, neg in ((z, l_neg), (z.flip(0), l_neg.flip(0))):
+        l_pos = torch.einsum("nc,nc->n", zz, k).unsqueeze(-1)  # l_pos: Nx1
+        logits = torch.cat([l_pos, neg], dim=1) / T  # logits: Nx(1+K)
+        losses.append(F.cross_entropy(logits, labels, reduction="none"))
+    return losses[0], losses[1]
+
+
 def byol_regression(p: Tensor, z: Tensor) -> Tensor:
     """BYOL: ``2 - 2 cos(p, z)`` = squared distance of the normalised vectors; ``z`` is the target.
 

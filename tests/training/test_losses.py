@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.losses import byol_regression, info_nce, unmix_weighted
+from training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
 
 
 def _naive_info_nce(q, k, queue, T):
@@ -86,3 +86,16 @@ def test_unmix_weighting_with_per_sample_lambda_pairs_partners():
     a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0, 30.0])
     expected = ((0.1 * 1 + 0.1 * 10) + (0.2 * 2 + 0.8 * 20) + (0.9 * 3 + 0.9 * 30)) / 3
     assert abs(float(unmix_weighted(a, b, lam)) - expected) < 1e-6
+
+
+def test_info_nce_mixed_equals_two_info_nce_with_the_queue_product_once():
+    torch.manual_seed(0)
+    z_m = torch.randn(6, 8, requires_grad=True)
+    keys, queue = torch.randn(6, 8), F.normalize(torch.randn(8, 32), dim=0)
+    got = info_nce_mixed(z_m, keys, queue, 0.2)
+    ref = info_nce(z_m, keys, queue, 0.2), info_nce(z_m.flip(0), keys, queue, 0.2)
+    for g, r in zip(got, ref, strict=True):
+        torch.testing.assert_close(g, r, rtol=1e-6, atol=1e-6)
+    (g_got,) = torch.autograd.grad(sum(x.sum() for x in got), z_m)
+    (g_ref,) = torch.autograd.grad(sum(x.sum() for x in ref), z_m)
+    torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
