@@ -344,52 +344,40 @@ def _load() -> float:
 
 def run_bench(args: argparse.Namespace) -> int:
     """Entry point of ``unmix bench pipeline``."""
-    tmp = None
-    shards = args.shards
-    if shards is None or args.make_data:
-        n = args.make_data or 512
-        if args.data_dir:
-            root = Path(args.data_dir)
-        else:
-            root = Path(tmp := tempfile.mkdtemp(prefix="unmix-bench-"))
-        print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
-        shards = str(make_workload(root, n))
-    if args.stages:
-        try:
-            stages = run_stages(shards, args)
-        finally:
-            if tmp:
-                import shutil
+    with tempfile.TemporaryDirectory(prefix="unmix-bench-") as tmp:
+        shards = args.shards
+        if shards is None or args.make_data:
+            n = args.make_data or 512
+            root = Path(args.data_dir or tmp)
+            print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
+            shards = str(make_workload(root, n))
+        results = {"stages": run_stages(shards, args)} if args.stages else compare_loaders(shards, args)
+    if args.json:
+        keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
+        settings = {k: getattr(args, k) for k in keys}
+        Path(args.json).write_text(json.dumps({"settings": settings, **results}, indent=1))
+    return 0
 
-                shutil.rmtree(tmp, ignore_errors=True)
-        if args.json:
-            keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
-            settings = {k: getattr(args, k) for k in keys}
-            Path(args.json).write_text(json.dumps({"settings": settings, "stages": stages}, indent=1))
-        return 0
+
+def compare_loaders(shards: str, args: argparse.Namespace) -> dict[str, Any]:
+    """DALI vs torchvision, Un-Mix on and off, alternating ``--repeat`` times; prints and returns figures."""
     configs = [("dali", False), ("dali", True), ("torchvision", False), ("torchvision", True)]
     if args.only:
         configs = [c for c in configs if c[0] == args.only]
     names = [f"{s}_{'unmix' if u else 'plain'}" for s, u in configs]
     figures: dict[str, list[float]] = {k: [] for k in names}
     cpu_ms: dict[str, list[float]] = {k: [] for k in names}
-    try:
-        for rep in range(args.repeat):
-            for (side, unmix), name in zip(configs, names, strict=True):
-                fn = measure_dali if side == "dali" else measure_torchvision
-                ips, ms = fn(shards, args, unmix)
-                figures[name].append(ips)
-                cpu_ms[name].append(ms)
-                print(
-                    f"[{rep + 1}/{args.repeat}] {side:11s} unmix={'on ' if unmix else 'off'} "
-                    f"{ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {_load():.1f})",
-                    flush=True,
-                )
-    finally:
-        if tmp:
-            import shutil
-
-            shutil.rmtree(tmp, ignore_errors=True)
+    for rep in range(args.repeat):
+        for (side, unmix), name in zip(configs, names, strict=True):
+            fn = measure_dali if side == "dali" else measure_torchvision
+            ips, ms = fn(shards, args, unmix)
+            figures[name].append(ips)
+            cpu_ms[name].append(ms)
+            print(
+                f"[{rep + 1}/{args.repeat}] {side:11s} unmix={'on ' if unmix else 'off'} "
+                f"{ips:8.1f} img/s  {ms:6.2f} CPU ms/img  (load {_load():.1f})",
+                flush=True,
+            )
     med = {k: statistics.median(v) for k, v in figures.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
     ratios = {}
@@ -407,21 +395,11 @@ def run_bench(args: argparse.Namespace) -> int:
     print("ratios (speedup: wall clock; cpu_efficiency: CPU time per image, robust on a busy machine)")
     for k, v in ratios.items():
         print(f"  {k:28s} {v:8.3f}" + ("  (fraction)" if "cost" in k else "x"))
-    if args.json:
-        keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
-        settings = {k: getattr(args, k) for k in keys}
-        Path(args.json).write_text(
-            json.dumps(
-                {
-                    "settings": settings,
-                    "shards": str(args.shards or "photos"),
-                    "images_per_s": figures,
-                    "cpu_ms_per_image": cpu_ms,
-                    "median": med,
-                    "median_cpu_ms": med_cpu,
-                    "ratios": ratios,
-                },
-                indent=1,
-            )
-        )
-    return 0
+    return {
+        "shards": str(args.shards or "photos"),
+        "images_per_s": figures,
+        "cpu_ms_per_image": cpu_ms,
+        "median": med,
+        "median_cpu_ms": med_cpu,
+        "ratios": ratios,
+    }

@@ -168,6 +168,9 @@ class DaliLoader:
         self._policy = last_batch_policy
         self.batch_size = batch_size
         self.device = device
+        # where labels, lam and partner go: the rank's GPU, or the CPU
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        self._target = torch.device("cuda", local_rank) if device == "gpu" else torch.device("cpu")
         self.dtype = dtype
         self._float_outputs = float_outputs
         self._identity = identity  # arguments a checkpoint must match
@@ -204,18 +207,16 @@ class DaliLoader:
                 # zero-copy under the dynamic executor (see _owned); .to() converts into a new tensor
                 batch[k] = t.to(self.dtype) if t.dtype != self.dtype else self._owned(t)
             elif k == "lam":
-                batch[k] = t.reshape(-1).to(torch.float32, copy=True)
+                batch[k] = t.reshape(-1).to(self._target, torch.float32, copy=True)
             elif k == "cls":
                 labels = parse_labels(t)
-                batch["label"] = labels.to(self._torch_device(), non_blocking=True)
+                batch["label"] = labels.to(self._target, non_blocking=True)
             elif k == "key":
                 batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
             elif k == "partner":
-                batch[k] = t.reshape(-1).to(torch.int64, copy=True).to(self._torch_device())
+                batch[k] = t.reshape(-1).to(self._target, torch.int64, copy=True)
             else:  # pragma: no cover - output_map is ours
                 batch[k] = self._owned(t)
-        if "lam" in batch:
-            batch["lam"] = batch["lam"].to(self._torch_device())
         return batch
 
     def _owned(self, t: torch.Tensor) -> torch.Tensor:
@@ -227,11 +228,6 @@ class DaliLoader:
         Any other executor recycles its output buffers: copy.
         """
         return t if self.pipeline.exec_dynamic else t.clone()
-
-    def _torch_device(self) -> torch.device:
-        if self.device == "gpu":
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
 
     def state_dict(self) -> dict[str, Any]:
         """The position after the last batch handed out: DALI checkpoint + epoch + build arguments."""

@@ -9,8 +9,6 @@ Then every image is decoded with DALI (``device="cpu"``: CPU decoder, ``device_i
 
 from __future__ import annotations
 
-import hashlib
-import os
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,17 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.dali_index import Member, format_index, parse_index, split_name
-from pipeline.shards import MANIFEST, ManifestError, Problem, ShardInfo, read_manifest
+from pipeline.shards import (
+    MANIFEST,
+    ManifestError,
+    Problem,
+    ShardInfo,
+    available_cpus,
+    read_manifest,
+    sha256_file,
+)
 
 DECODE_BATCH = 64
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(1 << 20):
-            h.update(b)
-    return h.hexdigest()
 
 
 def _index_diff(expected: str, actual: str) -> str:
@@ -55,7 +53,7 @@ def _check_shard(
     size = s.path.stat().st_size
     if size != s.bytes:
         problems.append(Problem(s.name, None, f"size {size} bytes, manifest says {s.bytes}"))
-    if _sha256(s.path) != s.sha256:
+    if sha256_file(s.path) != s.sha256:
         problems.append(Problem(s.name, None, "sha256 does not match the manifest (corrupted or modified)"))
 
     members: list[Member] = []
@@ -128,7 +126,7 @@ class _Decoder:
 
     def __init__(self, device: str, batch_size: int):
         self.gpu = device == "gpu" and _cuda_available()
-        self.threads = max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 2))
+        self.threads = min(8, available_cpus())
         self.batch_size = batch_size
         self.pipe = self._build(batch_size)
 

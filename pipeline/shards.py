@@ -534,7 +534,8 @@ def _read_copy(item: SourceItem) -> bytes:
         return f.read()
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while b := f.read(1 << 20):
@@ -565,14 +566,14 @@ def _load_done(out: Path, names: set[str]) -> dict[str, dict[str, Any]]:
             tar.is_file()
             and idx.is_file()
             and tar.stat().st_size == rec["bytes"]
-            and _sha256_file(tar) == rec["sha256"]
+            and sha256_file(tar) == rec["sha256"]
             and hashlib.sha256(idx.read_bytes()).hexdigest() == rec["index_sha256"]
         ):
             kept[name] = rec
     return kept
 
 
-def _available_cpus() -> int:
+def available_cpus() -> int:
     """CPUs this process may run on (respects Slurm/cgroup affinity, unlike ``os.cpu_count``)."""
     try:
         return len(os.sched_getaffinity(0))
@@ -654,7 +655,7 @@ def write_shards(
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
     settings = PrepSettings(quality=quality, max_side=max_side)
-    workers = _available_cpus() if workers is None else workers
+    workers = available_cpus() if workers is None else workers
 
     job = _job_description(source, split, seed, samples_per_shard, shard_bytes, settings)
     resuming = _prepare_out(out, job, overwrite)
