@@ -107,24 +107,19 @@ def setup(cfg: Config, loader_factory=None) -> Run:
         cfg.model.arch, small_images=cfg.model.small_images, crop=cfg.data.crop, width=cfg.model.width
     )
     if cfg.method.name == "byol":
-        online = byol.build_online(backbone, cfg.method.byol)
-        sync_bn = cfg.method.byol.sync_bn
+        kind, cls, method_cfg = byol, byol.BYOL, cfg.method.byol
     else:
-        online = moco.build_online(backbone, cfg.method.moco)
-        sync_bn = cfg.method.moco.sync_bn
-    if sync_bn and world > 1 and device.type == "cuda":  # torch's SyncBatchNorm has no CPU kernel
+        kind, cls, method_cfg = moco, moco.MoCo, cfg.method.moco
+    online = kind.build_online(backbone, method_cfg)
+    if method_cfg.sync_bn and world > 1 and device.type == "cuda":  # torch's SyncBatchNorm has no CPU kernel
         online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
     online = online.to(device)
-    channels_last = cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
-    if channels_last:
+    if _channels_last(cfg, device):
         online = online.to(memory_format=torch.channels_last)
 
     # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
     # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
-    cls = byol.BYOL if cfg.method.name == "byol" else moco.MoCo
-    method = cls(
-        online, getattr(cfg.method, "byol" if cfg.method.name == "byol" else "moco"), cfg.seed, device
-    )
+    method = cls(online, method_cfg, cfg.seed, device)
     dist.broadcast_([*method.target.parameters(), *method.target.buffers()])
     if method.queue is not None:
         dist.broadcast_([method.queue.queue])
@@ -154,13 +149,14 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     )
 
 
+def _channels_last(cfg: Config, device: torch.device) -> bool:
+    """``model.channels_last``, or by default on CUDA only."""
+    return cfg.model.channels_last if cfg.model.channels_last is not None else device.type == "cuda"
+
+
 def _to_device(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tensor]:
     dtype = input_dtype(run.cfg)
-    channels_last = (
-        run.cfg.model.channels_last
-        if run.cfg.model.channels_last is not None
-        else (run.device.type == "cuda")
-    )
+    channels_last = _channels_last(run.cfg, run.device)
     out = {}
     for k, v in batch.items():
         v = v.to(run.device, non_blocking=True)
