@@ -69,8 +69,9 @@ _SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 def scan_jpeg(data: bytes) -> tuple[int, int, int, int] | str:
     """Walk a JPEG's marker segments up to the first scan, without decoding anything.
 
-    Returns ``(width, height, components, SOF marker)`` or an error message: bad or overrunning segments,
-    no frame header before the scan, no scan, or no end-of-image marker (a truncated file). ~20 us,
+    Returns ``(width, height, components, SOF marker)`` or an error message: invalid markers, bad or
+    overrunning segments, malformed quantization/Huffman tables or frame/scan headers, no frame header
+    before the scan, no scan, or no end-of-image marker (a truncated file). ~20 us,
     against ~300 us for PIL's header parse, which matters at >= 2,000 images/s on two cores.
     """
     n, i = len(data), 2
@@ -87,12 +88,17 @@ def scan_jpeg(data: bytes) -> tuple[int, int, int, int] | str:
             continue
         if m == 0xD9:
             return "corrupt JPEG (end-of-image before any scan)"
+        if m < 0xC0:  # 0x00 and the reserved 0x02..0xBF: DALI's CPU decoder can crash on them
+            return f"corrupt JPEG (invalid marker 0xFF{m:02X} at byte {i})"
         seg = int.from_bytes(data[i + 2 : i + 4], "big")
         if seg < 2 or i + 2 + seg > n:
             return f"corrupt or truncated JPEG (segment 0x{m:02X} at byte {i} overruns the file)"
+        bad = _bad_table(m, data, i + 4, i + 2 + seg)
+        if bad:
+            return f"corrupt JPEG ({bad} at byte {i})"
         if m in _SOF_MARKERS:
-            if seg < 8:
-                return f"corrupt JPEG (short frame header at byte {i})"
+            if seg < 8 or seg != 8 + 3 * data[i + 9] or not 1 <= data[i + 9] <= 4:
+                return f"corrupt JPEG (malformed frame header at byte {i})"
             h = int.from_bytes(data[i + 5 : i + 7], "big")
             w = int.from_bytes(data[i + 7 : i + 9], "big")
             if w == 0 or h == 0:
@@ -101,11 +107,40 @@ def scan_jpeg(data: bytes) -> tuple[int, int, int, int] | str:
         if m == 0xDA:
             if frame is None:
                 return "corrupt JPEG (scan before any frame header)"
+            if seg < 8 or not 1 <= data[i + 4] <= 4 or seg != 6 + 2 * data[i + 4]:
+                return f"corrupt JPEG (malformed scan header at byte {i})"
             if not _has_eoi(data):
                 return "truncated JPEG (no end-of-image marker after the scan)"
             return frame
         i += 2 + seg
     return "corrupt or truncated JPEG (no image data)"
+
+
+def _bad_table(m: int, data: bytes, start: int, end: int) -> str | None:
+    """What is wrong with a quantization (DQT) or Huffman (DHT) table segment's layout, or None.
+
+    Each table must have a valid class/precision and id and the tables must fill the segment exactly:
+    libjpeg-turbo rejects such files, and DALI's CPU decoder has been seen to crash on them.
+    """
+    p = start
+    if m == 0xDB:
+        while p < end:
+            pq, tq = data[p] >> 4, data[p] & 15
+            if pq > 1 or tq > 3:
+                return f"bad quantization table spec 0x{data[p]:02X}"
+            p += 1 + 64 * (1 + pq)
+        return None if p == end else "quantization tables do not fill their segment"
+    if m == 0xC4:
+        while p < end:
+            tc, th = data[p] >> 4, data[p] & 15
+            if tc > 1 or th > 3 or p + 17 > end:
+                return f"bad Huffman table spec 0x{data[p]:02X}"
+            count = sum(data[p + 1 : p + 17])
+            if count > 256:
+                return "Huffman table with more than 256 codes"
+            p += 17 + count
+        return None if p == end else "Huffman tables do not fill their segment"
+    return None
 
 
 def _has_eoi(data: bytes) -> bool:

@@ -3,19 +3,27 @@
 Checks, per shard: the tar exists with the manifest's size and sha256; its ``.idx`` exists and equals the
 index re-derived from the tar (what ``wds2idx`` would write); every sample has ``.jpg`` and ``.cls``;
 ``.cls`` is an integer class index in range; keys are unique across the set; the sample count matches.
-Then every image is decoded with DALI (``device="cpu"``: CPU decoder, ``device_id=None``;
-``device="gpu"``: nvJPEG ``"mixed"`` decoder when CUDA is available, else the CPU one).
+Every ``.jpg`` must be a structurally sound JPEG (the writer's check: markers, tables, frame and scan
+headers, end-of-image). Then every image is decoded with DALI (``device="cpu"``: CPU decoder,
+``device_id=None``; ``device="gpu"``: nvJPEG ``"mixed"`` decoder when CUDA is available, else the CPU
+one), in a child process, so that a decoder crash on a damaged file is reported against its key instead
+of killing the verifier.
 """
 
 from __future__ import annotations
 
+import multiprocessing as mp
+import signal
 import tarfile
 from collections.abc import Iterator
+from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from pipeline.dali_index import Member, format_index, parse_index, split_name
+from pipeline.image_prep import scan_jpeg, sniff_format
 from pipeline.shards import (
     MANIFEST,
     ManifestError,
@@ -121,47 +129,122 @@ def _cuda_available() -> bool:
         return False
 
 
-class _Decoder:
-    """Decodes batches of encoded images with DALI, fed through ``external_source``."""
+class DecoderCrashError(Exception):
+    """The decode worker process died while decoding (a native crash in the decoder)."""
 
-    def __init__(self, device: str, batch_size: int):
-        self.gpu = device == "gpu" and _cuda_available()
-        self.threads = min(8, available_cpus())
-        self.batch_size = batch_size
-        self.pipe = self._build(batch_size)
 
-    def _build(self, batch_size: int):  # -> nvidia.dali.Pipeline
-        from nvidia.dali import fn, pipeline_def, types
+def _decode_worker(conn: Connection, gpu: bool, threads: int, batch_size: int) -> None:
+    """Child process: decode each list of encoded images it receives; reply None or the error's text.
 
-        @pipeline_def(batch_size=batch_size, num_threads=self.threads, device_id=0 if self.gpu else None)
+    One pipeline per batch-size limit (the full batch and 1, for isolating samples); a pipeline that
+    failed is rebuilt, since DALI leaves it unusable.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    def build(n: int):  # -> nvidia.dali.Pipeline
+        @pipeline_def(batch_size=n, num_threads=threads, device_id=0 if gpu else None)
         def decode_pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
-            return fn.decoders.image(enc, device="mixed" if self.gpu else "cpu", output_type=types.RGB)
+            return fn.decoders.image(enc, device="mixed" if gpu else "cpu", output_type=types.RGB)
 
         pipe = decode_pipe(prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
         pipe.build()
         return pipe
 
-    def _run(self, pipe, blobs: list[bytes]) -> None:
-        pipe.feed_input("enc", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
-        pipe.run()
+    pipes: dict[int, Any] = {}
+    while (blobs := conn.recv()) is not None:
+        n = batch_size if len(blobs) > 1 else 1
+        try:
+            if n not in pipes:
+                pipes[n] = build(n)
+            pipes[n].feed_input("enc", [np.frombuffer(b, dtype=np.uint8) for b in blobs])
+            pipes[n].run()
+            conn.send(None)
+        except Exception as e:
+            pipes.pop(n, None)
+            text = str(e).strip()
+            conn.send(text.splitlines()[0][:200] if text else type(e).__name__)
+
+
+class DecodeWorker:
+    """DALI decoding in a child process, so that a decoder crash on a malformed image is reported
+    (:class:`DecoderCrashError`) instead of killing the verifier. The child is restarted after a crash."""
+
+    def __init__(self, gpu: bool, threads: int, batch_size: int):
+        self._args = (gpu, threads, batch_size)
+        self._ctx = mp.get_context("spawn")  # DALI and CUDA are not fork-safe
+        self._start()
+
+    def _start(self) -> None:
+        self.conn, child = self._ctx.Pipe()
+        self.proc = self._ctx.Process(target=_decode_worker, args=(child, *self._args), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def decode(self, blobs: list[bytes]) -> str | None:
+        """Decode ``blobs`` (at most ``batch_size``); None if all decode, else DALI's error message."""
+        try:
+            self.conn.send(blobs)
+            return self.conn.recv()
+        except (EOFError, OSError):
+            self.proc.join(timeout=30)
+            code = self.proc.exitcode
+            self.conn.close()
+            self._start()
+            how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+            raise DecoderCrashError(f"DALI's decoder process died ({how})") from None
+
+    def close(self) -> None:
+        """Stop the child process."""
+        try:
+            self.conn.send(None)
+        except OSError:
+            pass
+        self.proc.join(timeout=10)
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.conn.close()
+
+
+class _Decoder:
+    """Checks that batches of images decode with DALI; names each sample that does not."""
+
+    def __init__(self, device: str, batch_size: int):
+        gpu = device == "gpu" and _cuda_available()
+        self.worker = DecodeWorker(gpu, min(8, available_cpus()), batch_size)
+
+    def _try(self, blobs: list[bytes]) -> str | None:
+        try:
+            return self.worker.decode(blobs)
+        except DecoderCrashError as e:
+            return str(e)
 
     def check(self, shard: str, batch: list[tuple[str, bytes]], problems: list[Problem]) -> None:
         """Decode ``batch``; on failure find and report the samples that do not decode."""
-        try:
-            self._run(self.pipe, [b for _, b in batch])
+        if self._try([b for _, b in batch]) is None:
             return
-        except Exception:
-            pass
-        single = self._build(1)  # a failed run can leave the pipeline unusable: isolate each sample
-        for key, blob in batch:
-            try:
-                self._run(single, [blob])
-            except Exception as e:
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                problems.append(Problem(shard, key, f"image does not decode with DALI ({msg[:200]})"))
-                single = self._build(1)
-        self.pipe = self._build(self.batch_size)
+        for key, blob in batch:  # isolate: one sample at a time
+            err = self._try([blob])
+            if err is not None:
+                problems.append(Problem(shard, key, f"image does not decode with DALI ({err})"))
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+def _jpeg_ok(shard: str, key: str, data: bytes, problems: list[Problem]) -> bool:
+    """The writer's structural JPEG check (markers, tables, headers, end-of-image); False, with the
+    problem recorded, when ``data`` fails it. Such files never reach DALI, whose CPU decoder can crash
+    on malformed headers."""
+    fmt = sniff_format(data[:16])
+    if fmt != "jpeg":
+        problems.append(Problem(shard, key, f".jpg member holds {fmt or 'unknown'} data, not a JPEG"))
+        return False
+    info = scan_jpeg(data)
+    if isinstance(info, str):
+        problems.append(Problem(shard, key, info))
+        return False
+    return True
 
 
 def _batches(items: list[tuple[str, bytes]], n: int) -> Iterator[list[tuple[str, bytes]]]:
@@ -185,12 +268,17 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
     seen: dict[str, str] = {}
     decoder = _Decoder(device, DECODE_BATCH) if decode else None
     total = 0
-    for s in m.shards:
-        images = _check_shard(s, m.num_classes, seen, problems)
-        total += len(images)
+    try:
+        for s in m.shards:
+            images = _check_shard(s, m.num_classes, seen, problems)
+            total += len(images)
+            images = [(k, b) for k, b in images if _jpeg_ok(s.name, k, b, problems)]
+            if decoder is not None:
+                for batch in _batches(images, DECODE_BATCH):
+                    decoder.check(s.name, batch, problems)
+    finally:
         if decoder is not None:
-            for batch in _batches(images, DECODE_BATCH):
-                decoder.check(s.name, batch, problems)
+            decoder.close()
     if total != m.total and not problems:
         problems.append(Problem(MANIFEST, None, f"{total} images in the shards, manifest total {m.total}"))
     return problems

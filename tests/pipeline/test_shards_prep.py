@@ -53,6 +53,36 @@ def test_jpeg_damage_is_caught_without_decoding():
     assert prepare_bytes(0, b"\x00" * 100, S).error == "not a readable image (unknown format)"
 
 
+def _set(data: bytes, at: int, value: int) -> bytes:
+    out = bytearray(data)
+    out[at] = value
+    return bytes(out)
+
+
+def test_malformed_headers_are_caught():
+    """Header damage that crashed DALI's CPU decoder (segfault, seen in CI) or that libjpeg rejects."""
+    data = jpeg()
+    dqt2 = data.index(b"\xff\xdb", 4)  # PIL writes two single-table DQT segments
+    dqt2 = data.index(b"\xff\xdb", dqt2 + 2)
+    dht = data.index(b"\xff\xc4")
+    sof = data.index(b"\xff\xc0")
+    sos = data.index(b"\xff\xda")
+    cases = {
+        _set(data, 3, 0x00): "invalid marker 0xFF00 at byte 2",  # APP0 marker byte zeroed: segfaulted
+        _set(data, 3, 0x10): "invalid marker 0xFF10 at byte 2",  # a reserved marker
+        _set(data, dqt2 + 4, 0x25): "bad quantization table spec 0x25",  # precision 2
+        _set(data, dqt2 + 3, data[dqt2 + 3] - 1): "quantization tables do not fill",  # length off by one
+        _set(data, dht + 4, 0x24): "bad Huffman table spec 0x24",  # table class 2
+        _set(data, dht + 5, 200): "Huffman table",  # code counts no longer fill the segment
+        _set(data, sof + 9, 5): "malformed frame header",  # 5 components
+        _set(data, sos + 4, 0): "malformed scan header",  # 0 components
+    }
+    for damaged, what in cases.items():
+        err = scan_jpeg(damaged)
+        assert isinstance(err, str) and what in err, (what, err)
+        assert prepare_bytes(0, damaged, S).error == err
+
+
 def test_cmyk_png_and_resize_are_reencoded():
     cmyk = prepare_bytes(0, jpeg(mode="CMYK"), S)
     assert cmyk.action == "cmyk" and Image.open(io.BytesIO(cmyk.data)).mode == "RGB"

@@ -6,13 +6,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import shutil
+import signal
 import tarfile
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from pipeline.dali_index import index_for_tar
+from pipeline.shard_verify import DecoderCrashError, DecodeWorker
 from pipeline.shards import read_manifest, verify_shards
 
 
@@ -105,16 +109,66 @@ def test_missing_tar(shard_copy: Path):
     ]
 
 
-def test_undecodable_image_named_by_key(shard_copy: Path):
+def replace_image(root: Path, shard: str, key: str, damage) -> None:
+    rewrite_shard(root, shard, lambda n, d: (n, damage(d)) if n == f"{key}.jpg" else (n, d))
+
+
+def test_malformed_jpeg_named_by_key(shard_copy: Path):
+    """The writer's structural check runs first, with or without decoding: DALI's CPU decoder crashed
+    (segfault) on this file when it was handed to it in a batch."""
     name = read_manifest(shard_copy).shards[1].name
     key = first_key(shard_copy, name)
-    rewrite_shard(
-        shard_copy, name, lambda n, d: (n, b"\xff\xd8\xff" + b"garbage" * 50) if n == f"{key}.jpg" else (n, d)
-    )
+    replace_image(shard_copy, name, key, lambda d: b"\xff\xd8\xff" + b"garbage" * 50)
+    expected = [f"{name} [{key}]: corrupt JPEG (invalid marker 0xFF67 at byte 2)"]
+    assert [str(p) for p in verify_shards(shard_copy)] == expected
+    assert [str(p) for p in verify_shards(shard_copy, decode=False)] == expected
+
+
+def test_non_jpeg_member_named_by_key(shard_copy: Path):
+    name = read_manifest(shard_copy).shards[0].name
+    key = first_key(shard_copy, name)
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="PNG")
+    replace_image(shard_copy, name, key, lambda d: buf.getvalue())
+    assert [str(p) for p in verify_shards(shard_copy)] == [
+        f"{name} [{key}]: .jpg member holds png data, not a JPEG"
+    ]
+
+
+def test_undecodable_image_named_by_key(shard_copy: Path):
+    """Well formed, but the frame uses quantization table 1, which is never defined: only decoding
+    finds it."""
+    name = read_manifest(shard_copy).shards[1].name
+    key = first_key(shard_copy, name)
+
+    def undefine_table_1(d: bytes) -> bytes:
+        dqt2 = d.index(b"\xff\xdb", d.index(b"\xff\xdb") + 2)
+        assert d[dqt2 + 4] == 1
+        return d[: dqt2 + 4] + b"\x00" + d[dqt2 + 5 :]
+
+    replace_image(shard_copy, name, key, undefine_table_1)
     problems = verify_shards(shard_copy)
     assert [(p.shard, p.key) for p in problems] == [(name, key)]
     assert "does not decode with DALI" in problems[0].message
     assert verify_shards(shard_copy, decode=False) == []
+
+
+def test_decoder_crash_is_reported_and_survived(sample_val: Path):
+    """A native crash in the decode worker becomes an error naming the signal; the worker restarts."""
+    with tarfile.open(read_manifest(sample_val).shards[0].path) as t:
+        f = t.extractfile(t.getnames()[0])
+        assert f is not None
+        good = f.read()
+    worker = DecodeWorker(gpu=False, threads=1, batch_size=4)
+    try:
+        assert worker.decode([good, good]) is None
+        os.kill(worker.proc.pid, signal.SIGSEGV)
+        with pytest.raises(DecoderCrashError, match="killed by SIGSEGV"):
+            worker.decode([good])
+        assert worker.decode([good]) is None
+    finally:
+        worker.close()
+    assert not worker.proc.is_alive()
 
 
 def test_missing_part_and_bad_labels(shard_copy: Path):
