@@ -30,8 +30,10 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
+from nvidia.dali.data_node import DataNode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -134,20 +136,38 @@ def random_view(images, spec: ViewSpec, crop: int):
 
 
 def gaussian_blur(x, sigma_range: tuple[float, float], crop: int):
-    """Gaussian blur with sigma ~ U(sigma_range) and the recipes' ``blur_window(crop)``-wide kernel.
+    """Gaussian blur, sigma ~ U(sigma_range) per sample, with the recipes' ``blur_window(crop)``-wide kernel.
 
-    The kernel is truncated per sample to ``min(blur_window(crop), 2 * ceil(4 * sigma) + 1)`` taps: the
-    Gaussian's weight beyond 4 sigma is < 7e-5 of the total, so the result equals the full-width kernel
-    to within uint8 rounding (tested), while DALI's CPU convolution costs time in proportion to the
-    width (at sigma 0.1-2 and 224 px: 3-17 taps instead of 23, about 3x faster).
+    See :func:`blur_with_sigma` for how it is computed.
     """
     lo, hi = sigma_range
-    if lo == hi:  # a fixed sigma (tests, ablations)
-        return fn.gaussian_blur(x, window_size=min(2 * math.ceil(4 * lo) + 1, blur_window(crop)), sigma=lo)
-    sigma = fn.random.uniform(range=[lo, hi])
-    taps = fn.cast(2.0 * dmath.ceil(4.0 * sigma) + 1.0, dtype=types.INT32)
-    window = dmath.min(taps, blur_window(crop))
-    return fn.gaussian_blur(x, window_size=window, sigma=sigma)
+    sigma = lo if lo == hi else fn.random.uniform(range=[lo, hi])  # a fixed sigma: tests, ablations
+    return blur_with_sigma(x, sigma, crop)
+
+
+def blur_with_sigma(x, sigma, crop: int):
+    """Gaussian blur of uint8 HWC ``x`` with standard deviation ``sigma`` (a float, or a per-sample node).
+
+    The kernel is the ``blur_window(crop)``-tap Gaussian cut per sample to ``2 * ceil(4 * sigma) + 1``
+    taps (the weight beyond 4 sigma is < 7e-5 of the total: the same result to within uint8 rounding,
+    tested), normalised to sum 1, and applied as two 1-D passes of ``fn.filter`` (vertical, then
+    horizontal; uint8 in between, so at most one grey level from the exact blur; borders reflect without
+    repeating the edge, like ``fn.gaussian_blur`` and torchvision). On the CPU, ``fn.filter`` runs
+    OpenCV's vectorised filtering: about 7x faster than ``fn.gaussian_blur`` for the same kernel. The
+    kernels are built on the host from the sample's sigma; on the GPU ``fn.filter`` takes them from there.
+    """
+    k = blur_window(crop)
+    offsets = np.arange(k, dtype=np.float32) - k // 2
+    if not isinstance(sigma, DataNode):
+        taps = min(k, 2 * math.ceil(4 * sigma) + 1)
+        w = np.exp(-0.5 * (offsets[(k - taps) // 2 : (k + taps) // 2] / sigma) ** 2)
+        w = (w / w.sum()).astype(np.float32)
+        return fn.filter(fn.filter(x, types.Constant(w.reshape(-1, 1))), types.Constant(w.reshape(1, -1)))
+    taps = dmath.min(fn.cast(2.0 * dmath.ceil(4.0 * sigma) + 1.0, dtype=types.INT32), k)
+    t = fn.slice(types.Constant(offsets), start=(k - taps) // 2, shape=taps, axes=[0])
+    w = dmath.exp(-0.5 * (t / sigma) ** 2)
+    w = w / fn.reductions.sum(w)
+    return fn.filter(fn.filter(x, fn.reshape(w, shape=[-1, 1])), fn.reshape(w, shape=[1, -1]))
 
 
 def solarize(x, threshold: int = 128):

