@@ -8,6 +8,10 @@ main process. Throughput is images per second (each image = two views + the mixt
 warm-up steps, the two loaders measured alternately in the same run, ``--repeat`` times; the report
 gives the medians and the ratios.
 
+``--unmix-cost`` instead measures only what the mixture adds to the DALI graph, in paired measurements
+of two live loaders (one measurement's noise on a shared machine is larger than that cost);
+``--stages`` cuts the DALI graph after each stage to show where its time goes.
+
 Without SHARDS (or with ``--make-data N``) an ImageNet-like workload is written first: N JPEGs of about
 500x375 cut from real photographs shipped by scikit-learn and matplotlib (``pipeline.sample``).
 """
@@ -50,6 +54,12 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
         "--stages",
         action="store_true",
         help="instead: where the DALI graph's time goes, stage by stage (decode, crops, colour, blur, ...)",
+    )
+    p.add_argument(
+        "--unmix-cost",
+        action="store_true",
+        help="instead: Un-Mix's cost over mixing off, in paired measurements of two live DALI loaders "
+        "(--repeat pairs of --steps batches; resolves differences the loader comparison cannot)",
     )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_bench)
@@ -207,13 +217,11 @@ def _forever(loader):
         yield from loader
 
 
-def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
-    """Images/s of :func:`pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
-    import torch
-
+def _dali_loader(shards, args, unmix: bool):
+    """The pretraining loader every DALI measurement uses."""
     from pipeline.loaders import build_pretrain_loader
 
-    loader = build_pretrain_loader(
+    return build_pretrain_loader(
         shards,
         args.batch_size,
         recipe=args.recipe,
@@ -224,12 +232,24 @@ def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
         seed=0,
     )
 
+
+def _consumer(device: str):
+    """Takes a DALI batch (waiting for the GPU's work on it); returns its size."""
+    import torch
+
     def consume(b):
-        if args.device == "gpu":
+        if device == "gpu":
             torch.cuda.synchronize()
         return b["view1"].shape[0]
 
-    return _time_steps(_forever(loader), args.warmup, args.steps, consume)
+    return consume
+
+
+def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
+    """Images/s of :func:`pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
+    return _time_steps(
+        _forever(_dali_loader(shards, args, unmix)), args.warmup, args.steps, _consumer(args.device)
+    )
 
 
 def measure_torchvision(shards, args, unmix: bool) -> tuple[float, float]:
@@ -336,6 +356,49 @@ def run_stages(shards: str, args: argparse.Namespace) -> dict[str, dict[str, flo
     return figures
 
 
+def unmix_cost(shards: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Un-Mix's CPU cost per image over mixing off, from paired measurements.
+
+    One measurement of a loader's CPU time per image varies by more than Un-Mix costs on a shared
+    machine, so both loaders (built as :func:`measure_dali` builds them) stay alive in one process and
+    are measured back to back, ``--repeat`` pairs of ``--steps`` batches (each after one untimed batch),
+    the order alternating; the report is the median and mean (with its standard error) of the paired
+    differences.
+    """
+    its = {on: _forever(_dali_loader(shards, args, on)) for on in (False, True)}
+    consume = _consumer(args.device)
+    cpu_ms: dict[bool, list[float]] = {False: [], True: []}
+    for it in its.values():  # both pipelines warm before any pair
+        for _ in range(args.warmup):
+            consume(next(it))
+    for rep in range(args.repeat):
+        for on in (False, True) if rep % 2 == 0 else (True, False):
+            cpu_ms[on].append(_time_steps(its[on], 1, args.steps, consume)[1])
+    diffs = [a - b for a, b in zip(cpu_ms[True], cpu_ms[False], strict=True)]
+    off = statistics.median(cpu_ms[False])
+    out = {
+        "off_cpu_ms": off,
+        "on_cpu_ms": statistics.median(cpu_ms[True]),
+        "diff_median_ms": statistics.median(diffs),
+        "diff_mean_ms": statistics.mean(diffs),
+        "diff_sem_ms": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"),
+        "pairs": len(diffs),
+    }
+    out["fraction_median"] = out["diff_median_ms"] / off
+    out["fraction_mean"] = out["diff_mean_ms"] / off
+    print(
+        f"\nUn-Mix cost, DALI {args.recipe} graph, {args.device}, {len(diffs)} pairs of {args.steps} batches"
+    )
+    print(f"  mixing off      {off:7.2f} CPU ms/img (median)")
+    print(f"  Un-Mix on       {out['on_cpu_ms']:7.2f} CPU ms/img (median)")
+    print(
+        f"  on - off        {out['diff_median_ms']:+7.2f} ms median, {out['diff_mean_ms']:+.2f} ± "
+        f"{out['diff_sem_ms']:.2f} ms mean ± s.e.m."
+    )
+    print(f"  as a fraction   {out['fraction_median']:+7.1%} median, {out['fraction_mean']:+.1%} mean")
+    return out
+
+
 def _load() -> float:
     import os
 
@@ -351,7 +414,12 @@ def run_bench(args: argparse.Namespace) -> int:
             root = Path(args.data_dir or tmp)
             print(f"writing a {n}-image photo workload (~500x375 JPEGs) under {root} ...", file=sys.stderr)
             shards = str(make_workload(root, n))
-        results = {"stages": run_stages(shards, args)} if args.stages else compare_loaders(shards, args)
+        if args.stages:
+            results = {"stages": run_stages(shards, args)}
+        elif args.unmix_cost:
+            results = {"unmix_cost": unmix_cost(shards, args)}
+        else:
+            results = compare_loaders(shards, args)
     if args.json:
         keys = ("device", "recipe", "batch_size", "crop", "threads", "steps", "warmup", "repeat")
         settings = {k: getattr(args, k) for k in keys}

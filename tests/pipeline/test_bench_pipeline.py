@@ -93,3 +93,16 @@ def test_bench_pipeline_stages_tiny(tmp_path):
     assert list(stages) == ["read", "decode", "crop", "colour", "blur", "solarize", "normalize"]
     assert all(s["images_per_s"] > 0 and s["cpu_ms_per_image"] >= 0 for s in stages.values())
     assert [line.split()[0] for line in r.stdout.splitlines()[-7:]] == list(stages)
+
+
+def test_bench_pipeline_unmix_cost_tiny(tmp_path):
+    out = tmp_path / "cost.json"
+    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--unmix-cost", "--make-data", "16"]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--crop", "32", "--batch-size", "4", "--threads", "1"]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeat", "3", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cost = json.loads(out.read_text())["unmix_cost"]
+    assert cost["pairs"] == 3 and cost["off_cpu_ms"] > 0 and cost["on_cpu_ms"] > 0
+    assert cost["fraction_median"] == cost["diff_median_ms"] / cost["off_cpu_ms"]
+    assert "on - off" in r.stdout and "as a fraction" in r.stdout
