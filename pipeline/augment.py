@@ -27,10 +27,8 @@ ITU-R 601 luma torchvision uses), so jitter and grayscale cost one pass together
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
-import numpy as np
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 from nvidia.dali.data_node import DataNode
@@ -157,14 +155,11 @@ def blur_with_sigma(x, sigma, crop: int):
     kernels are built on the host from the sample's sigma; on the GPU ``fn.filter`` takes them from there.
     """
     k = blur_window(crop)
-    offsets = np.arange(k, dtype=np.float32) - k // 2
-    if not isinstance(sigma, DataNode):
-        taps = min(k, 2 * math.ceil(4 * sigma) + 1)
-        w = np.exp(-0.5 * (offsets[(k - taps) // 2 : (k + taps) // 2] / sigma) ** 2)
-        w = (w / w.sum()).astype(np.float32)
-        return fn.filter(fn.filter(x, types.Constant(w.reshape(-1, 1))), types.Constant(w.reshape(1, -1)))
+    offsets = fn.constant(fdata=[float(i - k // 2) for i in range(k)], shape=[k], device="cpu")
+    if not isinstance(sigma, DataNode):  # one graph for a fixed sigma too: kernels always on the host
+        sigma = fn.constant(fdata=float(sigma), shape=[], device="cpu")
     taps = dmath.min(fn.cast(2.0 * dmath.ceil(4.0 * sigma) + 1.0, dtype=types.INT32), k)
-    t = fn.slice(types.Constant(offsets), start=(k - taps) // 2, shape=taps, axes=[0])
+    t = fn.slice(offsets, start=(k - taps) // 2, shape=taps, axes=[0])
     w = dmath.exp(-0.5 * (t / sigma) ** 2)
     w = w / fn.reductions.sum(w)
     return fn.filter(fn.filter(x, fn.reshape(w, shape=[-1, 1])), fn.reshape(w, shape=[1, -1]))
