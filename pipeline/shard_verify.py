@@ -129,6 +129,13 @@ def _cuda_available() -> bool:
         return False
 
 
+_READY = "ready"
+
+
+def _exit_reason(code: int | None) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
+
+
 class DecoderCrashError(Exception):
     """The decode worker process died while decoding (a native crash in the decoder)."""
 
@@ -152,6 +159,12 @@ def _decode_worker(conn: Connection, gpu: bool, threads: int, batch_size: int) -
         return pipe
 
     pipes: dict[int, Any] = {}
+    try:
+        pipes[batch_size] = build(batch_size)
+    except Exception as e:
+        conn.send(f"cannot build the decoding pipeline: {e}")
+        return
+    conn.send(_READY)
     while (blobs := conn.recv()) is not None:
         n = batch_size if len(blobs) > 1 else 1
         try:
@@ -176,10 +189,20 @@ class DecodeWorker:
         self._start()
 
     def _start(self) -> None:
+        """Start the child and wait until its pipeline is built; a child that cannot start is an error
+        (not a problem of the images)."""
         self.conn, child = self._ctx.Pipe()
         self.proc = self._ctx.Process(target=_decode_worker, args=(child, *self._args), daemon=True)
         self.proc.start()
         child.close()
+        try:
+            msg = self.conn.recv()
+        except EOFError:
+            self.proc.join(timeout=30)
+            msg = f"the process exited ({_exit_reason(self.proc.exitcode)})"
+        if msg != _READY:
+            self.close()
+            raise RuntimeError(f"DALI decode worker did not start: {msg}")
 
     def decode(self, blobs: list[bytes]) -> str | None:
         """Decode ``blobs`` (at most ``batch_size``); None if all decode, else DALI's error message."""
@@ -188,17 +211,16 @@ class DecodeWorker:
             return self.conn.recv()
         except (EOFError, OSError):
             self.proc.join(timeout=30)
-            code = self.proc.exitcode
+            how = _exit_reason(self.proc.exitcode)
             self.conn.close()
             self._start()
-            how = f"killed by {signal.Signals(-code).name}" if code and code < 0 else f"exit status {code}"
             raise DecoderCrashError(f"DALI's decoder process died ({how})") from None
 
     def close(self) -> None:
         """Stop the child process."""
         try:
             self.conn.send(None)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: the connection is already closed
             pass
         self.proc.join(timeout=10)
         if self.proc.is_alive():

@@ -215,3 +215,9 @@ def test_gpu_decode_catches_bad_image(shard_copy: Path):
         shard_copy, name, lambda n, d: (n, b"\xff\xd8\xff" + b"x" * 99) if n == f"{key}.jpg" else (n, d)
     )
     assert [(p.shard, p.key) for p in verify_shards(shard_copy, device="gpu")] == [(name, key)]
+
+
+def test_decode_worker_that_cannot_start_is_an_error():
+    """A child whose pipeline cannot be built is reported once, not as a crash on every image."""
+    with pytest.raises(RuntimeError, match="did not start: cannot build the decoding pipeline"):
+        DecodeWorker(gpu=False, threads=0, batch_size=2)  # DALI refuses num_threads=0
