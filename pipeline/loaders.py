@@ -169,8 +169,8 @@ class DaliLoader:
         self.batch_size = batch_size
         self.device = device
         # where labels, lam and partner go: the rank's GPU, or the CPU
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        self._target = torch.device("cuda", local_rank) if device == "gpu" else torch.device("cpu")
+        device_id = _device_id(device)
+        self._target = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype = dtype
         self._float_outputs = float_outputs
         self._identity = identity  # arguments a checkpoint must match

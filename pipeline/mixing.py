@@ -89,12 +89,9 @@ def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3):
     x1, y1, x2, y2 = (fn.cast(v, dtype=types.INT32) for v in box)
     h, w = y2 - y1, x2 - x1
     zero = x1 * 0
-
-    def pair(a, b):
-        return fn.stack(a, b)
-
-    anchors = fn.stack(pair(zero, zero), *(pair(y1 + c * H, x1) for c in range(channels)))
-    shapes = fn.stack(pair(zero + channels * H, zero + W), *(pair(h, w) for _ in range(channels)))
+    # one (row, column) pair per region: the whole canvas, then the box in each channel plane
+    anchors = fn.stack(fn.stack(zero, zero), *(fn.stack(y1 + c * H, x1) for c in range(channels)))
+    shapes = fn.stack(fn.stack(zero + channels * H, zero + W), *(fn.stack(h, w) for _ in range(channels)))
     flat = [channels * H, W, 1]
     canvas = fn.reshape(x, shape=flat, layout="HWC")
     source = fn.reshape(partner, shape=flat, layout="HWC")

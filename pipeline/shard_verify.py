@@ -228,30 +228,24 @@ class DecodeWorker:
         self.conn.close()
 
 
-class _Decoder:
-    """Checks that batches of images decode with DALI; names each sample that does not."""
+def _decode_error(worker: DecodeWorker, blobs: list[bytes]) -> str | None:
+    """None if ``blobs`` decode, else why not (DALI's error, or the worker's crash)."""
+    try:
+        return worker.decode(blobs)
+    except DecoderCrashError as e:
+        return str(e)
 
-    def __init__(self, device: str, batch_size: int):
-        gpu = device == "gpu" and _cuda_available()
-        self.worker = DecodeWorker(gpu, min(8, available_cpus()), batch_size)
 
-    def _try(self, blobs: list[bytes]) -> str | None:
-        try:
-            return self.worker.decode(blobs)
-        except DecoderCrashError as e:
-            return str(e)
-
-    def check(self, shard: str, batch: list[tuple[str, bytes]], problems: list[Problem]) -> None:
-        """Decode ``batch``; on failure find and report the samples that do not decode."""
-        if self._try([b for _, b in batch]) is None:
-            return
-        for key, blob in batch:  # isolate: one sample at a time
-            err = self._try([blob])
-            if err is not None:
-                problems.append(Problem(shard, key, f"image does not decode with DALI ({err})"))
-
-    def close(self) -> None:
-        self.worker.close()
+def _check_decodes(
+    worker: DecodeWorker, shard: str, batch: list[tuple[str, bytes]], problems: list[Problem]
+) -> None:
+    """Decode ``batch``; on failure find and report the samples that do not decode, one at a time."""
+    if _decode_error(worker, [b for _, b in batch]) is None:
+        return
+    for key, blob in batch:
+        err = _decode_error(worker, [blob])
+        if err is not None:
+            problems.append(Problem(shard, key, f"image does not decode with DALI ({err})"))
 
 
 def _jpeg_ok(shard: str, key: str, data: bytes, problems: list[Problem]) -> bool:
@@ -288,7 +282,8 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
         return [Problem(str(path), None, str(e))]
     problems: list[Problem] = []
     seen: dict[str, str] = {}
-    decoder = _Decoder(device, DECODE_BATCH) if decode else None
+    gpu = device == "gpu" and _cuda_available()
+    decoder = DecodeWorker(gpu, min(8, available_cpus()), DECODE_BATCH) if decode else None
     total = 0
     try:
         for s in m.shards:
@@ -297,7 +292,7 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
             images = [(k, b) for k, b in images if _jpeg_ok(s.name, k, b, problems)]
             if decoder is not None:
                 for batch in _batches(images, DECODE_BATCH):
-                    decoder.check(s.name, batch, problems)
+                    _check_decodes(decoder, s.name, batch, problems)
     finally:
         if decoder is not None:
             decoder.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import json
 import statistics
 import sys
@@ -64,27 +65,25 @@ def _cached_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def _cycling(step, batches):
+    """A no-argument callable running ``step(i, batch)`` on the i-th call, cycling through ``batches``."""
+    counter = itertools.count()
+
+    def run() -> None:
+        i = next(counter)
+        step(i, batches[i % len(batches)])
+
+    return run
+
+
 def _trainer_step(run, batches):
     from training.loop import train_step
 
-    counter = {"i": 0}
-
-    def step() -> None:
-        i = counter["i"]
-        train_step(run, batches[i % len(batches)], i, 0.01, run.method.momentum(i, 10**6))
-        counter["i"] += 1
-
-    return step
+    return _cycling(lambda i, b: train_step(run, b, i, 0.01, run.method.momentum(i, 10**6)), batches)
 
 
 def _plain_step(plain, batches):
-    counter = {"i": 0}
-
-    def step() -> None:
-        plain.step(batches[counter["i"] % len(batches)])
-        counter["i"] += 1
-
-    return step
+    return _cycling(lambda i, b: plain.step(b), batches)
 
 
 class PlainLoop:

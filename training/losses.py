@@ -11,6 +11,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def _nce(q: Tensor, k: Tensor, l_neg: Tensor, T: float) -> Tensor:
+    """Per-sample InfoNCE from normalised ``q``, ``k`` (NxC) and the negatives' logits ``l_neg`` (NxK)."""
+    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # l_pos: Nx1
+    logits = torch.cat([l_pos, l_neg], dim=1) / T  # logits: Nx(1+K)
+    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: index 0
+    return F.cross_entropy(logits, labels, reduction="none")
+
+
 def info_nce(q: Tensor, k: Tensor, queue: Tensor, T: float) -> Tensor:
     """MoCo's InfoNCE: the positive ``k`` against the ``queue`` negatives.
 
@@ -24,11 +32,7 @@ def info_nce(q: Tensor, k: Tensor, queue: Tensor, T: float) -> Tensor:
     """
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()
-    l_pos = torch.einsum("nc,nc->n", q, k).unsqueeze(-1)  # l_pos: Nx1
-    l_neg = torch.einsum("nc,ck->nk", q, queue.detach())  # l_neg: NxK
-    logits = torch.cat([l_pos, l_neg], dim=1) / T  # logits: Nx(1+K)
-    labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)  # positives: index 0
-    return F.cross_entropy(logits, labels, reduction="none")
+    return _nce(q, k, torch.einsum("nc,ck->nk", q, queue.detach()), T)  # l_neg: NxK
 
 
 def info_nce_mixed(z_m: Tensor, k: Tensor, queue: Tensor, T: float) -> tuple[Tensor, Tensor]:
@@ -40,13 +44,7 @@ def info_nce_mixed(z_m: Tensor, k: Tensor, queue: Tensor, T: float) -> tuple[Ten
     z = F.normalize(z_m.float(), dim=1)
     k = F.normalize(k.float(), dim=1).detach()
     l_neg = torch.einsum("nc,ck->nk", z, queue.detach())  # l_neg: NxK
-    labels = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)  # positives: index 0
-    losses = []
-    for zz, neg in ((z, l_neg), (z.flip(0), l_neg.flip(0))):
-        l_pos = torch.einsum("nc,nc->n", zz, k).unsqueeze(-1)  # l_pos: Nx1
-        logits = torch.cat([l_pos, neg], dim=1) / T  # logits: Nx(1+K)
-        losses.append(F.cross_entropy(logits, labels, reduction="none"))
-    return losses[0], losses[1]
+    return _nce(z, k, l_neg, T), _nce(z.flip(0), k, l_neg.flip(0), T)
 
 
 def byol_regression(p: Tensor, z: Tensor) -> Tensor:
