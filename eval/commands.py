@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from eval import demo
+from unmix.eval import demo
 
 LINEAR_EPILOG = """\
 key=value overrides:
@@ -107,14 +107,14 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
-    from eval.jobs import BackboneSpec
+    from unmix.eval.jobs import BackboneSpec
 
     return BackboneSpec(path=args.backbone, arch=args.arch, random_init=args.random_init, width=args.width)
 
 
 def _linear(args: argparse.Namespace) -> int:
-    from eval.jobs import fail, run_linear
-    from eval.protocols import LINEAR_KEYS, parse_overrides, resolve_protocol
+    from unmix.eval.jobs import fail, run_linear
+    from unmix.eval.protocols import LINEAR_KEYS, parse_overrides, resolve_protocol
 
     try:
         proto = resolve_protocol(parse_overrides(args.overrides, LINEAR_KEYS))
@@ -134,8 +134,8 @@ def _linear(args: argparse.Namespace) -> int:
 
 
 def _knn(args: argparse.Namespace) -> int:
-    from eval.jobs import fail, run_knn
-    from eval.protocols import KNN_KEYS, parse_overrides, resolve_protocol
+    from unmix.eval.jobs import fail, run_knn
+    from unmix.eval.protocols import KNN_KEYS, parse_overrides, resolve_protocol
 
     try:
         proto = resolve_protocol(parse_overrides(args.overrides, KNN_KEYS))
@@ -159,8 +159,8 @@ def _knn(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import os
 
-    from eval import compare
-    from eval.jobs import fail
+    from unmix.eval import compare
+    from unmix.eval.jobs import fail
 
     uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:

@@ -27,7 +27,7 @@ EXPERIMENT = "unmix-demo"
 
 def _unmix(args: list[str], log: Path, env: dict[str, str]) -> None:
     """Run ``unmix ARGS`` as a subprocess, output teed into ``log``; raise naming the stage on failure."""
-    cmd = [sys.executable, "-m", "eval", *args]
+    cmd = [sys.executable, "-m", "unmix", *args]
     print(f"\n$ unmix {' '.join(args)}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as fh:
@@ -104,7 +104,7 @@ def run_demo(
             env,
         )
         results[name] = json.loads(js.read_text())
-    from training.config import load_config
+    from unmix.training.config import load_config
 
     cfg = load_config(DEMO_CONFIG, overrides)  # the random-init floor: the pretrained architecture
     js = runs / "random_init" / "linear.json"
@@ -133,7 +133,7 @@ def run_demo(
     rows_json = workdir / "compare.json"
     with open(rows_json, "w") as fh:
         cmd = ["compare", "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--format", "json"]
-        subprocess.run([sys.executable, "-m", "eval", *cmd], stdout=fh, check=True, env=env)
+        subprocess.run([sys.executable, "-m", "unmix", *cmd], stdout=fh, check=True, env=env)
 
     floor = results["random_init"]["top1"]
     print(f"\nDemo finished in {time.time() - t0:.0f} s. Linear top-1 on the digits val set:")
@@ -163,7 +163,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``demo``."""
     p = sub.add_parser(
         "demo",
-        help="the main job on the built-in sample data: shards, MoCo v2 +/- Un-Mix, linear eval, comparison",
+        help="the main job on built-in data: MoCo v2 +/- Un-Mix, eval, compare",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

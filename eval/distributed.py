@@ -38,7 +38,7 @@ def setup(device: str = "gpu") -> DistContext:
     Exports RANK/WORLD_SIZE/LOCAL_RANK when they came from Slurm, so the eval loaders (which read
     them) shard the data the same way.
     """
-    from training.dist import map_slurm_env
+    from unmix.training.dist import map_slurm_env
 
     map_slurm_env()  # inside an srun step: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM_*
     rank = int(os.environ.get("RANK") or 0)

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from eval import distributed
-from eval.features import extract_features, freeze, state_fingerprint
-from eval.knn import knn_evaluate
-from eval.linear import linear_eval
-from eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
-from eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
+from unmix.eval import distributed
+from unmix.eval.features import extract_features, freeze, state_fingerprint
+from unmix.eval.knn import knn_evaluate
+from unmix.eval.linear import linear_eval
+from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
+from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
 
 
 @dataclass
@@ -45,7 +45,7 @@ def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, di
 
     A random-init backbone is built for ``crop`` (default 224; <= 64 gives the CIFAR stem).
     """
-    from training.backbones import build_backbone, load_backbone
+    from unmix.training.backbones import build_backbone, load_backbone
 
     if spec.random_init:
         torch.manual_seed(seed)
@@ -68,14 +68,14 @@ def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, di
 
 def num_classes_of(train_dir: str) -> int:
     """Number of classes in the shard set's manifest."""
-    from pipeline.shards import read_manifest
+    from unmix.pipeline.shards import read_manifest
 
     return read_manifest(train_dir).num_classes
 
 
 def check_val_count(val_dir: str, counted: int) -> None:
     """Every val sample must be counted exactly once over all ranks: compare with the manifest."""
-    from pipeline.shards import read_manifest
+    from unmix.pipeline.shards import read_manifest
 
     total = read_manifest(val_dir).total
     if counted != total:
@@ -83,7 +83,7 @@ def check_val_count(val_dir: str, counted: int) -> None:
 
 
 def default_loader() -> Callable[..., Any]:
-    from pipeline import build_eval_loader
+    from unmix.pipeline import build_eval_loader
 
     return build_eval_loader
 

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from eval.distributed import all_gather_rows
+from unmix.eval.distributed import all_gather_rows
 
 
 def knn_scores(sims: torch.Tensor, labels: torch.Tensor, num_classes: int, t: float) -> torch.Tensor:

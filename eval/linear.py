@@ -25,9 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from eval.distributed import DistContext, all_reduce_max, all_reduce_sum
-from eval.features import embed, extract_features, freeze
-from eval.protocols import LinearProtocol
+from unmix.eval.distributed import DistContext, all_reduce_max, all_reduce_sum
+from unmix.eval.features import embed, extract_features, freeze
+from unmix.eval.protocols import LinearProtocol
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (features [B, D] float32, labels [B] int64)
 

@@ -1,14 +1,14 @@
-"""``python -m pipeline ...``: the pipeline's subcommands without the rest of unmix."""
+"""``python -m unmix.pipeline ...``: the pipeline's subcommands without the rest of unmix."""
 
 import argparse
 import sys
 
-from pipeline import cli
+from unmix.pipeline import cli
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parse and run one pipeline subcommand."""
-    parser = argparse.ArgumentParser(prog="python -m pipeline")
+    parser = argparse.ArgumentParser(prog="python -m unmix.pipeline")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     bench = sub.add_parser("bench", help="benchmarks")
     cli.register(sub)

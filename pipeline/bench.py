@@ -70,8 +70,8 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
 
 def make_workload(out: Path, n_images: int, seed: int = 0) -> Path:
     """Write ``n_images`` ImageNet-like JPEGs (about 500x375) as shards under ``out/train``."""
-    from pipeline.sample import write_photo_tree
-    from pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.sample import write_photo_tree
+    from unmix.pipeline.shards import read_manifest, write_shards
 
     shards = out / "train"
     if (shards / "manifest.json").is_file() and read_manifest(shards).total == n_images:
@@ -111,7 +111,7 @@ def torchvision_view(spec, crop: int):
     """The torchvision/PIL transform of one view of a :class:`pipeline.augment.ViewSpec`."""
     from torchvision import transforms as T
 
-    from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
+    from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
 
     ops: list[Any] = [T.RandomResizedCrop(crop, scale=spec.scale, ratio=spec.ratio)]
     if spec.p_jitter > 0:
@@ -163,7 +163,7 @@ def torchvision_loader(shards, batch_size: int, recipe, crop: int, workers: int)
     import torch
     import webdataset as wds
 
-    from pipeline.shards import read_manifest
+    from unmix.pipeline.shards import read_manifest
 
     tars = read_manifest(shards).tar_paths
     ds = (
@@ -219,7 +219,7 @@ def _forever(loader):
 
 def _dali_loader(shards, args, unmix: bool):
     """The pretraining loader every DALI measurement uses."""
-    from pipeline.loaders import build_pretrain_loader
+    from unmix.pipeline.loaders import build_pretrain_loader
 
     return build_pretrain_loader(
         shards,
@@ -256,7 +256,7 @@ def measure_torchvision(shards, args, unmix: bool) -> tuple[float, float]:
     """Images/s of the torchvision + webdataset DataLoader with Un-Mix in the main process."""
     import torch
 
-    from pipeline.augment import get_recipe
+    from unmix.pipeline.augment import get_recipe
 
     torch.set_num_threads(args.threads)
     loader = torchvision_loader(shards, args.batch_size, get_recipe(args.recipe), args.crop, args.threads)
@@ -285,7 +285,7 @@ def _stage_recipe(recipe, stage: str):
     """``recipe`` with the augmentations after ``stage`` switched off (crop: random resized crop only)."""
     import dataclasses
 
-    from pipeline.augment import Recipe
+    from unmix.pipeline.augment import Recipe
 
     off = {
         "crop": {"p_jitter": 0.0, "p_gray": 0.0, "p_blur": 0.0, "p_solarize": 0.0},
@@ -301,8 +301,8 @@ def measure_stage(shards, args, stage: str) -> tuple[float, float]:
     """(images/s, CPU ms per image) of the DALI graph cut after ``stage`` (one of :data:`STAGES`)."""
     from nvidia.dali import pipeline_def
 
-    from pipeline.augment import get_recipe, random_view, two_views
-    from pipeline.loaders import _decode, _device_id, _read, shard_files
+    from unmix.pipeline.augment import get_recipe, random_view, two_views
+    from unmix.pipeline.loaders import _decode, _device_id, _read, shard_files
 
     files = shard_files(shards)
     recipe = _stage_recipe(get_recipe(args.recipe), stage)

@@ -35,8 +35,8 @@ def run_bench(
     work: Path, images: int, workers: list[int], max_side: int, samples_per_shard: int = 1000
 ) -> dict[str, Any]:
     """Time the writes under ``work``; returns a JSON-able result dict."""
-    from pipeline.sample import write_photo_tree
-    from pipeline.shards import write_shards
+    from unmix.pipeline.sample import write_photo_tree
+    from unmix.pipeline.shards import write_shards
 
     t0 = time.perf_counter()
     tree = write_photo_tree(work / "tree", images, n_classes=10, seed=0)

@@ -1,13 +1,13 @@
 """``unmix shards ...`` and ``unmix bench shards|pipeline``: the pipeline package's subcommands.
 
-Usable on its own too: ``python -m pipeline shards write SRC OUT``.
+Usable on its own too: ``python -m unmix.pipeline shards write SRC OUT``.
 """
 
 from __future__ import annotations
 
 import argparse
 
-from pipeline import bench, shards_cli
+from unmix.pipeline import bench, shards_cli
 
 
 def register(sub: argparse._SubParsersAction) -> None:

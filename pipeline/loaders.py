@@ -39,9 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import mixing
-from pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
-from pipeline.mixing import UnmixConfig
+from unmix.pipeline import mixing
+from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
+from unmix.pipeline.mixing import UnmixConfig
 
 DEVICES = ("cpu", "gpu")
 
@@ -57,7 +57,7 @@ class ShardFiles:
 
 def shard_files(shards: str | os.PathLike) -> ShardFiles:
     """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest."""
-    from pipeline.shards import read_manifest
+    from unmix.pipeline.shards import read_manifest
 
     m = read_manifest(shards)
     tars = [str(s.path) for s in m.shards]

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from pipeline.shard_sources import memory_source
-from pipeline.shards import Manifest, write_shards
+from unmix.pipeline.shard_sources import memory_source
+from unmix.pipeline.shards import Manifest, write_shards
 
 SAMPLES = ("digits", "photos")
 

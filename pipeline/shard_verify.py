@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dali_index import Member, format_index, parse_index, split_name
-from pipeline.image_prep import scan_jpeg, sniff_format
-from pipeline.shards import (
+from unmix.pipeline.dali_index import Member, format_index, parse_index, split_name
+from unmix.pipeline.image_prep import scan_jpeg, sniff_format
+from unmix.pipeline.shards import (
     MANIFEST,
     ManifestError,
     Problem,

@@ -39,9 +39,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.dali_index import Member, format_index
-from pipeline.image_prep import Prepared, PrepSettings, prepare_chunk
-from pipeline.shard_sources import Source, SourceError, SourceItem, read_list, scan_tree
+from unmix.pipeline.dali_index import Member, format_index
+from unmix.pipeline.image_prep import Prepared, PrepSettings, prepare_chunk
+from unmix.pipeline.shard_sources import Source, SourceError, SourceItem, read_list, scan_tree
 
 MANIFEST = "manifest.json"
 JOB_FILE = ".unmix-job.json"
@@ -806,6 +806,6 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
 
     See :func:`pipeline.shard_verify.verify_shards`.
     """
-    from pipeline.shard_verify import verify_shards as _verify
+    from unmix.pipeline.shard_verify import verify_shards as _verify
 
     return _verify(path, decode=decode, device=device)

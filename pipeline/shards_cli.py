@@ -18,7 +18,7 @@ def parse_size(text: str) -> int:
 
 
 def _write(args: argparse.Namespace) -> int:
-    from pipeline.shards import ManifestError, ShardWriteError, SourceError, write_shards
+    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError, write_shards
 
     try:
         write_shards(
@@ -51,7 +51,7 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipeline.shards import ManifestError, read_manifest, verify_shards
+    from unmix.pipeline.shards import ManifestError, read_manifest, verify_shards
 
     try:
         m = read_manifest(args.dir)
@@ -70,7 +70,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from pipeline.sample import write_sample
+    from unmix.pipeline.sample import write_sample
 
     train, val = write_sample(
         args.name,
@@ -89,7 +89,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from pipeline.shards import ManifestError, read_manifest
+    from unmix.pipeline.shards import ManifestError, read_manifest
 
     try:
         m = read_manifest(args.dir)
@@ -193,6 +193,6 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from pipeline.bench_shards import main as bench_main
+    from unmix.pipeline.bench_shards import main as bench_main
 
     return bench_main(args)

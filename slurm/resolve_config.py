@@ -21,8 +21,8 @@ def main(argv: list[str]) -> int:
     # A checkout that is not installed: the packages sit beside slurm/.
     sys.path.append(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        from training.config import ConfigError, load_config
-        from training.tracking import tracking_uri
+        from unmix.training.config import ConfigError, load_config
+        from unmix.training.tracking import tracking_uri
     except ImportError as exc:
         print(
             f"cannot import the trainer ({exc}): set UNMIX_VENV or UNMIX_PYTHON to the unmix environment",

@@ -24,7 +24,7 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from training.config import ARCHS
+from unmix.training.config import ARCHS
 
 SMALL_IMAGE_MAX_CROP = 64
 

@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from training.config import Config, load_config
-from training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.config import Config, load_config
+from unmix.training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
 
 
 class MemoryLoader:
@@ -50,9 +50,9 @@ class MemoryLoader:
 
 
 def _cached_batches(cfg: Config, n: int) -> list[dict[str, torch.Tensor]]:
-    from training import dist
-    from training.config import check_world
-    from training.loop import build_loader
+    from unmix.training import dist
+    from unmix.training.config import check_world
+    from unmix.training.loop import build_loader
 
     micro = check_world(cfg, dist.world_size())
     loader = build_loader(cfg, micro, dist.rank(), dist.world_size())
@@ -77,7 +77,7 @@ def _cycling(step, batches):
 
 
 def _trainer_step(run, batches):
-    from training.loop import train_step
+    from unmix.training.loop import train_step
 
     return _cycling(lambda i, b: train_step(run, b, i, 0.01, run.method.momentum(i, 10**6)), batches)
 
@@ -154,8 +154,8 @@ def _interleaved_step_times(steps: dict, n: int, warmup: int, device: torch.devi
 
 
 def main(args: argparse.Namespace) -> int:
-    from training import dist
-    from training.loop import backend_for, setup
+    from unmix.training import dist
+    from unmix.training.loop import backend_for, setup
 
     base = load_config(args.config, list(args.overrides) + ["unmix.enabled=true", "mlflow.enabled=false"])
     dist.init(backend_for(base))

@@ -12,9 +12,9 @@ import math
 import torch
 from torch import Tensor
 
-from training.config import ByolConfig
-from training.heads import Network, byol_mlp, freeze_bn_stats
-from training.losses import byol_regression, unmix_weighted
+from unmix.training.config import ByolConfig
+from unmix.training.heads import Network, byol_mlp, freeze_bn_stats
+from unmix.training.losses import byol_regression, unmix_weighted
 
 
 def build_online(backbone: torch.nn.Module, cfg: ByolConfig) -> Network:

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import dist
+from unmix.training import dist
 
 COMPLETE = "COMPLETE"
 

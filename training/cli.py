@@ -10,7 +10,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``unmix`` parser."""
     p = sub.add_parser(
         "train",
-        help="pretrain MoCo v2/v1 or BYOL (+ Un-Mix) under DeepSpeed; resumes from output_dir's checkpoints",
+        help="pretrain MoCo v2/v1 or BYOL (+ Un-Mix) under DeepSpeed; resumes",
         description=(
             "Pretrain according to CONFIG (YAML) with dotted key=value overrides, e.g. "
             "`unmix train configs/digits_mocov2_unmix.yaml optim.epochs=2 output_dir=runs/x`. "
@@ -30,18 +30,18 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from training.preemption import record_early
+    from unmix.training.preemption import record_early
 
     record_early()  # before torch loads: a SIGUSR1/SIGTERM during start-up must not kill the rank
-    from training.config import ConfigError, load_config
+    from unmix.training.config import ConfigError, load_config
 
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
-    from training.checkpoint import ResumeError
-    from training.loop import NonFiniteLossError, train
+    from unmix.training.checkpoint import ResumeError
+    from unmix.training.loop import NonFiniteLossError, train
 
     try:
         return train(cfg, force_config=args.force_config)
@@ -78,6 +78,6 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from training.bench import main
+    from unmix.training.bench import main
 
     return main(args)

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from training import lars
-from training.config import Config, merge
+from unmix.training import lars
+from unmix.training.config import Config, merge
 
 
 def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:

@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from training import byol, checkpoint, dist, moco
-from training.backbones import build_backbone, save_backbone
-from training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
-from training.ema import update_momentum
-from training.engine import build_engine, input_dtype, set_lr
-from training.preemption import EXIT_REQUEUE, Preemption
-from training.schedules import learning_rate
-from training.tracking import Tracker
+from unmix.training import byol, checkpoint, dist, moco
+from unmix.training.backbones import build_backbone, save_backbone
+from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
+from unmix.training.ema import update_momentum
+from unmix.training.engine import build_engine, input_dtype, set_lr
+from unmix.training.preemption import EXIT_REQUEUE, Preemption
+from unmix.training.schedules import learning_rate
+from unmix.training.tracking import Tracker
 
 
 class NonFiniteLossError(RuntimeError):
@@ -74,7 +74,7 @@ def pick_device(cfg: Config, local_rank: int) -> torch.device:
 
 
 def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
-    from pipeline.loaders import build_pretrain_loader
+    from unmix.pipeline.loaders import build_pretrain_loader
 
     unmix = (
         {"enabled": True, "p_mixup": cfg.unmix.p_mixup, "alpha": cfg.unmix.alpha}

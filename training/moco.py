@@ -13,11 +13,11 @@ import copy
 import torch
 from torch import Tensor
 
-from training import dist
-from training.config import MocoConfig
-from training.heads import Network, freeze_bn_stats, moco_head
-from training.losses import info_nce, info_nce_mixed, unmix_weighted
-from training.queue import KeyQueue
+from unmix.training import dist
+from unmix.training.config import MocoConfig
+from unmix.training.heads import Network, freeze_bn_stats, moco_head
+from unmix.training.losses import info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.queue import KeyQueue
 
 
 def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:

@@ -74,7 +74,7 @@ class Preemption:
         """True on every rank when any rank has received a signal (collective: call on all ranks)."""
         if self._group is None:
             return self.signum is not None
-        from training.dist import any_rank
+        from unmix.training.dist import any_rank
 
         return any_rank(self.signum is not None, group=self._group)
 

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from training.config import Config, flatten, to_dict
+from unmix.training.config import Config, flatten, to_dict
 
 
 def tracking_uri(cfg: Config) -> str:

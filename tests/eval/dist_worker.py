@@ -49,7 +49,7 @@ class ShardedLoader:
 
 
 def backbone() -> torch.nn.Module:
-    from training.backbones import build_backbone
+    from unmix.training.backbones import build_backbone
 
     torch.manual_seed(0)
     return build_backbone("resnet10", crop=8)
@@ -59,11 +59,11 @@ DATA = {"train": task(70, 1), "val": task(41, 2)}  # 41 val samples: uneven spli
 
 
 def main() -> None:
-    from eval import distributed
-    from eval.features import extract_features, freeze
-    from eval.knn import knn_evaluate
-    from eval.linear import linear_eval
-    from eval.protocols import moco_protocol
+    from unmix.eval import distributed
+    from unmix.eval.features import extract_features, freeze
+    from unmix.eval.knn import knn_evaluate
+    from unmix.eval.linear import linear_eval
+    from unmix.eval.protocols import moco_protocol
 
     out, features = Path(sys.argv[1]), sys.argv[2]
     ctx = distributed.setup("cpu")

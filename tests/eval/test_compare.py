@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from eval import compare
-from eval.cli import main
+from unmix.cli import main
+from unmix.eval import compare
 
 # the venv's `mlflow` script when there is one (what users run), else the same CLI through the interpreter
 _SCRIPT = Path(sys.executable).with_name("mlflow")

@@ -17,7 +17,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "eval",
+            "unmix",
             "demo",
             "--workdir",
             str(workdir),

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from eval.cli import main
+from unmix.cli import main
 
 # digits are 8x8 upsampled to 32x32: a 16-pixel crop loses nothing and costs a quarter of the compute
 FAST = ["device=cpu", "data.crop=16", "num_threads=1", "batch_size=128"]
@@ -58,7 +58,7 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
     """linear (augmented, the paper's path) and knn on a backbone.pt whose pretraining run is FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from training.backbones import build_backbone, save_backbone
+    from unmix.training.backbones import build_backbone, save_backbone
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -104,7 +104,7 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
 
 
 def test_key_mismatch_is_a_clear_error(tmp_path, capsys):
-    from training.backbones import build_backbone
+    from unmix.training.backbones import build_backbone
 
     path = tmp_path / "r18.pth"
     state = build_backbone("resnet18").state_dict()

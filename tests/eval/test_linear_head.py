@@ -8,9 +8,9 @@ import dataclasses
 import pytest
 import torch
 
-from eval.distributed import DistContext
-from eval.features import freeze, state_fingerprint
-from eval.linear import (
+from unmix.eval.distributed import DistContext
+from unmix.eval.features import freeze, state_fingerprint
+from unmix.eval.linear import (
     LinearClassifier,
     cached_batches,
     evaluate_head,
@@ -18,7 +18,7 @@ from eval.linear import (
     topk_correct,
     train_linear_head,
 )
-from eval.protocols import (
+from unmix.eval.protocols import (
     KNN_KEYS,
     LINEAR_KEYS,
     byol_protocol,
@@ -183,7 +183,7 @@ def _image_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @pytest.mark.parametrize("features", ["cached", "augmented"])
 def test_backbone_bit_identical_after_linear_eval(features):
-    from training.backbones import build_backbone
+    from unmix.training.backbones import build_backbone
 
     torch.manual_seed(0)
     backbone = freeze(build_backbone("resnet10", crop=8))
@@ -215,7 +215,7 @@ def test_backbone_bit_identical_after_linear_eval(features):
 
 
 def test_state_fingerprint_sees_bn_statistics():
-    from training.backbones import build_backbone
+    from unmix.training.backbones import build_backbone
 
     net = build_backbone("resnet10", crop=8)
     before = state_fingerprint(net)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from scipy import stats
 
-from pipeline import build_pretrain_loader
-from pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, Recipe, ViewSpec, blur_window
-from pipeline.shards import read_manifest
+from unmix.pipeline import build_pretrain_loader
+from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, Recipe, ViewSpec, blur_window
+from unmix.pipeline.shards import read_manifest
 
 MEAN = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
 STD = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
@@ -33,8 +33,8 @@ def _first(loader):
 @pytest.fixture(scope="module")
 def small_photos(tmp_path_factory):
     """64 small (64x48) colour photographs as shards: colour operations are visible on them."""
-    from pipeline.sample import write_photo_tree
-    from pipeline.shards import write_shards
+    from unmix.pipeline.sample import write_photo_tree
+    from unmix.pipeline.shards import write_shards
 
     root = tmp_path_factory.mktemp("small_photos")
     tree = write_photo_tree(root / "tree", 64, n_classes=4, size=(64, 48))
@@ -176,7 +176,7 @@ def _run_graph(fn_of_input, images: np.ndarray):
 def test_solarize_matches_pil():
     from PIL import ImageOps
 
-    from pipeline.augment import solarize
+    from unmix.pipeline.augment import solarize
 
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, size=(3, 8, 10, 3), dtype=np.uint8)
@@ -189,7 +189,7 @@ def test_solarize_matches_pil():
 def test_truncated_blur_equals_full_kernel(sigma):
     from nvidia.dali import fn
 
-    from pipeline.augment import gaussian_blur
+    from unmix.pipeline.augment import gaussian_blur
 
     rng = np.random.default_rng(1)
     imgs = rng.integers(0, 256, size=(2, 40, 40, 3), dtype=np.uint8)  # noise: the hardest case
@@ -217,7 +217,7 @@ def test_per_sample_blur_matches_numpy_reference():
     """Each sample's own random sigma (returned by the graph) against a float64 NumPy blur."""
     from nvidia.dali import fn, pipeline_def, types
 
-    from pipeline.augment import blur_with_sigma
+    from unmix.pipeline.augment import blur_with_sigma
 
     rng = np.random.default_rng(2)
     imgs = rng.integers(0, 256, size=(6, 48, 40, 3), dtype=np.uint8)

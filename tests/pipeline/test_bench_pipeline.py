@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from pipeline.bench import torch_unmix
+from unmix.pipeline.bench import torch_unmix
 
 
 def test_bench_pipeline_cli_tiny(tmp_path):
@@ -17,7 +17,7 @@ def test_bench_pipeline_cli_tiny(tmp_path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline",
+        "unmix.pipeline",
         "bench",
         "pipeline",
         "--make-data",
@@ -67,8 +67,8 @@ def test_baseline_unmix_is_the_reference_mixing():
 
 
 def test_stage_recipes_switch_off_what_comes_after_the_stage():
-    from pipeline.augment import get_recipe
-    from pipeline.bench import _stage_recipe
+    from unmix.pipeline.augment import get_recipe
+    from unmix.pipeline.bench import _stage_recipe
 
     byol = get_recipe("byol")
     crop = _stage_recipe(byol, "crop")
@@ -84,7 +84,7 @@ def test_stage_recipes_switch_off_what_comes_after_the_stage():
 
 def test_bench_pipeline_stages_tiny(tmp_path):
     out = tmp_path / "stages.json"
-    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--stages", "--make-data", "16"]
+    cmd = [sys.executable, "-m", "unmix.pipeline", "bench", "pipeline", "--stages", "--make-data", "16"]
     cmd += ["--data-dir", str(tmp_path / "data"), "--recipe", "byol", "--crop", "32", "--batch-size", "4"]
     cmd += ["--steps", "2", "--warmup", "1", "--repeat", "1", "--threads", "1", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -97,7 +97,7 @@ def test_bench_pipeline_stages_tiny(tmp_path):
 
 def test_bench_pipeline_unmix_cost_tiny(tmp_path):
     out = tmp_path / "cost.json"
-    cmd = [sys.executable, "-m", "pipeline", "bench", "pipeline", "--unmix-cost", "--make-data", "16"]
+    cmd = [sys.executable, "-m", "unmix.pipeline", "bench", "pipeline", "--unmix-cost", "--make-data", "16"]
     cmd += ["--data-dir", str(tmp_path / "data"), "--crop", "32", "--batch-size", "4", "--threads", "1"]
     cmd += ["--steps", "2", "--warmup", "1", "--repeat", "3", "--json", str(out)]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

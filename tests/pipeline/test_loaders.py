@@ -8,9 +8,9 @@ import tarfile
 import pytest
 import torch
 
-from pipeline import build_eval_loader, build_pretrain_loader
-from pipeline.loaders import parse_labels
-from pipeline.shards import read_manifest
+from unmix.pipeline import build_eval_loader, build_pretrain_loader
+from unmix.pipeline.loaders import parse_labels
+from unmix.pipeline.shards import read_manifest
 
 CROP = 32
 

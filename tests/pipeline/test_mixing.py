@@ -7,14 +7,14 @@ import pytest
 import torch
 from scipy import stats
 
-from pipeline.mixing import UnmixConfig
+from unmix.pipeline.mixing import UnmixConfig
 
 
 def _mix_batches(cfg: UnmixConfig, n_batches: int, batch_size: int = 4, hw=(12, 16), seed: int = 3):
     """Run mixing.unmix on random float CHW inputs; yield (x, mixed, lam, partner) as NumPy arrays."""
     from nvidia.dali import fn, pipeline_def
 
-    from pipeline import mixing
+    from unmix.pipeline import mixing
 
     @pipeline_def(enable_conditionals=True, batch_size=batch_size, num_threads=1, device_id=None, seed=seed)
     def pipe():
@@ -134,7 +134,7 @@ def test_config_resolution_and_errors():
 
 
 def _loader_batches(shards, unmix, n, **kw):
-    from pipeline import build_pretrain_loader
+    from unmix.pipeline import build_pretrain_loader
 
     loader = build_pretrain_loader(
         shards,

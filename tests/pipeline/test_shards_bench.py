@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def test_bench_shards_small(tmp_path: Path, capsys):
-    from eval.cli import main
+    from unmix.cli import main
 
     out = tmp_path / "bench.json"
     assert (
@@ -42,7 +42,7 @@ def test_bench_shards_small(tmp_path: Path, capsys):
 
 
 def test_cli_sample(tmp_path: Path, capsys):
-    from eval.cli import main
+    from unmix.cli import main
 
     assert main(["shards", "sample", "photos", str(tmp_path), "--images", "10", "--classes", "2", "-q"]) == 0
     assert "train 8 images" in capsys.readouterr().out

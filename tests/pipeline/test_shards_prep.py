@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.dali_index import Member, format_index, parse_index
-from pipeline.image_prep import PrepSettings, prepare_bytes, scan_jpeg, sniff_format
-from pipeline.shards import _tar_header
+from unmix.pipeline.dali_index import Member, format_index, parse_index
+from unmix.pipeline.image_prep import PrepSettings, prepare_bytes, scan_jpeg, sniff_format
+from unmix.pipeline.shards import _tar_header
 
 
 def jpeg(size=(96, 64), mode="RGB", **save) -> bytes:
@@ -115,7 +115,7 @@ def test_index_format_round_trip():
 def test_parse_size():
     import argparse
 
-    from pipeline.shards_cli import parse_size
+    from unmix.pipeline.shards_cli import parse_size
 
     assert parse_size("500MB") == 500_000_000 and parse_size("1G") == 10**9 and parse_size("256MiB") == 2**28
     assert parse_size("1.5k") == 1500 and parse_size("4096") == 4096

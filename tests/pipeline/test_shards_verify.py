@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline.dali_index import index_for_tar
-from pipeline.shard_verify import DecoderCrashError, DecodeWorker
-from pipeline.shards import read_manifest, verify_shards
+from unmix.pipeline.dali_index import index_for_tar
+from unmix.pipeline.shard_verify import DecoderCrashError, DecodeWorker
+from unmix.pipeline.shards import read_manifest, verify_shards
 
 
 @pytest.fixture
@@ -196,7 +196,7 @@ def test_missing_part_and_bad_labels(shard_copy: Path):
 
 
 def test_cli_exit_status(sample_val: Path, shard_copy: Path, capsys):
-    from eval.cli import main
+    from unmix.cli import main
 
     assert main(["shards", "verify", str(sample_val), "--no-decode"]) == 0
     assert "OK, 359 samples in 4 shards" in capsys.readouterr().out

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shard_sources import SourceError
-from pipeline.shards import (
+from unmix.pipeline.shard_sources import SourceError
+from unmix.pipeline.shards import (
     KILL_AFTER_ENV,
     ManifestError,
     ShardWriteError,
@@ -340,7 +340,7 @@ def test_killed_write_resumes_to_identical_shards(tmp_path: Path):
     cmd = [
         sys.executable,
         "-m",
-        "pipeline",
+        "unmix.pipeline",
         "shards",
         "write",
         str(src),
@@ -389,7 +389,7 @@ def test_read_manifest_errors_name_the_file(tmp_path: Path):
 
 
 def test_cli_write_and_info(tree: Path, tmp_path: Path, capsys):
-    from eval.cli import main
+    from unmix.cli import main
 
     out = tmp_path / "val"
     assert (

@@ -23,7 +23,7 @@ def test_srun_spans_both_nodes_and_maps_ranks(slurm_cluster, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, os, socket\n"
-        "from training.dist import map_slurm_env\n"
+        "from unmix.training.dist import map_slurm_env\n"
         "map_slurm_env()\n"
         "keys = ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'MASTER_ADDR', 'MASTER_PORT', 'SLURMD_NODENAME')\n"
         "rec = {k: os.environ.get(k) for k in keys}\n"

@@ -12,10 +12,10 @@ import torch
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from training import dist  # noqa: E402
-from training.bench import MemoryLoader  # noqa: E402
-from training.config import load_config  # noqa: E402
-from training.loop import setup, train_step  # noqa: E402
+from unmix.training import dist  # noqa: E402
+from unmix.training.bench import MemoryLoader  # noqa: E402
+from unmix.training.config import load_config  # noqa: E402
+from unmix.training.loop import setup, train_step  # noqa: E402
 
 CASES = [  # method, Un-Mix, ZeRO stage, optimizer, lr
     ("moco_v2", True, 0, "sgd", 0.5),
@@ -59,8 +59,8 @@ def _shuffle_roundtrip() -> dict:
     permutation really spreads samples over ranks (with BN, keys then differ from a local forward)."""
     from torch import nn
 
-    from training.heads import Network
-    from training.moco import shuffled_embed
+    from unmix.training.heads import Network
+    from unmix.training.moco import shuffled_embed
 
     torch.manual_seed(0)
     per_sample = Network(nn.Flatten(), nn.Linear(3 * 4 * 4, 5))

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import checkpoint
+from unmix.training import checkpoint
 
 
 class FakeEngine:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from training.config import ConfigError, check_world, diff, load_config, to_dict
-from training.dist import expand_nodelist, first_node, map_slurm_env
-from training.engine import deepspeed_config
+from unmix.training.config import ConfigError, check_world, diff, load_config, to_dict
+from unmix.training.dist import expand_nodelist, first_node, map_slurm_env
+from unmix.training.engine import deepspeed_config
 
 
 def _write(tmp_path, text):

@@ -26,8 +26,8 @@ TIMEOUT = 300
 @pytest.fixture(scope="module")
 def tiny_train(sample_train: Path, tmp_path_factory) -> Path:
     """48 images of the digits sample as their own shard set."""
-    from pipeline.shard_sources import memory_source
-    from pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.shard_sources import memory_source
+    from unmix.pipeline.shards import read_manifest, write_shards
 
     manifest = read_manifest(sample_train)
     images = []
@@ -82,7 +82,7 @@ class Job:
         full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
         full_env.pop("MLFLOW_TRACKING_URI", None)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "eval.cli", "train", str(config), *args],
+            [sys.executable, "-m", "unmix.cli", "train", str(config), *args],
             env=full_env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -222,7 +222,7 @@ def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, tmp_path
 
 
 def test_nonfinite_loss_names_step_and_keeps_last_good_checkpoint(tiny_train, tmp_path):
-    from training.checkpoint import verify
+    from unmix.training.checkpoint import verify
 
     out = tmp_path / "nan" / "run"
     job = Job(_config(tmp_path, tiny_train, out, **{"optim.lr": 1e38, "checkpoint.every_steps": 1}))
@@ -243,7 +243,7 @@ def _free_port() -> int:
 
 
 def test_sigusr1_to_one_of_two_ranks_checkpoints_both(tiny_train, tmp_path):
-    from training.checkpoint import verify
+    from unmix.training.checkpoint import verify
 
     out = tmp_path / "usr1" / "run"
     cfg = _config(tmp_path, tiny_train, out, **{"checkpoint.every_steps": 0})

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
 
 
 def _naive_info_nce(q, k, queue, T):

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training import byol, moco
-from training.backbones import build_backbone
-from training.config import ByolConfig, MocoConfig
-from training.ema import update_momentum
-from training.lars import LARS, param_groups
-from training.queue import KeyQueue
-from training.schedules import learning_rate
+from unmix.training import byol, moco
+from unmix.training.backbones import build_backbone
+from unmix.training.config import ByolConfig, MocoConfig
+from unmix.training.ema import update_momentum
+from unmix.training.lars import LARS, param_groups
+from unmix.training.queue import KeyQueue
+from unmix.training.schedules import learning_rate
 
 
 def _pair():
@@ -137,7 +137,7 @@ def test_moco_unmix_loss_is_clean_plus_weighted_mix():
     keys = method.targets(batch, torch.Generator().manual_seed(0))
     q, z_m = online(*method.online_inputs(batch, unmix=True))
     loss, clean, mix = method.loss((q, z_m), keys, lam)
-    from training.losses import info_nce
+    from unmix.training.losses import info_nce
 
     queue, k = method.queue.queue, keys[0]
     expected = (

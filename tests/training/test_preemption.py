@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
-from training.preemption import Preemption, record_early
+from unmix.training.preemption import Preemption, record_early
 
 
 def test_signal_during_startup_is_handed_to_preemption(capsys):

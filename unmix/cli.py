@@ -1,8 +1,8 @@
 """The ``unmix`` command.
 
-Each package registers its own subcommands; this module only wires them together. It lives in
-``eval`` because ``eval`` sits at the top of the dependency graph (pipeline <- training <- eval), so
-the dispatcher can see every package without any package importing one above it.
+Each package registers its own subcommands; this module only wires them together. It sits above the
+three packages (``unmix.pipeline`` <- ``unmix.training`` <- ``unmix.eval``), so the dispatcher sees every
+package without any package importing one above it.
 
 Subcommands import their heavy dependencies (DALI, DeepSpeed, MLflow) inside the handler, so
 ``unmix --help`` stays fast.
@@ -14,9 +14,10 @@ import argparse
 import os
 import sys
 
-import eval.commands as eval_commands
-import pipeline.cli as pipeline_cli
-import training.cli as training_cli
+import unmix
+import unmix.eval.commands as eval_commands
+import unmix.pipeline.cli as pipeline_cli
+import unmix.training.cli as training_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,15 +26,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="unmix",
         description="Self-supervised pretraining with Un-Mix image mixtures (MoCo v2, BYOL).",
     )
+    parser.add_argument("--version", action="version", version=f"unmix {unmix.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    pipeline_cli.register(sub)
+    training_cli.register(sub)
+    eval_commands.register(sub)
+    # `bench` last in the listing: the everyday commands come first in `unmix --help`.
     bench = sub.add_parser("bench", help="benchmarks (shards, pipeline, train)")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
-
-    pipeline_cli.register(sub)
     pipeline_cli.register_bench(bench_sub)
-    training_cli.register(sub)
     training_cli.register_bench(bench_sub)
-    eval_commands.register(sub)
     return parser
 
 

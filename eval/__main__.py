@@ -1,5 +1,0 @@
-import sys
-
-from eval.cli import main
-
-sys.exit(main())
