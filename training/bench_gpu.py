@@ -651,8 +651,14 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    if not args.dry_run:
-        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    accelerator = os.environ.get("DS_ACCELERATOR")
+    if not args.dry_run and accelerator not in (None, "", "cuda"):
+        print(
+            f"unmix bench gpu: error: DS_ACCELERATOR={accelerator} would run DeepSpeed off the GPU; "
+            "unset it (or set it to cuda)",
+            file=sys.stderr,
+        )
+        return 2
     env = environment()
     mode = "dry run (no CUDA needed)" if args.dry_run else f"{env['device']} x{env['device_count']}"
     print(
