@@ -67,3 +67,33 @@ def test_mixing_check_rejects_wrong_mixtures():
         mixture_mode(x, cut, torch.tensor([0.75, 0.75, 0.7, 0.75]))
     with pytest.raises(CheckError, match="neither"):
         mixture_mode(x, x.flip(0)[[1, 0, 2, 3]], lam)  # a wrong partner
+
+
+def test_cuda_checks_run_their_course_on_a_small_cpu_model(monkeypatch):
+    """The training-step and ZeRO checks, with the model shrunk and the device switched to the CPU:
+    their code path (setup, steps, fp32 and EMA checks, figures) runs in CI, not only on a GPU node."""
+    for name in ("synchronize", "reset_peak_memory_stats", "empty_cache"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 0)
+    r50 = bench_gpu.r50_overrides
+
+    def small(*args, **kwargs):
+        keep = [
+            o for o in r50(*args, **kwargs) if not o.startswith(("model.", "data.device", "deepspeed.prec"))
+        ]
+        return keep + [
+            "model.arch=resnet10",
+            "model.width=16",
+            "data.device=cpu",
+            "data.crop=32",
+            "deepspeed.precision=fp32",
+            "method.moco.K=256",
+            "method.moco.dim=16",
+            "method.moco.hidden_dim=32",
+        ]
+
+    monkeypatch.setattr(bench_gpu, "r50_overrides", small)
+    figure, values = bench_gpu.check_train("moco_v2", True, 8, 1, 2)
+    assert values["images_per_s"] > 0 and "img/s" in figure
+    figure, _ = bench_gpu.check_zero(2, 8)
+    assert "fp32" in figure
