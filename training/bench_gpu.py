@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import gc
 import json
 import os
@@ -682,7 +681,7 @@ def main(args: argparse.Namespace) -> int:
             "passed": not failed,
             "checks": [asdict(c) for c in report.checks],
         }
-        Path(args.json).write_text(json.dumps(copy.deepcopy(summary), indent=1, default=str))
+        Path(args.json).write_text(json.dumps(summary, indent=1, default=str))
     if not args.dry_run and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     return 1 if failed else 0
