@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from unmix.pipeline.devices import local_cuda_device
+
 
 @dataclass(frozen=True)
 class DistContext:
@@ -47,8 +49,7 @@ def setup(device: str = "gpu") -> DistContext:
     if device == "gpu":
         if not torch.cuda.is_available():
             raise ValueError("device=gpu: no CUDA device is visible; pass device=cpu")
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
+        dev = local_cuda_device(local_rank)  # local_rank % visible devices (srun --gpus-per-task)
     else:
         dev = torch.device("cpu")
     if world_size > 1:

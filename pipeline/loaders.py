@@ -41,6 +41,7 @@ import torch
 
 from unmix.pipeline import mixing
 from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
+from unmix.pipeline.devices import local_cuda_index
 from unmix.pipeline.mixing import UnmixConfig
 
 DEVICES = ("cpu", "gpu")
@@ -85,7 +86,7 @@ def _device_id(device: str) -> int | None:
         return None
     if not torch.cuda.is_available():
         raise RuntimeError("device='gpu' but no CUDA device is visible; pass device='cpu' (CPU pipeline)")
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return local_cuda_index()
 
 
 def pipeline_seed(seed: int, shard_id: int) -> int:

@@ -1,8 +1,9 @@
-"""``unmix train`` and ``unmix bench train``."""
+"""``unmix train``, ``unmix bench train`` and ``unmix bench gpu``."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -54,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``bench train``."""
+    """Add ``bench train`` and ``bench gpu``."""
     p = bench_sub.add_parser(
         "train",
         help="trainer step throughput vs a plain PyTorch loop, and the cost of Un-Mix",
@@ -75,6 +76,47 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=_bench)
+    _register_bench_gpu(bench_sub)
+
+
+def _register_bench_gpu(bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``bench gpu`` (its options live in training/bench_gpu.py; torch is imported only when run)."""
+    p = bench_sub.add_parser(
+        "gpu",
+        help="prove a GPU node: training step, DeepSpeed ZeRO, NCCL, DALI on the GPU, data wait, gpu tests",
+        description=(
+            "Checks a GPU node in at most ~8 minutes: ResNet-50 MoCo v2/BYOL steps at bf16 (images/s, peak "
+            "memory), ZeRO-1/2 steps, NCCL all_gather/Shuffle-BN, DALI loader speed and exact mixing on the "
+            "GPU, CPU vs GPU output distributions, the data-wait fraction (< 5 %%), then `pytest -m gpu`. "
+            "Prints a table; exit status 0 all passed, 1 a check failed, 2 no CUDA device (without "
+            "--dry-run). --dry-run runs only what needs no GPU."
+        ),
+    )
+    p.add_argument("--dry-run", action="store_true", help="only the checks that need no GPU (CI runs this)")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.add_argument(
+        "--data",
+        help="shards to read (a shard directory, or a root holding train/); default: `unmix shards sample "
+        "photos` (1,600 images) written to a temporary directory",
+    )
+    p.add_argument("--batch-size", type=int, default=128, help="images per step on the GPU (default 128)")
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per variant (default 10)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--threads", type=int, default=min(8, os.cpu_count() or 1), help="DALI CPU threads")
+    p.add_argument(
+        "--budget-s",
+        type=float,
+        default=480.0,
+        help="checks not started within this many seconds fail as not run (default 480)",
+    )
+    p.add_argument("--no-tests", action="store_true", help="do not run `pytest -m gpu`")
+    p.set_defaults(func=_bench_gpu)
+
+
+def _bench_gpu(args: argparse.Namespace) -> int:
+    from unmix.training.bench_gpu import main
+
+    return main(args)
 
 
 def _bench(args: argparse.Namespace) -> int:

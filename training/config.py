@@ -33,6 +33,8 @@ class DataConfig:
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
     recipe: str = ""  # augmentation recipe of the loader; "" = the method's (moco_v2, moco_v1, byol)
+    source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
+    synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class CheckpointConfig:
     every_steps: int = 0  # 0 = off
     every_epochs: int = 1  # 0 = off; a checkpoint is also written at the end and on SIGUSR1/SIGTERM
     keep: int = 2  # complete checkpoints kept (the newest ones)
+    signal_check_every: int = 10  # steps between the ranks' all-reduce of a SIGUSR1/SIGTERM flag (1 = every)
 
 
 @dataclass
@@ -321,6 +324,7 @@ def resolve(cfg: Config) -> Config:
     positive = {
         "data.crop": cfg.data.crop,
         "data.threads": cfg.data.threads,
+        "data.synthetic_samples": cfg.data.synthetic_samples,
         "optim.epochs": cfg.optim.epochs,
         "optim.batch_size": cfg.optim.batch_size,
         "optim.grad_accum": cfg.optim.grad_accum,
@@ -332,6 +336,7 @@ def resolve(cfg: Config) -> Config:
         "method.byol.pred_hidden_dim": cfg.method.byol.pred_hidden_dim,
         "log.every_steps": cfg.log.every_steps,
         "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.signal_check_every": cfg.checkpoint.signal_check_every,
     }
     for key, value in positive.items():
         if value <= 0:

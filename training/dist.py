@@ -139,8 +139,21 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every rank along dim 0 (no gradient); identity on one process."""
     if world_size() == 1:
         return x
-    out = [torch.empty_like(x) for _ in range(world_size())]
-    dist.all_gather(out, x.contiguous())
+    return gather_rows(x)
+
+
+@torch.no_grad()
+def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
+    """The collective behind :func:`all_gather`, also on a one-process group (``unmix bench gpu``).
+
+    Sent and received buffers are both plain contiguous (NCHW for images): ``torch.empty_like`` of a
+    channels_last CUDA tensor is channels_last, and NCCL builds of torch before the fix of pytorch
+    issue 163483 laid the received bytes out by the *outputs'* strides while the input was sent as
+    NCHW, scrambling every gathered image without an error. The result is NCHW contiguous.
+    """
+    n = dist.get_world_size(group)
+    out = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
+    dist.all_gather(out, x.contiguous(), group=group)
     return torch.cat(out)
 
 

@@ -8,6 +8,7 @@ scaling (the module is cast to fp16, inputs are cast to match). ``fp32`` is plai
 
 from __future__ import annotations
 
+import argparse
 import copy
 from typing import Any
 
@@ -59,7 +60,11 @@ def build_engine(cfg: Config, model: nn.Module, micro_batch: int, lr: float):
 
     ds_config = deepspeed_config(cfg, micro_batch)
     optimizer = build_optimizer(cfg, model, lr)
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+    # DeepSpeed would set_device(LOCAL_RANK), an invalid ordinal when a task sees only its own GPU
+    # (srun --gpus-per-task); ``device_rank`` makes it use the device the model is already on.
+    device = next(model.parameters()).device
+    args = argparse.Namespace(device_rank=device.index or 0) if device.type == "cuda" else None
+    engine, _, _, _ = deepspeed.initialize(args=args, model=model, optimizer=optimizer, config=ds_config)
     return engine, ds_config
 
 

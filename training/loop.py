@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from unmix.training import byol, checkpoint, dist, moco
+from unmix.pipeline.devices import local_cuda_device
+from unmix.training import byol, checkpoint, dist, moco, sync_bn
 from unmix.training.backbones import build_backbone, save_backbone
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from unmix.training.ema import update_momentum
@@ -65,15 +66,19 @@ def backend_for(cfg: Config) -> str:
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
+    """The CPU, or the visible CUDA device of this local rank (see :mod:`unmix.pipeline.devices`)."""
     if cfg.data.device == "gpu":
         if not torch.cuda.is_available():
             raise ConfigError("data.device: gpu, but no CUDA device is visible; set data.device=cpu")
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+        return local_cuda_device(local_rank)
     return torch.device("cpu")
 
 
 def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
+    if cfg.data.source == "synthetic":  # random images made on the device: no shards, no DALI
+        from unmix.training.synthetic import build_synthetic_loader
+
+        return build_synthetic_loader(cfg, micro_batch, rank, world)
     from unmix.pipeline.loaders import build_pretrain_loader
 
     unmix = (
@@ -111,8 +116,6 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     else:
         kind, cls, method_cfg = moco, moco.MoCo, cfg.method.moco
     online = kind.build_online(backbone, method_cfg)
-    if method_cfg.sync_bn and world > 1 and device.type == "cuda":  # torch's SyncBatchNorm has no CPU kernel
-        online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
     online = online.to(device)
     if _channels_last(cfg, device):
         online = online.to(memory_format=torch.channels_last)
@@ -120,6 +123,12 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
     # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
     method = cls(online, method_cfg, cfg.seed, device)
+    if sync_bn.wanted(
+        method_cfg.sync_bn, world, device
+    ):  # after the copy: MoCo's key encoder keeps per-rank BN
+        online, method.target = sync_bn.convert(
+            online, method.target, sync_target=sync_bn.sync_target_for(cfg.method.name)
+        )
     dist.broadcast_([*method.target.parameters(), *method.target.buffers()])
     if method.queue is not None:
         dist.broadcast_([method.queue.queue])
@@ -325,7 +334,7 @@ def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> in
     if resumed:
         tracker.set_tags({"resumed_at_step": run.state["step"]})
 
-    preempt = Preemption()
+    preempt = Preemption(check_every=cfg.checkpoint.signal_check_every)
     status = "FAILED"
     try:
         code = _loop(run, tracker, preempt, ckpt_dir)
@@ -470,7 +479,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
             last_of_epoch = st["pos"] == spe
             if st["step"] % cfg.log.every_steps == 0:
                 log()
-            signalled = preempt.agreed()
+            signalled = preempt.agreed(st["step"], force=last_of_epoch)
             if last_of_epoch:
                 stop = signalled  # checkpoint after the epoch ends (the loader then sits at the next one)
                 continue

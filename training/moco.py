@@ -25,26 +25,46 @@ def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:
     return Network(backbone, moco_head(backbone.feature_dim, cfg.hidden_dim, cfg.dim, bool(cfg.mlp)))
 
 
+def gather_images(x: Tensor, group=None) -> Tensor:
+    """All ranks' ``x`` concatenated, in the autocast dtype when autocast is on (bf16 under bf16).
+
+    Every rank receives the whole global batch, so the gather's traffic is W x N images; the key
+    encoder's first convolution casts its input to the autocast dtype anyway, so casting before the
+    gather halves the traffic at bf16 and changes no result (the same round-to-nearest cast, earlier).
+    """
+    kind = x.device.type
+    if x.is_floating_point() and torch.is_autocast_enabled(kind):
+        low = torch.get_autocast_dtype(kind)
+        if low.itemsize < x.dtype.itemsize:
+            x = x.to(low)
+    return dist.gather_rows(x, group)
+
+
 @torch.no_grad()
-def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator) -> Tensor:
+def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator, group=None) -> Tensor:
     """Shuffle-BN: embed ``x`` with the batch shuffled across all ranks, return keys in input order.
 
     Each rank's BN then normalises a random subset of the global batch, so the key statistics cannot
     leak which key belongs to which query (MoCo §3.3). ``generator`` must be in the same state on every
     rank (the loop seeds it from the run seed and the step), so no permutation is broadcast.
-    On one process this is a plain forward (shuffling within one BN batch changes nothing).
+    On one process this is a plain forward (shuffling within one BN batch changes nothing), unless a
+    ``group`` is given: then the collectives run over it whatever its size (``unmix bench gpu`` runs
+    them on a one-process NCCL group).
     """
-    world = dist.world_size()
-    if world == 1:
+    if group is not None:
+        world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
+    else:
+        world, rank = dist.world_size(), dist.rank()
+    if world == 1 and group is None:
         return encoder.embed(x)
-    x_all = dist.all_gather(x)  # x_all: (W*N)x3xHxW
+    x_all = gather_images(x, group)  # x_all: (W*N)x3xHxW, NCHW; bf16 under bf16 autocast
     idx_shuffle = torch.randperm(x_all.shape[0], generator=generator)  # same on every rank (CPU generator)
     if x.is_cuda:  # from pinned memory: the copy does not wait for the device's queued work
         idx_shuffle = idx_shuffle.pin_memory().to(x.device, non_blocking=True)
     idx_unshuffle = torch.argsort(idx_shuffle)
-    mine = idx_shuffle.view(world, -1)[dist.rank()]
-    k_all = dist.all_gather(encoder.embed(x_all[mine]))  # k_all: (W*N)xC, shuffled order
-    return k_all[idx_unshuffle.view(world, -1)[dist.rank()]]  # k: NxC, this rank's input order
+    mine = idx_shuffle.view(world, -1)[rank]
+    k_all = dist.gather_rows(encoder.embed(x_all[mine]), group)  # k_all: (W*N)xC, shuffled order
+    return k_all[idx_unshuffle.view(world, -1)[rank]]  # k: NxC, this rank's input order
 
 
 class MoCo:

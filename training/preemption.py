@@ -1,9 +1,14 @@
 """SIGUSR1/SIGTERM handling: finish the step, agree across ranks, checkpoint, exit with 75.
 
-The handler only records the signal; the loop polls :meth:`Preemption.agreed` after every step, which
-all-reduces the flag over a CPU (gloo) group so that every rank stops after the same step even when
-the signal reached only one of them. A second signal while the checkpoint is written only sets the
-flag again: it cannot interrupt the save (the checkpoint itself is also switched in atomically).
+The handler only records the signal; the loop polls :meth:`Preemption.agreed` after every step. With
+several ranks that poll all-reduces the flag over a CPU (gloo) group, so that every rank stops after
+the same step even when the signal reached only one of them; the all-reduce runs every
+``checkpoint.signal_check_every`` steps (and at every epoch end), not every step: it is a blocking
+host collective whose latency grows with the number of ranks (a gloo ring over W ranks takes 2(W-1)
+network hops), while a preemption notice (``--signal=USR1@90``) leaves tens of seconds. One process
+needs no collective and sees its signal after the very next step. A second signal while the
+checkpoint is written only sets the flag again: it cannot interrupt the save (the checkpoint itself
+is also switched in atomically).
 
 Start-up (importing torch, DeepSpeed's set-up, the rendezvous, loading a checkpoint) takes seconds to
 minutes, and a signal then would kill the rank with the default action. :func:`record_early`, called
@@ -49,8 +54,12 @@ def record_early(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
 class Preemption:
     """Installs the handlers on construction; :meth:`restore` puts the previous ones back."""
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS):
+    def __init__(self, signals: tuple[signal.Signals, ...] = SIGNALS, check_every: int = 1):
         import torch.distributed as dist
+
+        if check_every < 1:
+            raise ValueError(f"check_every must be >= 1, got {check_every}")
+        self.check_every = check_every
 
         self._previous = {s: signal.signal(s, self._handle) for s in signals}
         # Take over from the start-up recorder: its signal, and the handlers from before it.
@@ -70,10 +79,17 @@ class Preemption:
             )
         self.signum = signum
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank has received a signal (collective: call on all ranks)."""
+    def agreed(self, step: int | None = None, force: bool = False) -> bool:
+        """True on every rank when any rank has received a signal (collective: call on all ranks).
+
+        With several ranks the flags are compared only when ``step`` is a multiple of ``check_every``
+        (or ``step`` is None, or ``force``); between those steps this returns False without any
+        communication. Every rank passes the same ``step`` and ``force``, so all agree on when to stop.
+        """
         if self._group is None:
             return self.signum is not None
+        if not force and step is not None and step % self.check_every:
+            return False
         from unmix.training.dist import any_rank
 
         return any_rank(self.signum is not None, group=self._group)

@@ -75,6 +75,37 @@ def _shuffle_roundtrip() -> dict:
         }
 
 
+def _gather_channels_last() -> dict:
+    """Shuffle-BN's image gather on channels_last inputs (what the loop feeds on CUDA): every rank's
+    images arrive intact and in rank order; under bf16 autocast they travel as bf16."""
+    from torch import nn
+
+    from unmix.training.heads import Network
+    from unmix.training.moco import gather_images, shuffled_embed
+
+    def images(r: int) -> torch.Tensor:  # distinct values in every position, per rank
+        x = torch.arange(4 * 3 * 5 * 6, dtype=torch.float32).reshape(4, 3, 5, 6) / 7 + 1000 * r
+        return x.contiguous(memory_format=torch.channels_last)
+
+    world, me = dist.world_size(), dist.rank()
+    x = images(me)
+    expected = torch.cat([images(r) for r in range(world)])
+    gathered = dist.all_gather(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = gather_images(x)
+        torch.manual_seed(0)
+        per_sample = Network(nn.Flatten(), nn.Linear(3 * 5 * 6, 5))
+        k = shuffled_embed(per_sample, x / 1000, torch.Generator().manual_seed(2))
+        k_local = per_sample.embed(x / 1000)
+    return {
+        "fp32_exact": bool(torch.equal(gathered, expected)),
+        "fp32_contiguous": gathered.is_contiguous(),
+        "bf16_dtype": str(low.dtype),
+        "bf16_exact": bool(torch.equal(low, expected.to(torch.bfloat16))),
+        "autocast_order_kept": bool(torch.allclose(k.float(), k_local.float(), atol=1e-2, rtol=1e-2)),
+    }
+
+
 def main() -> None:
     results = []
     for name, unmix, zero, opt, lr in CASES:
@@ -128,6 +159,7 @@ def main() -> None:
             }
         )
     results.append({"case": "shuffle_bn_roundtrip", **_shuffle_roundtrip()})
+    results.append({"case": "gather_channels_last", **_gather_channels_last()})
     if dist.rank() == 0:
         with open(sys.argv[1], "w") as f:
             json.dump(results, f, indent=1)

@@ -1,5 +1,6 @@
 """Two processes (gloo) for each method, Un-Mix on and off, ZeRO 0 and 2: loss finite and falling on a
-repeated batch; target network, queue and online weights bitwise identical on both ranks."""
+repeated batch; target network, queue and online weights bitwise identical on both ranks; Shuffle-BN's
+gather of channels_last images (fp32, and bf16 under autocast)."""
 
 from __future__ import annotations
 
@@ -55,6 +56,13 @@ def test_shuffle_bn_across_ranks(results):
     assert r["order_kept"] and r["bn_stats_mixed_across_ranks"], r
 
 
+def test_gather_channels_last_intact_and_bf16_under_autocast(results):
+    (r,) = [r for r in results if r["case"] == "gather_channels_last"]
+    assert r["fp32_exact"] and r["fp32_contiguous"], r
+    assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_exact"], r
+    assert r["autocast_order_kept"], r
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks(results, case):
     (r,) = [r for r in results if r["case"] == case]
@@ -69,3 +77,27 @@ def test_two_ranks(results, case):
     assert r["online_identical"], r
     if case.startswith("moco"):
         assert r["queue_identical"], r
+
+
+def test_gather_buffers_are_nchw_whatever_the_input_layout(monkeypatch):
+    """The NCCL failure of pytorch#163483 needs CUDA, but its cause is checkable here: the receive
+    buffers handed to torch.distributed.all_gather must be plain contiguous even for channels_last
+    input (empty_like would make them channels_last, which old NCCL builds filled as NCHW bytes)."""
+    import torch
+    import torch.distributed as tdist
+
+    from unmix.training import dist
+
+    seen = []
+
+    def fake_all_gather(out, x, group=None):
+        seen.append([o.is_contiguous() for o in out] + [x.is_contiguous()])
+        for o in out:
+            o.copy_(x)
+
+    monkeypatch.setattr(tdist, "all_gather", fake_all_gather)
+    monkeypatch.setattr(tdist, "get_world_size", lambda group=None: 2)
+    x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    y = dist.gather_rows(x)
+    assert seen == [[True, True, True]]
+    assert y.is_contiguous() and torch.equal(y, torch.cat([x, x]))
