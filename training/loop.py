@@ -92,6 +92,8 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
         num_shards=world,
         seed=cfg.seed,
         num_threads=cfg.data.threads,
+        # the model's layout straight from DALI (HWC viewed as NCHW): _to_device then copies nothing
+        channels_last=_channels_last(cfg, torch.device("cuda" if cfg.data.device == "gpu" else "cpu")),
     )
 
 
@@ -113,9 +115,10 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     online = kind.build_online(backbone, method_cfg)
     if method_cfg.sync_bn and world > 1 and device.type == "cuda":  # torch's SyncBatchNorm has no CPU kernel
         online = torch.nn.SyncBatchNorm.convert_sync_batchnorm(online)
+    # channels_last comes from the inputs (convolutions follow a channels_last input); the weights stay
+    # contiguous: DeepSpeed broadcasts them as byte views (impossible for channels_last conv weights)
+    # and ZeRO re-lays them out into flat contiguous buffers anyway.
     online = online.to(device)
-    if _channels_last(cfg, device):
-        online = online.to(memory_format=torch.channels_last)
 
     # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
     # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
@@ -162,8 +165,8 @@ def _to_device(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tens
         v = v.to(run.device, non_blocking=True)
         if v.ndim == 4:
             v = v.to(dtype)
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
+            if channels_last and not v.is_contiguous(memory_format=torch.channels_last):
+                v = v.contiguous(memory_format=torch.channels_last)  # a loader that gave NCHW
         out[k] = v
     return out
 
