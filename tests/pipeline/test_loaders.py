@@ -202,10 +202,11 @@ def _channels_last(t: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize(
-    "unmix", [{"p_mixup": 0.0}, {"p_mixup": 1.0, "per_sample_lambda": True, "random_partner": True}]
+    "unmix",
+    [{"p_mixup": 0.0}, {"p_mixup": 0.0, "per_sample_lambda": True}, {"p_mixup": 1.0, "random_partner": True}],
 )
 def test_channels_last_output_same_values_channels_last_strides(sample_val, unmix):
-    # p_mixup 0: every batch CutMix (the HWC paste); 1: every batch mixup
+    # p_mixup 0: every batch CutMix (the HWC paste; one box, or a box per sample); 1: every batch mixup
     nchw = _take(_pretrain(sample_val, batch_size=16, unmix=unmix), 2)
     nhwc = _take(_pretrain(sample_val, batch_size=16, unmix=unmix, channels_last=True), 2)
     for a, b in zip(nchw, nhwc, strict=True):
