@@ -175,6 +175,20 @@ class DeviceReport:
         return "\n".join(lines)
 
 
+def _image_tensors(ops: list[OpInfo]) -> set[str]:
+    """Names of the decoders' outputs and of every tensor computed from them through data inputs."""
+    names = {p.name for op in ops if op.schema in DECODER_SCHEMAS for p in op.outputs}
+    grew = True
+    while grew:  # to a fixed point: no assumption about the order of the serialized operators
+        grew = False
+        for op in ops:
+            if any(p.arg_name is None and p.name in names for p in op.inputs):
+                new = {p.name for p in op.outputs} - names
+                names |= new
+                grew = grew or bool(new)
+    return names
+
+
 def device_report(
     pipe: Any, output_names: list[str] | None = None, max_host_elements: int = 256
 ) -> DeviceReport:
@@ -188,17 +202,16 @@ def device_report(
     """
     serialized = pipe if isinstance(pipe, bytes | bytearray) else pipe.serialize()
     raw_ops, pipe_outputs = parse_pipeline(bytes(serialized))
-    image_names: set[str] = set()
+    image_names = _image_tensors(raw_ops)
     ops: list[OpInfo] = []
     problems: list[str] = []
     transfers: set[str] = set()
     produced_on = {p.name: p.device for op in raw_ops for p in op.outputs}
-    # serialized order is topological (DALI adds operators after their inputs)
     for op in raw_ops:
         label = f"{op.schema} ({op.name})"
         is_decoder = op.schema in DECODER_SCHEMAS
         data_in = [p for p in op.inputs if p.arg_name is None]
-        image = any(p.name in image_names for p in data_in)
+        image = not is_decoder and any(p.name in image_names for p in data_in)
         for p in op.inputs:
             if p.arg_name is not None and p.name in image_names:
                 problems.append(
@@ -207,9 +220,7 @@ def device_report(
         if is_decoder:
             if op.device != "mixed":
                 problems.append(f"decoder {label} runs on {op.device!r}, not 'mixed' (nvJPEG)")
-            image_names.update(p.name for p in op.outputs)
         elif image:
-            image_names.update(p.name for p in op.outputs)
             if op.device != "gpu":
                 problems.append(f"image operator {label} runs on {op.device!r}")
             else:

@@ -452,23 +452,23 @@ def build_pretrain_loader(
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
     rec = get_recipe(recipe)
     cfg = UnmixConfig.resolve(unmix)
-    make = functools.partial(
+    make = functools.partial(  # make(checkpoint=...): the loader's pipeline
         pretrain_pipeline,
         files,
         batch_size,
-        rec,
-        crop,
-        cfg,
-        device,
-        shard_id,
-        num_shards,
-        seed,
-        num_threads,
-        shuffle_buffer,
-        prefetch,
-        with_keys,
-        channels_last,
-        _resolve_device_id(device, AUTO),
+        recipe=rec,
+        crop=crop,
+        unmix=cfg,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        num_threads=num_threads,
+        shuffle_buffer=shuffle_buffer,
+        prefetch=prefetch,
+        with_keys=with_keys,
+        channels_last=channels_last,
+        device_id=_resolve_device_id(device, AUTO),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
@@ -523,22 +523,22 @@ def build_eval_loader(
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     files = shard_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
-    make = functools.partial(
+    make = functools.partial(  # make(checkpoint=...): the loader's pipeline
         eval_pipeline,
         files,
         batch_size,
-        split,
-        crop,
-        device,
-        shard_id,
-        num_shards,
-        seed,
-        num_threads,
-        shuffle_buffer,
-        prefetch,
-        with_keys,
-        channels_last,
-        _resolve_device_id(device, AUTO),
+        split=split,
+        crop=crop,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        num_threads=num_threads,
+        shuffle_buffer=shuffle_buffer,
+        prefetch=prefetch,
+        with_keys=with_keys,
+        channels_last=channels_last,
+        device_id=_resolve_device_id(device, AUTO),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
