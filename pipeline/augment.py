@@ -35,6 +35,7 @@ from nvidia.dali.data_node import DataNode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+LAYOUTS = ("CHW", "HWC")  # float output layouts: CHW, or HWC for channels_last models
 
 
 @dataclass(frozen=True)
@@ -175,13 +176,16 @@ def flip_coin(spec: ViewSpec):
     return fn.random.coin_flip(probability=spec.p_flip)
 
 
-def normalize(x, mirror=0, crop: int | None = None):
-    """uint8 HWC -> float32 CHW normalised with ImageNet mean/std, optional flip and centre crop."""
+def normalize(x, mirror=0, crop: int | None = None, layout: str = "CHW"):
+    """uint8 HWC -> float32 ``layout`` (CHW, or HWC for channels_last models) normalised with ImageNet
+    mean/std, optional flip and centre crop."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     kwargs = {"crop": [crop, crop]} if crop else {}
     return fn.crop_mirror_normalize(
         x,
         dtype=types.FLOAT,
-        output_layout="CHW",
+        output_layout=layout,
         mean=[255 * m for m in IMAGENET_MEAN],
         std=[255 * s for s in IMAGENET_STD],
         mirror=mirror,
@@ -189,20 +193,20 @@ def normalize(x, mirror=0, crop: int | None = None):
     )
 
 
-def two_views(images, recipe: Recipe, crop: int):
-    """The two self-supervised views of ``images``: float32 CHW, normalised, each with its own flip."""
-    v1 = normalize(random_view(images, recipe.view1, crop), flip_coin(recipe.view1))
-    v2 = normalize(random_view(images, recipe.view2, crop), flip_coin(recipe.view2))
+def two_views(images, recipe: Recipe, crop: int, layout: str = "CHW"):
+    """The two self-supervised views of ``images``: float32 ``layout``, normalised, each with its own flip."""
+    v1 = normalize(random_view(images, recipe.view1, crop), flip_coin(recipe.view1), layout=layout)
+    v2 = normalize(random_view(images, recipe.view2, crop), flip_coin(recipe.view2), layout=layout)
     return v1, v2
 
 
-def eval_train_view(images, crop: int):
+def eval_train_view(images, crop: int, layout: str = "CHW"):
     """Linear-evaluation training transform: RandomResizedCrop(crop) (scale 0.08-1) + flip + normalise."""
     x = fn.random_resized_crop(images, size=[crop, crop], random_area=[0.08, 1.0])
-    return normalize(x, fn.random.coin_flip(probability=0.5))
+    return normalize(x, fn.random.coin_flip(probability=0.5), layout=layout)
 
 
-def eval_val_view(images, crop: int):
+def eval_val_view(images, crop: int, layout: str = "CHW"):
     """Validation transform: resize the shorter side to crop*256/224, centre crop ``crop``, normalise."""
     x = fn.resize(images, resize_shorter=round(crop * 256 / 224))
-    return normalize(x, 0, crop=crop)
+    return normalize(x, 0, crop=crop, layout=layout)

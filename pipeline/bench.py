@@ -61,6 +61,12 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
         help="instead: Un-Mix's cost over mixing off, in paired measurements of two live DALI loaders "
         "(--repeat pairs of --steps batches; resolves differences the loader comparison cannot)",
     )
+    p.add_argument(
+        "--layout-cost",
+        action="store_true",
+        help="instead: channels_last batches straight from DALI (HWC) against NCHW batches converted "
+        "after the loader, in paired measurements (Un-Mix on)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
     p.set_defaults(func=run_bench)
 
@@ -217,7 +223,7 @@ def _forever(loader):
         yield from loader
 
 
-def _dali_loader(shards, args, unmix: bool):
+def _dali_loader(shards, args, unmix: bool, channels_last: bool = False):
     """The pretraining loader every DALI measurement uses."""
     from unmix.pipeline.loaders import build_pretrain_loader
 
@@ -230,6 +236,7 @@ def _dali_loader(shards, args, unmix: bool):
         device=args.device,
         num_threads=args.threads,
         seed=0,
+        channels_last=channels_last,
     )
 
 
@@ -356,6 +363,46 @@ def run_stages(shards: str, args: argparse.Namespace) -> dict[str, dict[str, flo
     return figures
 
 
+def _paired_cpu_ms(its: dict[Any, Any], consumers: dict[Any, Any], args) -> dict[Any, list[float]]:
+    """CPU ms per image of live loaders measured back to back: ``--repeat`` rounds of ``--steps``
+    batches each (after one untimed batch), the order alternating between rounds."""
+    names = list(its)
+    for name in names:  # every pipeline warm before the first round
+        for _ in range(args.warmup):
+            consumers[name](next(its[name]))
+    cpu_ms: dict[Any, list[float]] = {name: [] for name in names}
+    for rep in range(args.repeat):
+        for name in names if rep % 2 == 0 else names[::-1]:
+            cpu_ms[name].append(_time_steps(its[name], 1, args.steps, consumers[name])[1])
+    return cpu_ms
+
+
+def _paired_summary(cpu_ms: dict[Any, list[float]], base: Any, other: Any) -> dict[str, Any]:
+    diffs = [a - b for a, b in zip(cpu_ms[other], cpu_ms[base], strict=True)]
+    off = statistics.median(cpu_ms[base])
+    out = {
+        "off_cpu_ms": off,
+        "on_cpu_ms": statistics.median(cpu_ms[other]),
+        "diff_median_ms": statistics.median(diffs),
+        "diff_mean_ms": statistics.mean(diffs),
+        "diff_sem_ms": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"),
+        "pairs": len(diffs),
+    }
+    out["fraction_median"] = out["diff_median_ms"] / off
+    out["fraction_mean"] = out["diff_mean_ms"] / off
+    return out
+
+
+def _print_paired(out: dict[str, Any], base: str, other: str, diff: str) -> None:
+    print(f"  {base:15s} {out['off_cpu_ms']:7.2f} CPU ms/img (median)")
+    print(f"  {other:15s} {out['on_cpu_ms']:7.2f} CPU ms/img (median)")
+    print(
+        f"  {diff:15s} {out['diff_median_ms']:+7.2f} ms median, {out['diff_mean_ms']:+.2f} ± "
+        f"{out['diff_sem_ms']:.2f} ms mean ± s.e.m."
+    )
+    print(f"  as a fraction   {out['fraction_median']:+7.1%} median, {out['fraction_mean']:+.1%} mean")
+
+
 def unmix_cost(shards: str, args: argparse.Namespace) -> dict[str, Any]:
     """Un-Mix's CPU cost per image over mixing off, from paired measurements.
 
@@ -367,35 +414,37 @@ def unmix_cost(shards: str, args: argparse.Namespace) -> dict[str, Any]:
     """
     its = {on: _forever(_dali_loader(shards, args, on)) for on in (False, True)}
     consume = _consumer(args.device)
-    cpu_ms: dict[bool, list[float]] = {False: [], True: []}
-    for it in its.values():  # both pipelines warm before any pair
-        for _ in range(args.warmup):
-            consume(next(it))
-    for rep in range(args.repeat):
-        for on in (False, True) if rep % 2 == 0 else (True, False):
-            cpu_ms[on].append(_time_steps(its[on], 1, args.steps, consume)[1])
-    diffs = [a - b for a, b in zip(cpu_ms[True], cpu_ms[False], strict=True)]
-    off = statistics.median(cpu_ms[False])
-    out = {
-        "off_cpu_ms": off,
-        "on_cpu_ms": statistics.median(cpu_ms[True]),
-        "diff_median_ms": statistics.median(diffs),
-        "diff_mean_ms": statistics.mean(diffs),
-        "diff_sem_ms": statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan"),
-        "pairs": len(diffs),
-    }
-    out["fraction_median"] = out["diff_median_ms"] / off
-    out["fraction_mean"] = out["diff_mean_ms"] / off
+    out = _paired_summary(_paired_cpu_ms(its, {False: consume, True: consume}, args), False, True)
     print(
-        f"\nUn-Mix cost, DALI {args.recipe} graph, {args.device}, {len(diffs)} pairs of {args.steps} batches"
+        f"\nUn-Mix cost, DALI {args.recipe} graph, {args.device}, "
+        f"{out['pairs']} pairs of {args.steps} batches"
     )
-    print(f"  mixing off      {off:7.2f} CPU ms/img (median)")
-    print(f"  Un-Mix on       {out['on_cpu_ms']:7.2f} CPU ms/img (median)")
+    _print_paired(out, "mixing off", "Un-Mix on", "on - off")
+    return out
+
+
+def layout_cost(shards: str, args: argparse.Namespace) -> dict[str, Any]:
+    """CPU cost per image of channels_last batches, Un-Mix on: the loader's ``channels_last=True`` (HWC
+    from DALI, no copy) against NCHW output converted by the consumer (``.contiguous(channels_last)`` of
+    the three images, what the training loop did for a channels_last model). Paired as :func:`unmix_cost`.
+    """
+    import torch
+
+    its = {cl: _forever(_dali_loader(shards, args, True, channels_last=cl)) for cl in (False, True)}
+    consume = _consumer(args.device)
+
+    def convert_then_consume(b):
+        for k in ("view1", "view2", "mixed"):
+            b[k] = b[k].contiguous(memory_format=torch.channels_last)
+        return consume(b)
+
+    cpu_ms = _paired_cpu_ms(its, {False: convert_then_consume, True: consume}, args)
+    out = _paired_summary(cpu_ms, False, True)
     print(
-        f"  on - off        {out['diff_median_ms']:+7.2f} ms median, {out['diff_mean_ms']:+.2f} ± "
-        f"{out['diff_sem_ms']:.2f} ms mean ± s.e.m."
+        f"\nchannels_last batches, DALI {args.recipe} graph with Un-Mix, {args.device}, "
+        f"{out['pairs']} pairs of {args.steps} batches"
     )
-    print(f"  as a fraction   {out['fraction_median']:+7.1%} median, {out['fraction_mean']:+.1%} mean")
+    _print_paired(out, "NCHW + convert", "DALI HWC", "HWC - NCHW")
     return out
 
 
@@ -418,6 +467,8 @@ def run_bench(args: argparse.Namespace) -> int:
             results = {"stages": run_stages(shards, args)}
         elif args.unmix_cost:
             results = {"unmix_cost": unmix_cost(shards, args)}
+        elif args.layout_cost:
+            results = {"layout_cost": layout_cost(shards, args)}
         else:
             results = compare_loaders(shards, args)
     if args.json:

@@ -4,6 +4,16 @@ One code path, one device switch: ``device="cpu"`` builds a pipeline with ``devi
 JPEG decoder and CPU operators; ``device="gpu"`` uses the ``"mixed"`` (nvJPEG) decoder and GPU operators on
 ``LOCAL_RANK``'s GPU, and the tensors stay on that GPU (no host round trip).
 
+Graph definitions: :func:`pretrain_pipeline` and :func:`eval_pipeline` return the DALI pipeline (defined,
+not built) that the loaders run. They are the only place the graphs are wired, so what
+:mod:`unmix.pipeline.graph_check` inspects (e.g. the ``device="gpu"`` graph defined with
+``device_id=None`` on a machine without CUDA) is exactly what a loader builds.
+
+Memory layout: ``channels_last=True`` makes the graph emit the float images as HWC, and the loader
+hands them out as ``[B, 3, H, W]`` views with channels_last strides (``permute(0, 3, 1, 2)`` of the
+``[B, H, W, 3]`` tensor: no copy), the layout a channels_last model wants. Values are identical to the
+default NCHW output for the same seed.
+
 Epochs and sharding: ``fn.readers.webdataset`` reads the manifest's tars with their ``.idx`` files,
 ``shard_id``/``num_shards`` (default ``RANK``/``WORLD_SIZE``) split the samples into contiguous ranges,
 and a shuffle buffer of ``shuffle_buffer`` samples shuffles them (shards must be written pre-shuffled).
@@ -30,8 +40,9 @@ remaining ``len(loader) - k`` batches of it, then full epochs.
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +56,8 @@ from unmix.pipeline.devices import local_cuda_index
 from unmix.pipeline.mixing import UnmixConfig
 
 DEVICES = ("cpu", "gpu")
+AUTO = "auto"  # device_id: LOCAL_RANK's GPU for device="gpu", None for device="cpu"
+FLOAT_OUTPUTS = ("view1", "view2", "mixed", "image")  # images; the other outputs are per-sample scalars
 
 
 @dataclass(frozen=True)
@@ -54,11 +67,15 @@ class ShardFiles:
     tars: list[str]
     indexes: list[str]
     total: int
+    source: str = ""  # the shard directory or manifest it was read from (for messages)
 
 
-def shard_files(shards: str | os.PathLike) -> ShardFiles:
+def shard_files(shards: str | os.PathLike | ShardFiles) -> ShardFiles:
     """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest."""
     from unmix.pipeline.shards import read_manifest
+
+    if isinstance(shards, ShardFiles):
+        return shards
 
     m = read_manifest(shards)
     tars = [str(s.path) for s in m.shards]
@@ -66,7 +83,7 @@ def shard_files(shards: str | os.PathLike) -> ShardFiles:
     for t, i in zip(tars, indexes, strict=True):
         if not Path(i).is_file():
             raise FileNotFoundError(f"{i}: index of {t} is missing (write it with `wds2idx {t} {i}`)")
-    return ShardFiles(tars, indexes, int(m.total))
+    return ShardFiles(tars, indexes, int(m.total), str(shards))
 
 
 def _dist_defaults(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -154,17 +171,17 @@ class DaliLoader:
 
     def __init__(
         self,
-        make_pipeline,
+        make_pipeline: Callable[..., Any],
         output_map: list[str],
         last_batch_policy,
         batch_size: int,
         device: str,
         dtype: torch.dtype,
-        float_outputs: tuple[str, ...],
         identity: dict[str, Any],
         state: Mapping | None = None,
+        channels_last: bool = False,
     ) -> None:
-        self._make_pipeline = make_pipeline
+        self._make_pipeline = make_pipeline  # make_pipeline(checkpoint=...) -> unbuilt DALI pipeline
         self._output_map = output_map
         self._policy = last_batch_policy
         self.batch_size = batch_size
@@ -173,7 +190,7 @@ class DaliLoader:
         device_id = _device_id(device)
         self._target = torch.device("cpu") if device_id is None else torch.device("cuda", device_id)
         self.dtype = dtype
-        self._float_outputs = float_outputs
+        self.channels_last = channels_last
         self._identity = identity  # arguments a checkpoint must match
         self.epoch = 0
         self._iterator = None
@@ -184,7 +201,7 @@ class DaliLoader:
     def _build(self, checkpoint) -> None:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator
 
-        pipe = self._make_pipeline(checkpoint)
+        pipe = self._make_pipeline(checkpoint=checkpoint)
         pipe.build()
         self.pipeline = pipe
         self._iterator = DALIGenericIterator(
@@ -204,21 +221,35 @@ class DaliLoader:
     def _convert(self, raw: dict[str, torch.Tensor]) -> dict[str, Any]:
         batch: dict[str, Any] = {}
         for k, t in raw.items():
-            if k in self._float_outputs:
+            if k in FLOAT_OUTPUTS:
+                if self.channels_last:  # [B, H, W, C] -> [B, C, H, W] view with channels_last strides
+                    t = t.permute(0, 3, 1, 2)
                 # zero-copy under the dynamic executor (see _owned); .to() converts into a new tensor
+                # (keeping the strides: a channels_last tensor stays channels_last)
                 batch[k] = t.to(self.dtype) if t.dtype != self.dtype else self._owned(t)
             elif k == "lam":
-                batch[k] = t.reshape(-1).to(self._target, torch.float32, copy=True)
+                batch[k] = self._to_target(t.reshape(-1).to(torch.float32, copy=True))
             elif k == "cls":
-                labels = parse_labels(t)
-                batch["label"] = labels.to(self._target, non_blocking=True)
+                batch["label"] = self._to_target(parse_labels(t))
             elif k == "key":
                 batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
             elif k == "partner":
-                batch[k] = t.reshape(-1).to(self._target, torch.int64, copy=True)
+                batch[k] = self._to_target(t.reshape(-1).to(torch.int64, copy=True))
             else:  # pragma: no cover - output_map is ours
                 batch[k] = self._owned(t)
         return batch
+
+    def _to_target(self, t: torch.Tensor) -> torch.Tensor:
+        """A per-sample host tensor (DALI's CPU outputs ``lam``, ``partner``, ``cls``) on the target device.
+
+        On the GPU the copy is queued without waiting: from pageable memory ``.to(cuda)`` waits for the
+        current stream (the previous step's backward), so every batch would stall the host; from pinned
+        memory it is an asynchronous DMA (the caching host allocator keeps the pinned block alive until
+        the copy is done). On the CPU the host tensor is the result.
+        """
+        if self._target.type == "cpu":
+            return t
+        return t.pin_memory().to(self._target, non_blocking=True)
 
     def _owned(self, t: torch.Tensor) -> torch.Tensor:
         """A tensor the next batch cannot overwrite.
@@ -246,6 +277,148 @@ class DaliLoader:
         self.epoch = int(state.get("epoch", 0))
 
 
+def _resolve_device_id(device: str, device_id: int | None | str) -> int | None:
+    """``AUTO``: the loaders' rule (:func:`_device_id`); an explicit id (or None) is taken as given, so a
+    ``device="gpu"`` graph can be *defined* with ``device_id=None`` where there is no CUDA."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    return _device_id(device) if device_id == AUTO else device_id
+
+
+def _layout(channels_last: bool) -> str:
+    return "HWC" if channels_last else "CHW"
+
+
+def pretrain_outputs(unmix: UnmixConfig | Mapping | bool | None = None, with_keys: bool = False) -> list[str]:
+    """Names of :func:`pretrain_pipeline`'s outputs, in order (the loader's ``output_map``)."""
+    cfg = UnmixConfig.resolve(unmix)
+    names = ["view1", "view2"]
+    if cfg.enabled:
+        names += ["mixed", "lam"] + (["partner"] if cfg.random_partner else [])
+    return names + (["key"] if with_keys else [])
+
+
+def eval_outputs(with_keys: bool = False) -> list[str]:
+    """Names of :func:`eval_pipeline`'s outputs, in order (``cls`` becomes ``label`` in the loader)."""
+    return ["image", "cls"] + (["key"] if with_keys else [])
+
+
+def pretrain_pipeline(
+    shards: str | os.PathLike | ShardFiles,
+    batch_size: int,
+    recipe: str | Recipe = "moco_v2",
+    crop: int = 224,
+    unmix: UnmixConfig | Mapping | bool | None = None,
+    device: str = "gpu",
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    seed: int = 0,
+    num_threads: int = 4,
+    shuffle_buffer: int = 4096,
+    prefetch: int = 2,
+    with_keys: bool = False,
+    channels_last: bool = False,
+    device_id: int | None | str = AUTO,
+    checkpoint: str | None = None,
+):
+    """The pretraining DALI pipeline of :func:`build_pretrain_loader`: defined, not built.
+
+    Same arguments as the loader (``dtype``/``state`` are the loader's), plus ``device_id`` (``AUTO``:
+    ``LOCAL_RANK``'s GPU for ``device="gpu"``; pass ``None`` to define a GPU graph without CUDA, e.g. to
+    ``serialize()`` it or check it with :func:`unmix.pipeline.graph_check.device_report`) and
+    ``checkpoint`` (a DALI checkpoint to restore). Outputs: :func:`pretrain_outputs`; the images are
+    float32 CHW, or HWC with ``channels_last=True``.
+    """
+    from nvidia.dali import pipeline_def
+
+    files = shard_files(shards)
+    shard_id, num_shards = _dist_defaults(shard_id, num_shards)
+    device_id = _resolve_device_id(device, device_id)
+    rec = get_recipe(recipe)
+    cfg = UnmixConfig.resolve(unmix)
+    per_shard = files.total // num_shards
+    if per_shard < batch_size:
+        raise ValueError(
+            f"{files.source}: {files.total} samples over {num_shards} shard(s) give {per_shard} per rank, "
+            f"fewer than batch_size={batch_size} (pretraining drops incomplete batches)"
+        )
+    layout = _layout(channels_last)
+
+    @pipeline_def(enable_conditionals=True)
+    def graph():
+        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer)
+        images = _decode(jpegs, device)
+        view1, view2 = two_views(images, rec, crop, layout)
+        out = {"view1": view1, "view2": view2}
+        if cfg.enabled:
+            mixed, lam, partner = mixing.unmix(view1, batch_size, cfg, (crop, crop), device, layout)
+            out.update(mixed=mixed, lam=lam, partner=partner)
+        if with_keys:
+            out["key"] = _source_info(jpegs)
+        return tuple(out[name] for name in pretrain_outputs(cfg, with_keys))
+
+    return graph(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=pipeline_seed(seed, shard_id),
+        prefetch_queue_depth=prefetch,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+        exec_dynamic=True,
+    )
+
+
+def eval_pipeline(
+    shards: str | os.PathLike | ShardFiles,
+    batch_size: int,
+    split: str = "train",
+    crop: int = 224,
+    device: str = "gpu",
+    shard_id: int | None = None,
+    num_shards: int | None = None,
+    seed: int = 0,
+    num_threads: int = 4,
+    shuffle_buffer: int = 4096,
+    prefetch: int = 2,
+    with_keys: bool = False,
+    channels_last: bool = False,
+    device_id: int | None | str = AUTO,
+    checkpoint: str | None = None,
+):
+    """The evaluation DALI pipeline of :func:`build_eval_loader`: defined, not built.
+
+    ``device_id`` and ``checkpoint`` as in :func:`pretrain_pipeline`; outputs :func:`eval_outputs`.
+    """
+    from nvidia.dali import fn, pipeline_def
+
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    files = shard_files(shards)
+    shard_id, num_shards = _dist_defaults(shard_id, num_shards)
+    device_id = _resolve_device_id(device, device_id)
+    layout = _layout(channels_last)
+
+    @pipeline_def
+    def graph():
+        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
+        images = _decode(jpegs, device)
+        view = eval_train_view if split == "train" else eval_val_view
+        keys = (_source_info(jpegs),) if with_keys else ()
+        return (view(images, crop, layout), fn.pad(cls, fill_value=0)) + keys
+
+    return graph(
+        batch_size=batch_size,
+        num_threads=num_threads,
+        device_id=device_id,
+        seed=pipeline_seed(seed, shard_id),
+        prefetch_queue_depth=prefetch,
+        enable_checkpointing=True,
+        checkpoint=checkpoint,
+        exec_dynamic=True,
+    )
+
+
 def build_pretrain_loader(
     shards: str | os.PathLike,
     batch_size: int,
@@ -262,6 +435,7 @@ def build_pretrain_loader(
     prefetch: int = 2,
     with_keys: bool = False,
     state: Mapping | None = None,
+    channels_last: bool = False,
 ) -> DaliLoader:
     """Self-supervised pretraining loader: two augmented views, plus the Un-Mix mixture when enabled.
 
@@ -272,51 +446,33 @@ def build_pretrain_loader(
     With Un-Mix disabled (``None``/``False``/``enabled=False``) no mixture is computed and the dict
     holds only the two views. ``len(loader) == (total // num_shards) // batch_size`` on every rank.
     ``with_keys=True`` adds ``"key"``: the list of the batch's WebDataset sample keys (for debugging).
-    ``state``: a :meth:`DaliLoader.state_dict` to resume from.
+    ``state``: a :meth:`DaliLoader.state_dict` to resume from. ``channels_last=True``: the images come
+    with channels_last strides (same shape and values; no copy). The graph is :func:`pretrain_pipeline`.
     """
-    from nvidia.dali import pipeline_def
-
     files = shard_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
-    device_id = _device_id(device)
     rec = get_recipe(recipe)
     cfg = UnmixConfig.resolve(unmix)
-    per_shard = files.total // num_shards
-    if per_shard < batch_size:
-        raise ValueError(
-            f"{shards}: {files.total} samples over {num_shards} shard(s) give {per_shard} per rank, "
-            f"fewer than batch_size={batch_size} (pretraining drops incomplete batches)"
-        )
-
-    @pipeline_def(enable_conditionals=True)
-    def pretrain_pipeline():
-        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer)
-        images = _decode(jpegs, device)
-        view1, view2 = two_views(images, rec, crop)
-        keys = (_source_info(jpegs),) if with_keys else ()
-        if not cfg.enabled:
-            return (view1, view2) + keys
-        mixed, lam, partner = mixing.unmix(view1, batch_size, cfg, (crop, crop), device)
-        return (view1, view2, mixed, lam) + ((partner,) if partner is not None else ()) + keys
-
-    def make(checkpoint):
-        return pretrain_pipeline(
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=device_id,
-            seed=pipeline_seed(seed, shard_id),
-            prefetch_queue_depth=prefetch,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
-            exec_dynamic=True,
-        )
-
+    make = functools.partial(  # make(checkpoint=...): the loader's pipeline
+        pretrain_pipeline,
+        files,
+        batch_size,
+        recipe=rec,
+        crop=crop,
+        unmix=cfg,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        num_threads=num_threads,
+        shuffle_buffer=shuffle_buffer,
+        prefetch=prefetch,
+        with_keys=with_keys,
+        channels_last=channels_last,
+        device_id=_resolve_device_id(device, AUTO),
+    )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
-    outputs = ["view1", "view2"]
-    if cfg.enabled:
-        outputs += ["mixed", "lam"] + (["partner"] if cfg.random_partner else [])
-    outputs += ["key"] if with_keys else []
     identity = {
         "kind": "pretrain",
         "batch_size": batch_size,
@@ -328,14 +484,14 @@ def build_pretrain_loader(
     }
     return DaliLoader(
         make,
-        outputs,
+        pretrain_outputs(cfg, with_keys),
         LastBatchPolicy.DROP,
         batch_size,
         device,
         dtype,
-        ("view1", "view2", "mixed"),
         identity,
         state,
+        channels_last,
     )
 
 
@@ -354,42 +510,37 @@ def build_eval_loader(
     prefetch: int = 2,
     with_keys: bool = False,
     state: Mapping | None = None,
+    channels_last: bool = False,
 ) -> DaliLoader:
     """Linear-evaluation / kNN loader yielding ``{"image": [B, 3, crop, crop], "label": [B] int64}``.
 
     ``split="train"``: shuffled, RandomResizedCrop(crop) + flip. ``split="val"``: shard order, resize the
     shorter side to crop*256/224 and centre crop. Every sample is seen exactly once per epoch across the
     ``num_shards`` ranks (rank r gets the contiguous r-th part); the last batch may be smaller.
-    ``with_keys=True`` adds ``"key"`` (list of the WebDataset sample keys); ``state`` resumes.
+    ``with_keys=True`` adds ``"key"`` (list of the WebDataset sample keys); ``state`` resumes;
+    ``channels_last`` as in :func:`build_pretrain_loader`. The graph is :func:`eval_pipeline`.
     """
-    from nvidia.dali import fn, pipeline_def
-
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     files = shard_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
-    device_id = _device_id(device)
-
-    @pipeline_def
-    def eval_pipeline():
-        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
-        images = _decode(jpegs, device)
-        image = eval_train_view(images, crop) if split == "train" else eval_val_view(images, crop)
-        keys = (_source_info(jpegs),) if with_keys else ()
-        return (image, fn.pad(cls, fill_value=0)) + keys
-
-    def make(checkpoint):
-        return eval_pipeline(
-            batch_size=batch_size,
-            num_threads=num_threads,
-            device_id=device_id,
-            seed=pipeline_seed(seed, shard_id),
-            prefetch_queue_depth=prefetch,
-            enable_checkpointing=True,
-            checkpoint=checkpoint,
-            exec_dynamic=True,
-        )
-
+    make = functools.partial(  # make(checkpoint=...): the loader's pipeline
+        eval_pipeline,
+        files,
+        batch_size,
+        split=split,
+        crop=crop,
+        device=device,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        seed=seed,
+        num_threads=num_threads,
+        shuffle_buffer=shuffle_buffer,
+        prefetch=prefetch,
+        with_keys=with_keys,
+        channels_last=channels_last,
+        device_id=_resolve_device_id(device, AUTO),
+    )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
     identity = {
@@ -400,7 +551,14 @@ def build_eval_loader(
         "seed": seed,
         "crop": crop,
     }
-    outputs = ["image", "cls"] + (["key"] if with_keys else [])
     return DaliLoader(
-        make, outputs, LastBatchPolicy.PARTIAL, batch_size, device, dtype, ("image",), identity, state
+        make,
+        eval_outputs(with_keys),
+        LastBatchPolicy.PARTIAL,
+        batch_size,
+        device,
+        dtype,
+        identity,
+        state,
+        channels_last,
     )

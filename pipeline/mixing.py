@@ -1,6 +1,6 @@
 """Un-Mix image mixtures inside the DALI graph (Shen et al., AAAI 2022; DESIGN.md section 3).
 
-Per batch of N normalised views x (float32 CHW):
+Per batch of N normalised views x (float32 CHW, or HWC for channels_last output):
 
 - partner = the batch in reversed order (sample i pairs with N-1-i), ``fn.permute_batch``;
 - lam ~ Beta(alpha, alpha), ONE value for the batch (drawn per sample, then sample 0's value is given to
@@ -76,22 +76,29 @@ def _to(x, device: str):
     return x.gpu() if device == "gpu" else x
 
 
-def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3):
+def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3, layout: str = "CHW"):
     """CutMix: ``x`` with the pixels of ``box`` = (x1, y1, x2, y2) (per-sample scalars, x2/y2 exclusive)
-    taken from ``partner``, in every channel. ``x``, ``partner``: float CHW of ``size`` = (H, W).
+    taken from ``partner``, in every channel. ``x``, ``partner``: float images of ``size`` = (H, W) in
+    ``layout`` (``"CHW"``, or ``"HWC"`` for channels_last output).
 
-    ``fn.multi_paste`` copies regions between HWC images, so each CHW sample is viewed as a
-    [channels * H, W, 1] image (a reshape, no copy): the output is ``x`` (region 0, the whole canvas)
-    with the box pasted from ``partner`` once per channel plane, at rows ``c * H + y1``. A pure copy,
-    exact, and about 4x cheaper on the CPU than blending with a 0/1 mask. An empty box pastes nothing.
+    ``fn.multi_paste`` copies regions between HWC images: the output is ``x`` (region 0, the whole
+    canvas) with the box pasted from ``partner``. An HWC image is pasted as it is (one region holds every
+    channel); a CHW sample is viewed as a [channels * H, W, 1] image (a reshape, no copy) and the box is
+    pasted once per channel plane, at rows ``c * H + y1``. A pure copy, exact, and about 4x cheaper on the
+    CPU than blending with a 0/1 mask. An empty box pastes nothing.
     """
+    if layout not in ("CHW", "HWC"):
+        raise ValueError(f"layout must be 'CHW' or 'HWC', got {layout!r}")
     H, W = size
     x1, y1, x2, y2 = (fn.cast(v, dtype=types.INT32) for v in box)
     h, w = y2 - y1, x2 - x1
     zero = x1 * 0
-    # one (row, column) pair per region: the whole canvas, then the box in each channel plane
-    anchors = fn.stack(fn.stack(zero, zero), *(fn.stack(y1 + c * H, x1) for c in range(channels)))
-    shapes = fn.stack(fn.stack(zero + channels * H, zero + W), *(fn.stack(h, w) for _ in range(channels)))
+    planes = 1 if layout == "HWC" else channels  # box regions: one per channel plane for CHW
+    # one (row, column) pair per region: the whole canvas, then the box (in each channel plane)
+    anchors = fn.stack(fn.stack(zero, zero), *(fn.stack(y1 + c * H, x1) for c in range(planes)))
+    shapes = fn.stack(fn.stack(zero + planes * H, zero + W), *(fn.stack(h, w) for _ in range(planes)))
+    if layout == "HWC":
+        return fn.multi_paste(x, partner, in_anchors=anchors, out_anchors=anchors, shapes=shapes)
     flat = [channels * H, W, 1]
     canvas = fn.reshape(x, shape=flat, layout="HWC")
     source = fn.reshape(partner, shape=flat, layout="HWC")
@@ -101,8 +108,10 @@ def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3):
     return fn.reshape(pasted, shape=[channels, H, W], layout="CHW")
 
 
-def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: str = "cpu"):
-    """Mix the batch ``x`` (float CHW, ``size`` = (H, W)) with its partner.
+def unmix(
+    x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: str = "cpu", layout: str = "CHW"
+):
+    """Mix the batch ``x`` (float images in ``layout``, CHW or HWC, ``size`` = (H, W)) with its partner.
 
     Returns ``(mixed, lam, partner_index)``: ``mixed`` like ``x``; ``lam`` a float32 scalar per sample
     (the weight of ``x`` itself, recomputed from the clipped box for CutMix); ``partner_index`` an int32
@@ -140,6 +149,6 @@ def unmix(x, batch_size: int, cfg: UnmixConfig, size: tuple[int, int], device: s
         y1 = dmath.clamp(cy - half_h, 0.0, float(H))
         y2 = dmath.clamp(cy + half_h, 0.0, float(H))
         lam_out = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
-        mixed = paste_box(x, partner, (x1, y1, x2, y2), size)
+        mixed = paste_box(x, partner, (x1, y1, x2, y2), size, layout=layout)
     lam_out = fn.cast(lam_out, dtype=types.FLOAT)
     return mixed, lam_out, partner_index

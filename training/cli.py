@@ -74,6 +74,12 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
         default=3,
         help="timed steps = steps x repeats per variant, interleaved; medians are reported",
     )
+    p.add_argument(
+        "--layout-cost",
+        action="store_true",
+        help="also time the Un-Mix trainer step on the same batches given as NCHW tensors (the loop then "
+        "converts them to channels_last every step when the model is channels_last)",
+    )
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.set_defaults(func=_bench)
     _register_bench_gpu(bench_sub)

@@ -97,6 +97,8 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
         num_shards=world,
         seed=cfg.seed,
         num_threads=cfg.data.threads,
+        # the model's layout straight from DALI (HWC viewed as NCHW): _to_device then copies nothing
+        channels_last=_channels_last(cfg, torch.device("cuda" if cfg.data.device == "gpu" else "cpu")),
     )
 
 
@@ -116,16 +118,16 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     else:
         kind, cls, method_cfg = moco, moco.MoCo, cfg.method.moco
     online = kind.build_online(backbone, method_cfg)
+    # channels_last comes from the inputs (convolutions follow a channels_last input); the weights stay
+    # contiguous: DeepSpeed broadcasts them as byte views (impossible for channels_last conv weights)
+    # and ZeRO re-lays them out into flat contiguous buffers anyway.
     online = online.to(device)
-    if _channels_last(cfg, device):
-        online = online.to(memory_format=torch.channels_last)
 
     # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
     # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
     method = cls(online, method_cfg, cfg.seed, device)
-    if sync_bn.wanted(
-        method_cfg.sync_bn, world, device
-    ):  # after the copy: MoCo's key encoder keeps per-rank BN
+    # SyncBatchNorm after the copy: MoCo's key encoder keeps per-rank BN (Shuffle-BN needs it).
+    if sync_bn.wanted(method_cfg.sync_bn, world, device):
         online, method.target = sync_bn.convert(
             online, method.target, sync_target=sync_bn.sync_target_for(cfg.method.name)
         )
@@ -171,8 +173,8 @@ def _to_device(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tens
         v = v.to(run.device, non_blocking=True)
         if v.ndim == 4:
             v = v.to(dtype)
-            if channels_last:
-                v = v.contiguous(memory_format=torch.channels_last)
+            if channels_last and not v.is_contiguous(memory_format=torch.channels_last):
+                v = v.contiguous(memory_format=torch.channels_last)  # a loader that gave NCHW
         out[k] = v
     return out
 

@@ -106,3 +106,15 @@ def test_bench_pipeline_unmix_cost_tiny(tmp_path):
     assert cost["pairs"] == 3 and cost["off_cpu_ms"] > 0 and cost["on_cpu_ms"] > 0
     assert cost["fraction_median"] == cost["diff_median_ms"] / cost["off_cpu_ms"]
     assert "on - off" in r.stdout and "as a fraction" in r.stdout
+
+
+def test_bench_pipeline_layout_cost_tiny(tmp_path):
+    out = tmp_path / "layout.json"
+    cmd = [sys.executable, "-m", "unmix.pipeline", "bench", "pipeline", "--layout-cost", "--make-data", "16"]
+    cmd += ["--data-dir", str(tmp_path / "data"), "--crop", "32", "--batch-size", "4", "--threads", "1"]
+    cmd += ["--steps", "2", "--warmup", "1", "--repeat", "2", "--json", str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    cost = json.loads(out.read_text())["layout_cost"]
+    assert cost["pairs"] == 2 and cost["off_cpu_ms"] > 0 and cost["on_cpu_ms"] > 0
+    assert "NCHW + convert" in r.stdout and "HWC - NCHW" in r.stdout

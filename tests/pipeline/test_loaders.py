@@ -195,3 +195,54 @@ def test_gpu_loaders_cover_and_stay_on_device(sample_val):
     assert sorted(seen) == sorted(_labels_in_shards(sample_val))
     (b,) = list(itertools.islice(iter(_pretrain(sample_val, device="gpu")), 1))
     assert all(b[k].is_cuda for k in ("view1", "view2", "mixed", "lam"))
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize(
+    "unmix",
+    [{"p_mixup": 0.0}, {"p_mixup": 0.0, "per_sample_lambda": True}, {"p_mixup": 1.0, "random_partner": True}],
+)
+def test_channels_last_output_same_values_channels_last_strides(sample_val, unmix):
+    # p_mixup 0: every batch CutMix (the HWC paste; one box, or a box per sample); 1: every batch mixup
+    nchw = _take(_pretrain(sample_val, batch_size=16, unmix=unmix), 2)
+    nhwc = _take(_pretrain(sample_val, batch_size=16, unmix=unmix, channels_last=True), 2)
+    for a, b in zip(nchw, nhwc, strict=True):
+        assert set(a) == set(b)
+        for k in ("view1", "view2", "mixed"):
+            assert b[k].shape == a[k].shape == (16, 3, CROP, CROP) and _channels_last(b[k]), k
+            assert torch.equal(a[k], b[k]), k
+        for k in set(a) - {"view1", "view2", "mixed"}:
+            assert torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype and b[k].device.type == "cpu", k
+    (b,) = _take(_pretrain(sample_val, batch_size=16, channels_last=True, dtype=torch.bfloat16), 1)
+    assert b["mixed"].dtype == torch.bfloat16 and _channels_last(b["mixed"])
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_eval_channels_last(sample_val, split):
+    args = dict(split=split, crop=CROP, device="cpu", num_threads=2)
+    a = next(iter(build_eval_loader(sample_val, 32, **args)))
+    b = next(iter(build_eval_loader(sample_val, 32, channels_last=True, **args)))
+    assert _channels_last(b["image"]) and torch.equal(a["image"], b["image"])
+    assert torch.equal(a["label"], b["label"])
+
+
+@pytest.mark.gpu
+def test_gpu_per_sample_outputs_and_channels_last(sample_val):
+    """lam / partner / labels reach the GPU (copied asynchronously from pinned memory) with the CPU's
+    values, and channels_last output stays channels_last on the device."""
+    unmix = {"random_partner": True, "per_sample_lambda": True}
+    gpu = _take(_pretrain(sample_val, device="gpu", unmix=unmix, channels_last=True), 3)
+    for b in gpu:
+        assert all(b[k].is_cuda for k in ("view1", "mixed", "lam", "partner"))
+        assert b["lam"].dtype == torch.float32 and b["partner"].dtype == torch.int64
+        assert _channels_last(b["view1"]) and _channels_last(b["mixed"])
+        lam, partner = b["lam"].cpu(), b["partner"].cpu()  # synchronises with the copies
+        assert lam.shape == partner.shape == (32,) and bool(((lam >= 0) & (lam <= 1)).all())
+        assert sorted(partner.tolist()) == list(range(32)) and bool((partner != torch.arange(32)).all())
+    b = next(
+        iter(build_eval_loader(sample_val, 64, split="val", crop=CROP, device="gpu", channels_last=True))
+    )
+    assert b["label"].is_cuda and _channels_last(b["image"])
