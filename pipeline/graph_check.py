@@ -24,8 +24,9 @@ format; DALI ships no Python bindings for it) and follows the image data through
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 DECODER_SCHEMAS = (
     "decoders__Image",
@@ -248,3 +249,50 @@ def device_report(
         if img and p.device != "gpu":
             problems.append(f"image output {p.name} leaves the pipeline on {p.device!r}")
     return DeviceReport(ops, outputs, sorted(transfers), problems)
+
+
+class GraphDef(NamedTuple):
+    """One defined (unbuilt) loader graph: a name for messages, the pipeline, its output names."""
+
+    name: str
+    pipe: Any
+    output_names: list[str]
+
+
+UNMIX_VARIANTS: dict[str, Any] = {
+    "off": None,
+    "default": True,
+    "per_sample_lambda": {"per_sample_lambda": True},
+    "random_partner": {"random_partner": True},
+}
+
+
+def gpu_graph_definitions(shards: Any = None, batch_size: int = 8, crop: int = 224) -> Iterator[GraphDef]:
+    """Every GPU graph the loaders can build, defined (not built; no CUDA needed): each recipe x Un-Mix
+    variant (:data:`UNMIX_VARIANTS`) x layout for pretraining, and the eval train/val splits per layout.
+
+    ``shards``: a shard directory or :class:`~unmix.pipeline.loaders.ShardFiles`; by default placeholder
+    paths (a definition does not open its files).
+    """
+    from unmix.pipeline.augment import RECIPES
+    from unmix.pipeline.loaders import (
+        ShardFiles,
+        eval_outputs,
+        eval_pipeline,
+        pretrain_outputs,
+        pretrain_pipeline,
+    )
+
+    files = shards if shards is not None else ShardFiles(["shard-000000.tar"], ["shard-000000.idx"], 1024)
+    common = {"device": "gpu", "num_threads": 1, "device_id": None}
+    for channels_last in (False, True):
+        layout = "NHWC" if channels_last else "NCHW"
+        for recipe in RECIPES:
+            for variant, unmix in UNMIX_VARIANTS.items():
+                pipe = pretrain_pipeline(
+                    files, batch_size, recipe, crop, unmix, channels_last=channels_last, **common
+                )
+                yield GraphDef(f"pretrain {recipe} unmix={variant} {layout}", pipe, pretrain_outputs(unmix))
+        for split in ("train", "val"):
+            pipe = eval_pipeline(files, batch_size, split, crop, channels_last=channels_last, **common)
+            yield GraphDef(f"eval {split} {layout}", pipe, eval_outputs())

@@ -269,12 +269,11 @@ def check_gpu_graphs() -> tuple[str, dict] | Check:
         if "nvidia" in str(exc) or "dali" in str(exc).lower():
             return skip("DALI is not installed")
         return skip("not available in this build (no unmix.pipeline.graph_check)")
-    definitions = getattr(graph_check, "gpu_graph_definitions", None)
-    if definitions is None:
-        return skip("not available in this build (graph_check has no gpu_graph_definitions)")
     n = 0
-    for _name, pipe in definitions():
-        device_report(pipe)  # raises on a misplaced operator
+    for name, pipe, outputs in graph_check.gpu_graph_definitions():
+        report = device_report(pipe, outputs)
+        if not report.ok:
+            raise CheckError(f"{name}: " + "; ".join(report.problems))
         n += 1
     return f"{n} GPU graph definitions checked", {"graphs": n}
 
