@@ -28,7 +28,7 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str = ""  # shard directory (or manifest.json) of the training split
-    val: str = ""  # shard directory of the validation split (recorded for evaluation; not read here)
+    val: str = ""  # shard directory of the validation split (the kNN monitor's queries; "" = no monitor)
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
@@ -126,6 +126,15 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The kNN monitor during pretraining (:mod:`training.knn_monitor`); it reads ``data.val``."""
+
+    knn_every_epochs: int = 0  # weighted-kNN top-1 on data.val every N epochs and at the last; 0 = off
+    knn_k: int = 200  # neighbours (the authors' CIFAR code: 200)
+    knn_t: float = 0.1  # temperature of the exp(sim / t) vote weights (authors: 0.1)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -138,6 +147,7 @@ class Config:
     deepspeed: DeepspeedConfig = field(default_factory=DeepspeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys whose change does not change what the run computes: allowed to differ on resume.
@@ -150,6 +160,7 @@ RESUME_SAFE_KEYS = (
     "mlflow.system_metrics",
     "log.",
     "checkpoint.",
+    "eval.",  # the kNN monitor only reads the backbone
 )
 
 
@@ -332,6 +343,8 @@ def resolve(cfg: Config) -> Config:
         "method.byol.pred_hidden_dim": cfg.method.byol.pred_hidden_dim,
         "log.every_steps": cfg.log.every_steps,
         "checkpoint.keep": cfg.checkpoint.keep,
+        "eval.knn_k": cfg.eval.knn_k,
+        "eval.knn_t": cfg.eval.knn_t,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -344,6 +357,7 @@ def resolve(cfg: Config) -> Config:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "unmix.alpha": cfg.unmix.alpha,
+        "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
     }
     for key, value in nonneg.items():
         if value < 0:
