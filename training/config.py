@@ -32,7 +32,7 @@ class DataConfig:
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
-    recipe: str = ""  # augmentation recipe of the loader; "" = the method's (moco_v2, moco_v1, byol)
+    recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
 
 
 @dataclass
