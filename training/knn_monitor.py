@@ -8,8 +8,9 @@ top-1 accuracy is logged to MLflow as ``knn_top1`` at the current optimizer step
 
 The same code computes ``unmix knn`` (:func:`training.knn.knn_evaluate`, data through
 ``build_eval_loader(split="val")``), so the monitor's value on a backbone equals ``unmix knn``'s on it.
-One difference is inherent: the monitor embeds with the backbone inside the engine, in its training
-precision (bf16 parameters on a bf16 run), where ``unmix knn`` loads the exported fp32 copy.
+It embeds in the dtype of the engine's parameters, without autocast: fp32 on fp32 and bf16 runs
+(DeepSpeed's bf16 mode autocasts an fp32 module), like ``unmix knn`` on the exported backbone; fp16 on an
+fp16 run (that mode casts the module).
 
 Every rank embeds its own part of both splits and every validation image is counted once (checked
 against the manifest), as in ``unmix knn``. The monitor never touches the training loader, the global
@@ -95,7 +96,7 @@ class KnnMonitor:
     @torch.no_grad()
     def _features(self, backbone: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``[n, D]`` float32 and labels ``[n]`` of this rank's part of ``split``."""
-        dtype = next(backbone.parameters()).dtype  # bf16 on a bf16 run: the engine cast the module
+        dtype = next(backbone.parameters()).dtype  # fp16 on an fp16 run (module cast), else fp32
         feats, labels = [], []
         for batch in self._loader(split):
             x = batch["image"].to(self.device, dtype=dtype, non_blocking=True)
