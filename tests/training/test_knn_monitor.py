@@ -76,3 +76,42 @@ def test_eval_keys_validated_and_resume_safe():
             _cfg("t", "v", bad)
     a, b = to_dict(_cfg("t", "v")), to_dict(_cfg("t", "v2", "eval.knn_every_epochs=5"))
     assert diff(a, b) == []  # switching the monitor on for a resumed run does not change what it computes
+
+
+def test_two_ranks_count_every_val_image_once_and_equal_one_process(sample_train, sample_val, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from unmix.training.backbones import build_backbone
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("knn_monitor_worker.py")
+    out = tmp_path / "rank0.json"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(sample_train), str(sample_val), str(out)],
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+        )
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = json.loads(out.read_text())
+
+    torch.manual_seed(0)  # the workers' backbone, evaluated by one process
+    cfg = _cfg(sample_train, sample_val, "eval.knn_every_epochs=1", "eval.knn_k=20", "data.crop=8")
+    backbone = build_backbone("resnet10", crop=8, width=8)  # 8 px: cheap, enough for this check
+    want = KnnMonitor(cfg, 0, 1, torch.device("cpu"), 64).evaluate(backbone)
+    assert got["total"] == want.total == 359  # each val image once over the ranks (the bank stays split)
+    assert (got["top1"], got["top5"]) == (want.top1, want.top5)
