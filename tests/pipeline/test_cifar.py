@@ -168,3 +168,41 @@ def test_untrusted_pickle_is_refused(tmp_path: Path):
     ):
         read_cifar(folder)
     assert not marker.exists()
+
+
+def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
+    """A batch pickled as the official archives are (Python 2 cPickle, protocol 2): byte-string opcodes
+    for str, and numpy 1.x's global ``numpy.core.multiarray._reconstruct`` (which Python 3 cannot emit)."""
+    import struct
+
+    def s(b: bytes) -> bytes:  # SHORT_BINSTRING / BINSTRING: a Python 2 str
+        return b"U" + bytes([len(b)]) + b if len(b) < 256 else b"T" + struct.pack("<i", len(b)) + b
+
+    def i(v: int) -> bytes:  # BININT
+        return b"J" + struct.pack("<i", v)
+
+    dtype = b"cnumpy\ndtype\n" + s(b"u1") + i(0) + i(1) + b"\x87R"  # dtype('u1', 0, 1)
+    dtype += b"(" + i(3) + s(b"|") + b"NNN" + i(-1) + i(-1) + i(0) + b"tb"  # BUILD: its state
+    array = (
+        b"cnumpy.core.multiarray\n_reconstruct\n" + b"cnumpy\nndarray\n" + i(0) + b"\x85" + s(b"b") + b"\x87R"
+    )
+    shape = i(data.shape[0]) + i(data.shape[1]) + b"\x86"
+    array += (
+        b"(" + i(1) + shape + dtype + b"\x89" + s(data.tobytes()) + b"tb"
+    )  # BUILD (1, shape, dtype, F, raw)
+    items = s(b"data") + array + s(b"labels") + b"](" + b"".join(i(v) for v in labels) + b"e"
+    return b"\x80\x02}(" + items + b"u."
+
+
+def test_python2_pickles_of_the_official_archives(tmp_path: Path):
+    folder, arrays, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=False)
+    rng = np.random.default_rng(1)
+    data = rng.integers(0, 256, (10, 3072), dtype=np.uint8)
+    labels = list(range(10))
+    raw = _py2_pickle(data, labels)
+    assert b"numpy.core.multiarray" in raw and b"_codecs" not in raw
+    (folder / "test_batch").write_bytes(raw)
+    images, got = read_cifar(folder).splits["val"]
+    assert got.tolist() == labels
+    assert np.array_equal(images, data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+    assert np.array_equal(images[3, 5, 7], data[3, [5 * 32 + 7, 1024 + 5 * 32 + 7, 2048 + 5 * 32 + 7]])
