@@ -342,8 +342,21 @@ def render(comp: Comparison, fmt: str = "table") -> str:
     return "\n".join(lines) + "\n"
 
 
+def knn_curve(client: Any, run_id: str) -> tuple[list[int], list[float]]:
+    """The kNN monitor's ``knn_top1`` of a pretraining run by optimizer step (latest value per step).
+
+    ``unmix knn`` logs its result onto the pretraining run at step 0; that point is not part of the curve.
+    """
+    latest = {}
+    for m in sorted(client.get_metric_history(run_id, "knn_top1"), key=lambda m: (m.step, m.timestamp)):
+        if m.step > 0:
+            latest[m.step] = m.value
+    return list(latest), list(latest.values())
+
+
 def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) -> Path:
-    """PNG: pretraining loss per step (left) and linear-eval val top-1 per epoch (right) of the rows' runs."""
+    """PNG of the rows' runs: pretraining loss per step, linear-eval val top-1 per epoch, and the kNN
+    monitor's ``knn_top1`` per pretraining step (``eval.knn_every_epochs``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +364,7 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fig, (ax_loss, ax_eval, ax_knn) = plt.subplots(1, 3, figsize=(18, 4.5))
     for row in comp.rows:
         if row.kind != PRETRAIN_KIND:
             continue
@@ -359,6 +372,9 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
         hist = sorted(client.get_metric_history(row.run_id, "loss"), key=lambda m: m.step)
         if hist:
             ax_loss.plot([m.step for m in hist], [m.value for m in hist], label=label)
+        steps, values = knn_curve(client, row.run_id)
+        if steps:
+            ax_knn.plot(steps, values, marker=".", label=label)
         linear_runs = [
             er for er in comp.eval_runs.get(row.run_id, []) if er.data.tags.get("unmix.eval") == "linear"
         ]
@@ -373,7 +389,8 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
             ax_eval.axhline(row.linear_top1, linestyle="--", color="grey", label=f"random-init {row.arch}")
     ax_loss.set(title="pretraining loss", xlabel="step", ylabel="loss")
     ax_eval.set(title="linear evaluation", xlabel="epoch", ylabel="val top-1 (%)")
-    for ax in (ax_loss, ax_eval):
+    ax_knn.set(title="kNN monitor (pretraining)", xlabel="step", ylabel="kNN top-1 (%)")
+    for ax in (ax_loss, ax_eval, ax_knn):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         else:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from unmix.pipeline.devices import local_cuda_device
+from unmix.training.knn import all_gather_rows  # noqa: F401  (one implementation, shared with training)
 
 
 @dataclass(frozen=True)
@@ -83,18 +84,3 @@ def all_reduce_max(value: int, device: torch.device) -> int:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
     return value
-
-
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``t`` ([n_r, ...], n_r may differ per rank) over ranks in rank order."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t
-    n = torch.tensor([t.shape[0]], dtype=torch.int64, device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(dist.get_world_size())]
-    dist.all_gather(sizes, n)
-    sizes_i = [int(s.item()) for s in sizes]
-    padded = t.new_zeros((max(sizes_i), *t.shape[1:]))
-    padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in sizes_i]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes_i, strict=True)])

@@ -9,6 +9,9 @@ Recipes carry the papers' parameters:
 - ``moco_v2`` (MoCo v2 "aug-plus", Chen et al. 2020): RandomResizedCrop scale 0.2-1, ratio 3/4-4/3;
   ColorJitter 0.4/0.4/0.4/0.1 with p=0.8; grayscale p=0.2; Gaussian blur sigma U(0.1, 2) p=0.5; flip.
 - ``moco_v1``: RandomResizedCrop scale 0.2-1; ColorJitter 0.4/0.4/0.4/0.4 always; grayscale p=0.2; flip.
+- ``moco_cifar`` (the MoCo CIFAR-10 demo and the Un-Mix authors' ``unmix_c10.py``/``unmix_c100.py``):
+  RandomResizedCrop scale 0.08-1 (torchvision's default); ColorJitter 0.4/0.4/0.4/0.1 p=0.8; grayscale
+  p=0.2; flip; no blur.
 - ``byol`` (Grill et al. 2020, asymmetric): RandomResizedCrop scale 0.08-1; ColorJitter 0.4/0.4/0.2/0.1
   p=0.8; grayscale p=0.2; blur p=1.0 / 0.1; solarize p=0 / 0.2; flip.
 
@@ -79,12 +82,13 @@ _BYOL = ViewSpec(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0)
 RECIPES: dict[str, Recipe] = {
     "moco_v2": Recipe("moco_v2", _MOCO_V2),
     "moco_v1": Recipe("moco_v1", ViewSpec(jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_blur=0.0)),
+    "moco_cifar": Recipe("moco_cifar", ViewSpec(scale=(0.08, 1.0), p_blur=0.0)),
     "byol": Recipe("byol", _BYOL, dataclasses.replace(_BYOL, p_blur=0.1, p_solarize=0.2)),
 }
 
 
 def get_recipe(recipe: str | Recipe) -> Recipe:
-    """Resolve a recipe name (``moco_v2``, ``moco_v1``, ``byol``) or pass a :class:`Recipe` through."""
+    """Resolve a recipe name (``moco_v2``, ``moco_v1``, ``moco_cifar``, ``byol``) or pass a Recipe through."""
     if isinstance(recipe, Recipe):
         return recipe
     if recipe not in RECIPES:

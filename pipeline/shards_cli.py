@@ -1,4 +1,4 @@
-"""``unmix shards write|verify|sample|info`` and ``unmix bench shards``."""
+"""``unmix shards write|verify|sample|info|cifar`` and ``unmix bench shards``."""
 
 from __future__ import annotations
 
@@ -104,6 +104,33 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cifar(args: argparse.Namespace) -> int:
+    from unmix.pipeline.cifar import CifarError, read_cifar, write_cifar_shards
+    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
+
+    try:
+        cifar = read_cifar(args.archive)
+        train, val = write_cifar_shards(
+            cifar,
+            args.out,
+            quality=args.quality,
+            samples_per_shard=args.samples_per_shard,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (CifarError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
+        print(f"unmix shards cifar: error: {e}", file=sys.stderr)
+        return 1
+    for note in cifar.notes():
+        print(f"unmix shards cifar: note: {note}", file=sys.stderr)
+    print(
+        f"{args.out}: train {train.total} images ({len(train.shards)} shards), "
+        f"val {val.total} images ({len(val.shards)} shards), {train.num_classes} classes"
+    )
+    return 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``shards`` with its subcommands."""
     p = sub.add_parser("shards", help="write, verify and inspect WebDataset shard sets")
@@ -166,6 +193,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--overwrite", action="store_true")
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_sample)
+
+    c = ss.add_parser(
+        "cifar",
+        help="write CIFAR-10/100 (the python archive) as OUT/train and OUT/val",
+        description="Read cifar-10-python.tar.gz / cifar-100-python.tar.gz (or the extracted "
+        "cifar-10-batches-py / cifar-100-python folder) and write OUT/train (training batches) and OUT/val "
+        "(test split) with the meta file's class names (CIFAR-100: the 100 fine labels). Images are stored "
+        "as JPEG at --quality with 4:4:4 chroma. Nothing is downloaded.",
+    )
+    c.add_argument("archive", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz or an extracted folder")
+    c.add_argument("out", help="output directory (OUT/train and OUT/val are created)")
+    c.add_argument("--quality", type=int, default=100, help="JPEG quality, 4:4:4 chroma (default 100)")
+    c.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    c.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    c.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    c.set_defaults(func=_cifar)
 
     i = ss.add_parser("info", help="print a shard set's manifest summary")
     i.add_argument("dir")

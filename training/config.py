@@ -28,11 +28,11 @@ class ConfigError(ValueError):
 @dataclass
 class DataConfig:
     train: str = ""  # shard directory (or manifest.json) of the training split
-    val: str = ""  # shard directory of the validation split (recorded for evaluation; not read here)
+    val: str = ""  # shard directory of the validation split (the kNN monitor's queries; "" = no monitor)
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
-    recipe: str = ""  # augmentation recipe of the loader; "" = the method's (moco_v2, moco_v1, byol)
+    recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
 
@@ -129,6 +129,15 @@ class LogConfig:
 
 
 @dataclass
+class EvalConfig:
+    """The kNN monitor during pretraining (:mod:`training.knn_monitor`); it reads ``data.val``."""
+
+    knn_every_epochs: int = 0  # weighted-kNN top-1 on data.val every N epochs and at the last; 0 = off
+    knn_k: int = 200  # neighbours (the authors' CIFAR code: 200)
+    knn_t: float = 0.1  # temperature of the exp(sim / t) vote weights (authors: 0.1)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -141,6 +150,7 @@ class Config:
     deepspeed: DeepspeedConfig = field(default_factory=DeepspeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Keys whose change does not change what the run computes: allowed to differ on resume.
@@ -153,6 +163,7 @@ RESUME_SAFE_KEYS = (
     "mlflow.system_metrics",
     "log.",
     "checkpoint.",
+    "eval.",  # the kNN monitor only reads the backbone
 )
 
 
@@ -337,6 +348,8 @@ def resolve(cfg: Config) -> Config:
         "log.every_steps": cfg.log.every_steps,
         "checkpoint.keep": cfg.checkpoint.keep,
         "checkpoint.signal_check_every": cfg.checkpoint.signal_check_every,
+        "eval.knn_k": cfg.eval.knn_k,
+        "eval.knn_t": cfg.eval.knn_t,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -349,6 +362,7 @@ def resolve(cfg: Config) -> Config:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "unmix.alpha": cfg.unmix.alpha,
+        "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
     }
     for key, value in nonneg.items():
         if value < 0:

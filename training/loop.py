@@ -32,6 +32,7 @@ from unmix.training.backbones import build_backbone, save_backbone
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from unmix.training.ema import update_momentum
 from unmix.training.engine import build_engine, input_dtype, set_lr
+from unmix.training.knn_monitor import KnnMonitor
 from unmix.training.preemption import EXIT_REQUEUE, Preemption
 from unmix.training.schedules import learning_rate
 from unmix.training.tracking import Tracker
@@ -358,6 +359,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
     milestone_steps = tuple(m * spe for m in cfg.optim.milestones)
     progress = Progress(cfg, run.total_steps, st["step"], run.rank == 0)
     global_batch = cfg.optim.batch_size
+    knn = KnnMonitor(cfg, run.rank, run.world, run.device, run.micro_batch)  # eval.knn_every_epochs
 
     def client_state() -> dict:
         return {
@@ -508,6 +510,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
             or (every_s and st["step"] % every_s == 0)
         ):
             save()
+        knn.after_epoch(st["epoch"], st["step"], engine.module.backbone, tracker)  # after the checkpoint
         if stop:
             progress.close()
             return EXIT_REQUEUE

@@ -228,3 +228,15 @@ def mlflow_server(tmp_path):
 
 def test_compare_mlflow_server(mlflow_server, tmp_path, capsys):
     check_store(mlflow_server, tmp_path, capsys)
+
+
+def test_knn_curve_is_the_monitor_by_step():
+    from types import SimpleNamespace
+
+    hist = [
+        SimpleNamespace(step=s, timestamp=t, value=v)
+        for s, t, v in [(20, 2, 30.0), (0, 5, 55.0), (10, 1, 20.0)]
+    ]
+    hist.append(SimpleNamespace(step=20, timestamp=3, value=31.0))  # a re-logged step (resume): the latest
+    client = SimpleNamespace(get_metric_history=lambda run_id, key: hist if key == "knn_top1" else [])
+    assert compare.knn_curve(client, "r") == ([10, 20], [20.0, 31.0])  # step 0 (`unmix knn`) left out

@@ -63,6 +63,9 @@ def test_paper_parameters():
     assert b1.scale == (0.08, 1.0) and b1.jitter == (0.4, 0.4, 0.2, 0.1)
     v1 = RECIPES["moco_v1"].view1
     assert (v1.jitter, v1.p_jitter, v1.p_gray, v1.p_blur) == ((0.4,) * 4, 1.0, 0.2, 0.0)
+    c = RECIPES["moco_cifar"].view1  # unmix_c10.py's train_transform (torchvision defaults where unset)
+    assert (c.scale, c.ratio, c.jitter) == ((0.08, 1.0), (3 / 4, 4 / 3), (0.4, 0.4, 0.4, 0.1))
+    assert (c.p_jitter, c.p_gray, c.p_blur, c.p_solarize, c.p_flip) == (0.8, 0.2, 0.0, 0.0, 0.5)
     assert blur_window(224) == 23 and blur_window(32) == 3 and blur_window(64) == 7
 
 

@@ -165,3 +165,20 @@ def test_sweep_submits_unmix_off_and_on_per_seed(tmp_path):
         f"compare when done: unmix compare --tracking-uri 'sqlite:///{tmp_path}/runs/exp/mlflow.db' "
         "--experiment 'sweep-test'"
     )
+
+
+def test_sweep_with_the_paper_cifar_config(tmp_path):
+    """configs/cifar10_mocov2_sym_unmix.yaml through sweep.sh: one off/on pair, 32-px evaluation."""
+    out = _run(SWEEP, "--dry-run", str(REPO / "configs" / "cifar10_mocov2_sym_unmix.yaml"), cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    cmds = _commands(out.stdout)
+    pretrains = [c for c in cmds if str(REPO / "slurm" / "pretrain.sbatch") in c]
+    evals = [c for c in cmds if str(REPO / "slurm" / "linear.sbatch") in c]
+    assert len(pretrains) == len(evals) == 2
+    assert {next(w for w in c if w.startswith("unmix.enabled=")) for c in pretrains} == {
+        "unmix.enabled=true",
+        "unmix.enabled=false",
+    }
+    assert all("UNMIX_KNN_ARGS=data.crop=32" in c for c in evals)
+    assert all(str(tmp_path / "shards" / "cifar10" / "val") in c for c in evals)
+    assert out.stdout.strip().splitlines()[-1].endswith("--experiment 'unmix-cifar10'")

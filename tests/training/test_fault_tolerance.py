@@ -157,13 +157,14 @@ def _metric_history(out: Path, key: str = "loss") -> tuple[str, list[tuple[int, 
 
 
 @pytest.mark.slow  # six `unmix train` launches: ~1-2 minutes on two free cores
-def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, tmp_path):
+def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, sample_val, tmp_path):
     total = 2 * STEPS_PER_EPOCH
     straight_out, resumed_out = tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
-    straight = Job(_config(tmp_path, tiny_train, straight_out))  # runs alongside the interrupted one
+    knn = {"data.val": str(sample_val), "eval.knn_every_epochs": 1, "eval.knn_k": 20}  # the kNN monitor on
+    straight = Job(_config(tmp_path, tiny_train, straight_out, **knn))  # runs alongside the interrupted one
 
     # 1. SIGKILL right after the checkpoint at step 4 (mid-epoch 1) is complete.
-    cfg = _config(tmp_path, tiny_train, resumed_out)
+    cfg = _config(tmp_path, tiny_train, resumed_out, **knn)
     job = Job(cfg)
     job.wait_for(lambda: (resumed_out / "checkpoints" / "step_00000004" / "COMPLETE").exists())
     job.proc.send_signal(signal.SIGKILL)
@@ -195,6 +196,11 @@ def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, tmp_path
     run_id, hist = _metric_history(resumed_out)
     assert [s for s, _ in hist] == list(range(1, total + 1)), hist
     assert hist == _metric_history(straight_out)[1]
+    # The kNN monitor: after each epoch, at its last step; the resumed run's values equal the straight one's.
+    _, knn_hist = _metric_history(straight_out, "knn_top1")
+    assert [s for s, _ in knn_hist] == [STEPS_PER_EPOCH, total], knn_hist
+    assert all(0 <= v <= 100 for _, v in knn_hist) and _metric_history(resumed_out, "knn_top1")[1] == knn_hist
+    assert "epoch 2 knn top-1" in straight.text and "359 val images" in straight.text
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{resumed_out.parent}/mlflow.db")

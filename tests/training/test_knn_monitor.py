@@ -1,0 +1,117 @@
+"""The kNN monitor of pretraining: the same number as `unmix knn`, when it runs, and that it is off."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from unmix.training.config import load_config
+from unmix.training.knn_monitor import KnnMonitor
+
+
+def _cfg(train: Path | str, val: Path | str, *extra: str):
+    return load_config(
+        None,
+        [
+            f"data.train={train}",
+            f"data.val={val}",
+            "data.device=cpu",
+            "data.crop=16",
+            "data.threads=1",
+            "optim.epochs=7",
+            *extra,
+        ],
+    )
+
+
+def test_schedule_and_off_switches():
+    m = KnnMonitor(_cfg("t", "v", "eval.knn_every_epochs=3"), 0, 1, torch.device("cpu"), 8)
+    assert [e for e in range(8) if m.due(e)] == [3, 6, 7]  # every 3 epochs and after the last
+    assert not KnnMonitor(_cfg("t", "v"), 0, 1, torch.device("cpu"), 8).enabled  # default: off
+    assert not KnnMonitor(_cfg("t", "", "eval.knn_every_epochs=1"), 0, 1, torch.device("cpu"), 8).enabled
+
+
+def test_monitor_equals_unmix_knn_and_leaves_the_backbone_alone(sample_train, sample_val, tmp_path):
+    from unmix.eval.jobs import BackboneSpec, run_knn
+    from unmix.eval.protocols import LinearProtocol
+    from unmix.training.backbones import build_backbone, save_backbone
+
+    torch.manual_seed(0)
+    backbone = build_backbone("resnet10", crop=16, width=8)
+    for mod in backbone.modules():  # non-trivial BN statistics, so eval mode matters
+        if isinstance(mod, torch.nn.BatchNorm2d):
+            mod.running_mean.uniform_(-0.1, 0.1)
+            mod.running_var.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    path = save_backbone(tmp_path / "backbone.pt", backbone, {"crop": 16})
+
+    cfg = _cfg(sample_train, sample_val, "eval.knn_every_epochs=1", "eval.knn_k=20", "eval.knn_t=0.07")
+    backbone.train()
+    rng = torch.get_rng_state()
+    got = KnnMonitor(cfg, 0, 1, torch.device("cpu"), 128).evaluate(backbone)
+    assert backbone.training and torch.equal(torch.get_rng_state(), rng)
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k  # running statistics did not move
+
+    proto = LinearProtocol(batch_size=128, device="cpu", num_threads=1)
+    want = run_knn(
+        BackboneSpec(path=str(path)), str(sample_train), str(sample_val), proto, k=20, t=0.07, track=False
+    )
+    assert got.total == want["val_samples"] == 359
+    assert got.top1 == want["top1"] and got.top5 == want["top5"]
+    assert 15 < got.top1 < 100  # random features of digits: above chance (10 %), not a constant
+
+
+def test_eval_keys_validated_and_resume_safe():
+    from unmix.training.config import ConfigError, diff, to_dict
+
+    for bad, msg in (
+        ("eval.knn_k=0", "eval.knn_k"),
+        ("eval.knn_t=0", "eval.knn_t"),
+        ("eval.knn_every_epochs=-1", ""),
+    ):
+        with pytest.raises(ConfigError, match=msg or "eval.knn_every_epochs"):
+            _cfg("t", "v", bad)
+    a, b = to_dict(_cfg("t", "v")), to_dict(_cfg("t", "v2", "eval.knn_every_epochs=5"))
+    assert diff(a, b) == []  # switching the monitor on for a resumed run does not change what it computes
+
+
+def test_two_ranks_count_every_val_image_once_and_equal_one_process(sample_train, sample_val, tmp_path):
+    import json
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from unmix.training.backbones import build_backbone
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    worker = Path(__file__).with_name("knn_monitor_worker.py")
+    out = tmp_path / "rank0.json"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(worker), str(sample_train), str(sample_val), str(out)],
+            env={
+                **os.environ,
+                "RANK": str(r),
+                "WORLD_SIZE": "2",
+                "MASTER_ADDR": "127.0.0.1",
+                "MASTER_PORT": str(port),
+                "OMP_NUM_THREADS": "1",
+            },
+        )
+        for r in range(2)
+    ]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    got = json.loads(out.read_text())
+
+    torch.manual_seed(0)  # the workers' backbone, evaluated by one process
+    cfg = _cfg(sample_train, sample_val, "eval.knn_every_epochs=1", "eval.knn_k=20", "data.crop=8")
+    backbone = build_backbone("resnet10", crop=8, width=8)  # 8 px: cheap, enough for this check
+    want = KnnMonitor(cfg, 0, 1, torch.device("cpu"), 64).evaluate(backbone)
+    assert got["total"] == want.total == 359  # each val image once over the ranks (the bank stays split)
+    assert (got["top1"], got["top5"]) == (want.top1, want.top5)

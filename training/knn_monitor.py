@@ -1,0 +1,130 @@
+"""The kNN monitor: weighted-kNN top-1 of the current backbone on ``data.val`` during pretraining.
+
+What the authors' CIFAR code (``unmix_c10.py``'s ``test()``, after MoCo's CIFAR demo) and solo-learn do
+every epoch: the backbone in eval mode embeds the training split (the memory bank, with the evaluation
+transform, no augmentation) and the validation split; each validation image is classified by its
+``eval.knn_k`` nearest training features, weighted exp(sim / ``eval.knn_t``) (k = 200, t = 0.1); the
+top-1 accuracy is logged to MLflow as ``knn_top1`` at the current optimizer step.
+
+The same code computes ``unmix knn`` (:func:`training.knn.knn_evaluate`, data through
+``build_eval_loader(split="val")``), so the monitor's value on a backbone equals ``unmix knn``'s on it.
+It embeds in the dtype of the engine's parameters, without autocast: fp32 on fp32 and bf16 runs
+(DeepSpeed's bf16 mode autocasts an fp32 module), like ``unmix knn`` on the exported backbone; fp16 on an
+fp16 run (that mode casts the module).
+
+Every rank embeds its own part of both splits and every validation image is counted once (checked
+against the manifest), as in ``unmix knn``. The monitor never touches the training loader, the global
+torch RNG or any parameter or BatchNorm statistic (eval mode, no gradient), and it keeps no state, so a
+resumed run repeats an uninterrupted one bitwise. It runs every ``eval.knn_every_epochs`` epochs and
+after the last; it is off when that is 0 or ``data.val`` is empty.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from unmix.training.config import Config
+from unmix.training.knn import KnnResult, knn_evaluate
+
+
+class KnnMonitor:
+    """Runs the kNN evaluation at the end of due epochs; loaders are built once, on first use."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        rank: int,
+        world: int,
+        device: torch.device,
+        batch_size: int,
+        make_loader: Callable[..., Any] | None = None,
+    ):
+        self.cfg, self.rank, self.world, self.device = cfg, rank, world, device
+        self.batch_size = batch_size
+        self.every = cfg.eval.knn_every_epochs if cfg.data.val else 0
+        self._make_loader = make_loader
+        self._loaders: dict[str, Any] = {}
+        if cfg.eval.knn_every_epochs and not cfg.data.val and rank == 0:
+            print("[unmix] kNN monitor off: eval.knn_every_epochs is set, data.val is empty", file=sys.stderr)
+
+    @property
+    def enabled(self) -> bool:
+        return self.every > 0
+
+    def due(self, epoch: int) -> bool:
+        """Whether the monitor runs after ``epoch`` (1-based count of finished epochs)."""
+        return self.enabled and epoch > 0 and (epoch % self.every == 0 or epoch == self.cfg.optim.epochs)
+
+    def after_epoch(self, epoch: int, step: int, backbone: nn.Module, tracker: Any) -> KnnResult | None:
+        """If due: evaluate, log ``knn_top1`` (and ``knn_top5``) at ``step``, print it on rank 0."""
+        if not self.due(epoch):
+            return None
+        result = self.evaluate(backbone)
+        tracker.log_metrics({"knn_top1": result.top1, "knn_top5": result.top5}, step=step)
+        if self.rank == 0:
+            print(
+                f"[unmix] epoch {epoch} knn top-1 {result.top1:.2f}% (k={self.cfg.eval.knn_k}, "
+                f"t={self.cfg.eval.knn_t}, {result.total} val images)",
+                file=sys.stderr,
+                flush=True,
+            )
+        return result
+
+    def _loader(self, split: str) -> Any:
+        if split not in self._loaders:
+            make = self._make_loader
+            if make is None:
+                from unmix.pipeline.loaders import build_eval_loader as make
+            self._loaders[split] = make(
+                self.cfg.data.train if split == "train" else self.cfg.data.val,
+                batch_size=self.batch_size,
+                split="val",  # the evaluation transform for the bank too (the authors' memory_loader)
+                crop=self.cfg.data.crop,
+                device=self.cfg.data.device,
+                shard_id=self.rank,
+                num_shards=self.world,
+                seed=self.cfg.seed,
+                num_threads=self.cfg.data.threads,
+            )
+        return self._loaders[split]
+
+    @torch.no_grad()
+    def _features(self, backbone: nn.Module, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``[n, D]`` float32 and labels ``[n]`` of this rank's part of ``split``."""
+        dtype = next(backbone.parameters()).dtype  # fp16 on an fp16 run (module cast), else fp32
+        feats, labels = [], []
+        for batch in self._loader(split):
+            x = batch["image"].to(self.device, dtype=dtype, non_blocking=True)
+            feats.append(backbone(x).float().flatten(1))
+            labels.append(batch["label"].to(self.device).long().reshape(-1))
+        if not feats:
+            return torch.zeros((0, backbone.feature_dim), device=self.device), torch.zeros(
+                0, dtype=torch.long, device=self.device
+            )
+        return torch.cat(feats), torch.cat(labels)
+
+    def evaluate(self, backbone: nn.Module) -> KnnResult:
+        """kNN top-1/top-5 (%) of ``backbone`` (put in eval mode, restored after) on ``data.val``."""
+        from unmix.pipeline.shards import read_manifest
+
+        train, val = read_manifest(self.cfg.data.train), read_manifest(self.cfg.data.val)
+        was_training = backbone.training
+        backbone.eval()  # BatchNorm: running statistics, which therefore do not move
+        try:
+            bank, bank_labels = self._features(backbone, "train")
+            queries, labels = self._features(backbone, "val")
+        finally:
+            backbone.train(was_training)
+        k, t = self.cfg.eval.knn_k, self.cfg.eval.knn_t
+        result = knn_evaluate(queries, labels, bank, bank_labels, train.num_classes, k=k, t=t)
+        if result.total != val.total:
+            raise RuntimeError(
+                f"{self.cfg.data.val}: the kNN monitor counted {result.total} samples, the manifest lists "
+                f"{val.total}"
+            )
+        return result
