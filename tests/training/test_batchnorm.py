@@ -62,6 +62,20 @@ def test_split_bn_equals_a_naive_per_split_loop(channels_last, momentum):
     torch.testing.assert_close(split(x), bn_eval(x))
 
 
+@pytest.mark.gpu
+def test_split_bn_on_cuda_channels_last_matches_the_cpu():
+    split = split_batchnorm(_bn(), 4)
+    x = torch.randn(16, 3, 5, 5, generator=torch.Generator().manual_seed(5))
+    cpu = copy.deepcopy(split)
+    y_cpu = cpu(x)
+    gpu = copy.deepcopy(split).cuda()
+    y = gpu(x.cuda().contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(y.cpu(), y_cpu, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(gpu.running_mean.cpu(), cpu.running_mean, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gpu.running_var.cpu(), cpu.running_var, rtol=1e-4, atol=1e-5)
+
+
 def test_split_bn_refuses_a_batch_it_cannot_split():
     with pytest.raises(
         ValueError, match=r"batch of 6 is not divisible by 4 splits \(method.moco.bn_splits\)"
