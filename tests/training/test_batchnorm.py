@@ -95,6 +95,9 @@ def test_key_encoder_output_depends_only_on_its_split():
     enc = _key_encoder(S).train()
     x = torch.randn(N, 3, 16, 16, generator=torch.Generator().manual_seed(2))
     k = enc.embed(x)
+    # the reversed batch keeps every group's members (group s <-> S-1-s), so z_m.flip(0) is a forward of
+    # the reversed mixtures, as with plain BN
+    torch.testing.assert_close(enc.embed(x.flip(0)), k.flip(0), rtol=1e-5, atol=1e-5)
     same_split, other = x.clone(), x.clone()
     other[[1, 2, 3, 5, 6, 7]] = torch.randn(6, 3, 16, 16)  # every sample outside sample 0's split {0, 4}
     torch.testing.assert_close(enc.embed(other)[[0, 4]], k[[0, 4]], rtol=1e-5, atol=1e-5)
