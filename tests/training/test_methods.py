@@ -185,7 +185,7 @@ def test_symmetric_moco_unmix_loss_equals_the_authors(lam_value):
     ref = loss_12 + loss_21 + lam * loss_m11 + (1 - lam) * loss_m12 + lam * loss_m21 + (1 - lam) * loss_m22
     torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(clean, loss_12 + loss_21, rtol=1e-5, atol=1e-5)
-    # Without the k1 terms (the old loss) the value would be lower by about ln(K) / ... : not equal.
+    # the k2-only mixture loss (this project's before the fix) is lower by the two k1 terms
     k2_only = loss_12 + loss_21 + lam * loss_m11 + (1 - lam) * loss_m12
     assert float(loss - k2_only) > 1.0
 
