@@ -4,7 +4,9 @@ All variants train on the same batches, taken once from the real loader and held
 figures measure the step (forward, backward, optimizer, EMA, queue), not the data pipeline:
 
 - ``trainer``: :func:`training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
-- ``plain``: the same method and model written as a plain PyTorch loop (``torch.optim``, no DeepSpeed);
+- ``plain``: the same method and model written as a plain PyTorch loop (``torch.optim``, no DeepSpeed):
+  the same loss (symmetric or not, every Un-Mix term) and, on one process, the same SplitBatchNorm and
+  key shuffle;
 - each with Un-Mix on and off. Single steps of the four variants are interleaved (rotating order) and
   the median step time of each is reported, so load changes on a shared machine hit all variants alike.
 
@@ -26,8 +28,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from unmix.training.batchnorm import num_splits
 from unmix.training.config import Config, load_config
-from unmix.training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.losses import byol_regression, info_nce, info_nce_mixed_keys, unmix_weighted
 
 
 class MemoryLoader:
@@ -96,10 +99,19 @@ class PlainLoop:
         self.target = copy.deepcopy(run.method.target)
         self.queue = run.method.queue.queue.clone() if run.method.queue is not None else None
         self.ptr = 0
+        self.splits = num_splits(self.target)  # SplitBatchNorm on one process (Shuffle-BN's emulation)
+        self.generator = torch.Generator().manual_seed(0)
         lr = 0.01
         self.opt = torch.optim.SGD(
             self.online.parameters(), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
+
+    def _keys(self, x: torch.Tensor) -> torch.Tensor:
+        """Key encoder forward; with SplitBatchNorm (one process) shuffled first, as the authors' code."""
+        if self.splits <= 1:
+            return self.target.embed(x)
+        idx = torch.randperm(x.shape[0], generator=self.generator).to(x.device)
+        return self.target.embed(x[idx])[torch.argsort(idx)]
 
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         b = {k: v.to(self.device) for k, v in batch.items()}
@@ -112,15 +124,21 @@ class PlainLoop:
             loss = byol_regression(p1, z2).mean() + byol_regression(p2, z1).mean()
             if self.unmix:
                 p_m = self.online.embed(b["mixed"])
-                loss = loss + unmix_weighted(byol_regression(p_m, z2), byol_regression(p_m.flip(0), z2), lam)
+                for z in (z2, z1) if self.cfg.method.byol.mix_targets == "both" else (z2,):
+                    mix = unmix_weighted(byol_regression(p_m, z), byol_regression(p_m.flip(0), z), lam)
+                    loss = loss + mix
         else:
-            T = float(self.cfg.method.moco.T)
+            T, symmetric = float(self.cfg.method.moco.T), self.cfg.method.moco.symmetric
             with torch.no_grad():
-                k = self.target.embed(x2)
-            loss = info_nce(self.online.embed(x1), k, self.queue, T).mean()
+                keys = (self._keys(x2), self._keys(x1)) if symmetric else (self._keys(x2),)
+            loss = info_nce(self.online.embed(x1), keys[0], self.queue, T).mean()
+            if symmetric:
+                loss = loss + info_nce(self.online.embed(x2), keys[1], self.queue, T).mean()
             if self.unmix:
                 z_m = self.online.embed(b["mixed"])
-                loss = loss + unmix_weighted(*info_nce_mixed(z_m, k, self.queue, T), lam)
+                for pair in info_nce_mixed_keys(z_m, keys, self.queue, T):
+                    loss = loss + unmix_weighted(*pair, lam)
+            k = torch.cat(keys)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -151,6 +169,13 @@ def _interleaved_step_times(steps: dict, n: int, warmup: int, device: torch.devi
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
+
+
+def _expected_cost(cfg: Config) -> str:
+    """What Un-Mix should cost: one more query/online forward and backward on top of the step's passes."""
+    if cfg.method.name == "byol" or cfg.method.moco.symmetric:
+        return "~1.4x (one online pass added to two, plus two target forwards)"
+    return "~1.75x for asymmetric MoCo (one query pass added to one, plus one key forward)"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -216,7 +241,7 @@ def main(args: argparse.Namespace) -> int:
         )
         print(
             f"  Un-Mix step cost (on / off): trainer {summary['unmix_step_cost']:.2f}x, "
-            f"plain {summary['unmix_step_cost_plain']:.2f}x   expected ~1.75x for MoCo"
+            f"plain {summary['unmix_step_cost_plain']:.2f}x   expected {_expected_cost(cfg)}"
         )
         if args.layout_cost:
             layout = (

@@ -53,10 +53,14 @@ class BYOL:
     def loss(
         self, outs: tuple[Tensor, ...], targets: tuple[Tensor, ...], lam: Tensor | None
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """``L(p1, z2') + L(p2, z1') + lam * L(p_m, z2') + (1 - lam) * L(p_m.flip(0), z2')``.
+        """``L(p1, z2') + L(p2, z1')`` plus, for each clean target ``z'`` of the mixture term,
+        ``lam * L(p_m, z') + (1 - lam) * L(p_m.flip(0), z')``. Returns (loss, clean, mix).
 
-        The mixture is of view 1, so it is regressed onto the target of view 2 of the same images.
-        Returns (loss, clean, mix).
+        The mixture (of view 1) goes through the online branch only. ``mix_targets: both`` (default)
+        regresses it onto the target projections of both clean views, as the symmetric loss scores the
+        clean views against both (the authors' symmetric MoCo form); ``view2`` onto view 2's only (the
+        one-target form of unmix 0.1.0, to compare with runs made with it). Each L is a mean over the
+        batch; the terms are summed.
         """
         p1, p2 = outs[0], outs[1]  # p: NxC, online predictions
         z1, z2 = targets  # z': NxC, target projections
@@ -64,7 +68,10 @@ class BYOL:
         if lam is None:
             return clean, clean.detach(), torch.zeros_like(clean).detach()
         p_m = outs[2]  # p_m: NxC, predictions for the mixtures
-        mix = unmix_weighted(byol_regression(p_m, z2), byol_regression(p_m.flip(0), z2), lam)
+        mix_targets = (z2, z1) if self.cfg.mix_targets == "both" else (z2,)
+        mix = sum(
+            unmix_weighted(byol_regression(p_m, z), byol_regression(p_m.flip(0), z), lam) for z in mix_targets
+        )
         return clean + mix, clean.detach(), mix.detach()
 
     def keys_to_enqueue(self, targets: tuple[Tensor, ...]) -> None:

@@ -19,6 +19,12 @@ import yaml
 
 # Backbones :func:`training.backbones.build_backbone` builds; here so that reading a config imports no torch.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
+_BOTTLENECK_ARCHS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2")  # block expansion 4
+
+
+def feature_dim(arch: str, width: int = 64) -> int:
+    """Width of ``arch``'s pooled feature (torchvision's ``fc.in_features``) at ``width`` base channels."""
+    return 8 * width * (4 if arch in _BOTTLENECK_ARCHS else 1)
 
 
 class ConfigError(ValueError):
@@ -52,9 +58,10 @@ class MocoConfig:
     T: float | None = None  # InfoNCE temperature; None = 0.2 (v2) or 0.07 (v1)
     mlp: bool | None = None  # MLP projection head; None = True (v2) or False (v1)
     dim: int = 128  # embedding dimension
-    hidden_dim: int = 2048  # hidden width of the MLP head
+    hidden_dim: int | None = None  # hidden width of the MLP head; None = the backbone's feature width
     symmetric: bool = False  # loss in both directions (the paper's CIFAR runs)
     shuffle_bn: bool = True  # Shuffle-BN across ranks for the key encoder
+    bn_splits: int = 8  # one process with shuffle_bn: BN statistics per split of the batch (0/1 = off)
     sync_bn: bool = False  # SyncBatchNorm in the query encoder instead (CUDA only)
 
 
@@ -65,6 +72,7 @@ class ByolConfig:
     pred_hidden_dim: int = 4096
     tau_base: float = 0.996  # EMA momentum at step 0; cosine schedule to 1 at the end
     sync_bn: bool = True  # SyncBatchNorm on several CUDA processes
+    mix_targets: Literal["both", "view2"] = "both"  # clean targets the mixture is regressed onto
 
 
 @dataclass
@@ -309,12 +317,16 @@ def resolve(cfg: Config) -> Config:
     """Fill the values that depend on others and check cross-key constraints (world-size-free)."""
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: invalid value {cfg.model.arch!r}; allowed: {', '.join(ARCHS)}")
+    if cfg.model.width < 8 or cfg.model.width % 8:
+        raise ConfigError(f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8")
     moco = cfg.method.moco
     v1 = cfg.method.name == "moco_v1"
     if moco.T is None:
         moco.T = 0.07 if v1 else 0.2
     if moco.mlp is None:
         moco.mlp = not v1
+    if moco.hidden_dim is None:
+        moco.hidden_dim = feature_dim(cfg.model.arch, cfg.model.width)
     if not cfg.data.recipe:
         cfg.data.recipe = cfg.method.name
     if cfg.deepspeed.zero_stage == 3:
@@ -363,6 +375,7 @@ def resolve(cfg: Config) -> Config:
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "unmix.alpha": cfg.unmix.alpha,
         "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
+        "method.moco.bn_splits": moco.bn_splits,
     }
     for key, value in nonneg.items():
         if value < 0:
@@ -378,8 +391,6 @@ def resolve(cfg: Config) -> Config:
             raise ConfigError(f"{key}: invalid value {value!r}; must be in [0, 1]")
     if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
         raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
-    if cfg.model.width < 8 or cfg.model.width % 8:
-        raise ConfigError(f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8")
     if moco.T <= 0:
         raise ConfigError(f"method.moco.T: invalid value {moco.T!r}; must be > 0")
     return cfg

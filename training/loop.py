@@ -29,6 +29,7 @@ import torch
 from unmix.pipeline.devices import local_cuda_device
 from unmix.training import byol, checkpoint, dist, moco, sync_bn
 from unmix.training.backbones import build_backbone, save_backbone
+from unmix.training.batchnorm import plain_batchnorm
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from unmix.training.ema import update_momentum
 from unmix.training.engine import build_engine, input_dtype, set_lr
@@ -119,6 +120,8 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     else:
         kind, cls, method_cfg = moco, moco.MoCo, cfg.method.moco
     online = kind.build_online(backbone, method_cfg)
+    if kind is moco:  # one process with Shuffle-BN: SplitBatchNorm in both encoders (the authors' CIFAR code)
+        online = moco.split_bn(online, method_cfg, world, micro)
     # channels_last comes from the inputs (convolutions follow a channels_last input); the weights stay
     # contiguous: DeepSpeed broadcasts them as byte views (impossible for channels_last conv weights)
     # and ZeRO re-lays them out into flat contiguous buffers anyway.
@@ -246,9 +249,7 @@ class Progress:
 
 
 def _export_backbone(run: Run, out: Path, tracker: Tracker) -> Path:
-    backbone = copy.deepcopy(run.engine.module.backbone).float().cpu()
-    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in backbone.modules()):
-        backbone = _revert_sync_bn(backbone)
+    backbone = plain_batchnorm(copy.deepcopy(run.engine.module.backbone).float().cpu())  # torchvision BN
     meta = {
         "method": run.cfg.method.name,
         "unmix": run.cfg.unmix.enabled,
@@ -261,19 +262,6 @@ def _export_backbone(run: Run, out: Path, tracker: Tracker) -> Path:
         "mlflow_experiment": run.cfg.mlflow.experiment,
     }
     return save_backbone(out / "backbone.pt", backbone, meta)
-
-
-def _revert_sync_bn(module: torch.nn.Module) -> torch.nn.Module:
-    """SyncBatchNorm -> BatchNorm2d with the same state (the exported backbone is a plain ResNet)."""
-    out = module
-    if isinstance(module, torch.nn.SyncBatchNorm):
-        out = torch.nn.BatchNorm2d(
-            module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats
-        )
-        out.load_state_dict(module.state_dict())
-    for name, child in module.named_children():
-        out.add_module(name, _revert_sync_bn(child))
-    return out
 
 
 def check_resume_config(cfg: Config, stored: dict, path: Path, force_config: bool) -> None:

@@ -6,6 +6,8 @@ sources; callers take the mean. Computed in fp32 whatever the autocast precision
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -41,10 +43,24 @@ def info_nce_mixed(z_m: Tensor, k: Tensor, queue: Tensor, T: float) -> tuple[Ten
     The reversed mixtures' negatives are the same rows in reverse order (``l_neg.flip(0)``); only the
     positives differ. Saves one of the two largest matrix products of the Un-Mix loss (and its backward).
     """
+    return info_nce_mixed_keys(z_m, (k,), queue, T)[0]
+
+
+def info_nce_mixed_keys(
+    z_m: Tensor, keys: Sequence[Tensor], queue: Tensor, T: float
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`info_nce_mixed` for each key in ``keys``, sharing one NxK product against the queue.
+
+    The symmetric Un-Mix loss scores the same mixtures against both clean keys (``k2`` and ``k1``): the
+    negatives do not depend on the key, so the product with the queue is computed once for all of them.
+    """
     z = F.normalize(z_m.float(), dim=1)
-    k = F.normalize(k.float(), dim=1).detach()
     l_neg = torch.einsum("nc,ck->nk", z, queue.detach())  # l_neg: NxK
-    return _nce(z, k, l_neg, T), _nce(z.flip(0), k, l_neg.flip(0), T)
+    out = []
+    for k in keys:
+        k = F.normalize(k.float(), dim=1).detach()
+        out.append((_nce(z, k, l_neg, T), _nce(z.flip(0), k, l_neg.flip(0), T)))
+    return out
 
 
 def byol_regression(p: Tensor, z: Tensor) -> Tensor:

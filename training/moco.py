@@ -13,16 +13,49 @@ import copy
 import torch
 from torch import Tensor
 
-from unmix.training import dist
-from unmix.training.config import MocoConfig
+from unmix.training import batchnorm, dist
+from unmix.training.config import ConfigError, MocoConfig
 from unmix.training.heads import Network, freeze_bn_stats, moco_head
-from unmix.training.losses import info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.losses import info_nce, info_nce_mixed_keys, unmix_weighted
 from unmix.training.queue import KeyQueue
 
 
 def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:
-    """The query encoder: backbone + projection head (MLP for v2, linear for v1)."""
-    return Network(backbone, moco_head(backbone.feature_dim, cfg.hidden_dim, cfg.dim, bool(cfg.mlp)))
+    """The query encoder: backbone + projection head (MLP for v2, linear for v1).
+
+    The MLP's hidden width is ``cfg.hidden_dim``, or the backbone's feature width when it is None (the
+    authors' ``dim_mlp = fc.in_features``: 2048 for ResNet-50, 512 for ResNet-18).
+    """
+    hidden = cfg.hidden_dim if cfg.hidden_dim is not None else backbone.feature_dim
+    return Network(backbone, moco_head(backbone.feature_dim, hidden, cfg.dim, bool(cfg.mlp)))
+
+
+def bn_splits(cfg: MocoConfig, world: int, micro_batch: int) -> int:
+    """How many BN splits a run uses: ``cfg.bn_splits`` on one process with Shuffle-BN on, else 1.
+
+    With several processes Shuffle-BN spreads the keys over the ranks' own BN batches; on one process
+    SplitBatchNorm plays the ranks (see :mod:`training.batchnorm`). Raises :class:`ConfigError` when the
+    per-process batch cannot be split evenly.
+    """
+    splits = cfg.bn_splits if world == 1 and cfg.shuffle_bn else 1
+    if splits <= 1:
+        return 1
+    if micro_batch % splits:
+        raise ConfigError(
+            f"method.moco.bn_splits: a batch of {micro_batch} image(s) per step cannot be split into "
+            f"{splits} equal BatchNorm groups; choose optim.batch_size / optim.grad_accum divisible by it, "
+            "or method.moco.bn_splits=1 (off)"
+        )
+    return splits
+
+
+def split_bn(online: Network, cfg: MocoConfig, world: int, micro_batch: int) -> Network:
+    """The query encoder with SplitBatchNorm when :func:`bn_splits` says so (one process, Shuffle-BN).
+
+    Both encoders get it, as in the authors' and MoCo's CIFAR code: the key encoder is copied from this
+    one, and the query encoder's BN then normalises groups the size of one GPU's batch too.
+    """
+    return batchnorm.split_batchnorm(online, bn_splits(cfg, world, micro_batch))
 
 
 def gather_images(x: Tensor, group=None) -> Tensor:
@@ -47,24 +80,31 @@ def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator, grou
     Each rank's BN then normalises a random subset of the global batch, so the key statistics cannot
     leak which key belongs to which query (MoCo §3.3). ``generator`` must be in the same state on every
     rank (the loop seeds it from the run seed and the step), so no permutation is broadcast.
-    On one process this is a plain forward (shuffling within one BN batch changes nothing), unless a
-    ``group`` is given: then the collectives run over it whatever its size (``unmix bench gpu`` runs
-    them on a one-process NCCL group).
+    On one process the batch is shuffled when the encoder has SplitBatchNorm (each split then plays one
+    GPU: a random subset of the batch); without it the forward is plain (shuffling within one BN batch
+    changes nothing). With a ``group`` the collectives run over it whatever its size (``unmix bench gpu``
+    runs them on a one-process NCCL group).
     """
     if group is not None:
         world, rank = torch.distributed.get_world_size(group), torch.distributed.get_rank(group)
     else:
         world, rank = dist.world_size(), dist.rank()
     if world == 1 and group is None:
-        return encoder.embed(x)
+        if batchnorm.num_splits(encoder) <= 1:
+            return encoder.embed(x)
+        idx_shuffle = _to(torch.randperm(x.shape[0], generator=generator), x)  # the authors' shuffle
+        return encoder.embed(x[idx_shuffle])[torch.argsort(idx_shuffle)]  # k: NxC, input order
     x_all = gather_images(x, group)  # x_all: (W*N)x3xHxW, NCHW; bf16 under bf16 autocast
-    idx_shuffle = torch.randperm(x_all.shape[0], generator=generator)  # same on every rank (CPU generator)
-    if x.is_cuda:  # from pinned memory: the copy does not wait for the device's queued work
-        idx_shuffle = idx_shuffle.pin_memory().to(x.device, non_blocking=True)
+    idx_shuffle = _to(torch.randperm(x_all.shape[0], generator=generator), x)  # same on every rank
     idx_unshuffle = torch.argsort(idx_shuffle)
     mine = idx_shuffle.view(world, -1)[rank]
     k_all = dist.gather_rows(encoder.embed(x_all[mine]), group)  # k_all: (W*N)xC, shuffled order
     return k_all[idx_unshuffle.view(world, -1)[rank]]  # k: NxC, this rank's input order
+
+
+def _to(idx: Tensor, x: Tensor) -> Tensor:
+    """A CPU index onto ``x``'s device; from pinned memory, so the copy does not wait for queued work."""
+    return idx.pin_memory().to(x.device, non_blocking=True) if x.is_cuda else idx
 
 
 class MoCo:
@@ -97,20 +137,21 @@ class MoCo:
     ) -> tuple[Tensor, Tensor, Tensor]:
         """``L(q, k) + lam * L(z_m, k) + (1 - lam) * L(z_m.flip(0), k)``; returns (loss, clean, mix).
 
-        Symmetric: ``L(q1, k2) + L(q2, k1)`` for the clean part; the mixture (of view 1) is scored
-        against ``k2``, the key of the other view of the same images.
+        Symmetric (the authors' ``unmix_c10.py``): ``L(q1, k2) + L(q2, k1)`` for the clean part, and the
+        mixture (of view 1, encoded by the query encoder only) is scored against both clean keys,
+        ``lam * L(z_m, k2) + (1 - lam) * L(z_m.flip(0), k2)`` plus the same with ``k1``.
+        Each L is a mean over the batch; the terms are summed, as the authors' (and MoCo's CIFAR demo).
         """
         T, queue = float(self.cfg.T), self.queue.queue
-        k2 = keys[0]
         if self.cfg.symmetric:
             q1, q2 = outs[0], outs[1]
-            clean = info_nce(q1, k2, queue, T).mean() + info_nce(q2, keys[1], queue, T).mean()
+            clean = info_nce(q1, keys[0], queue, T).mean() + info_nce(q2, keys[1], queue, T).mean()
         else:
-            clean = info_nce(outs[0], k2, queue, T).mean()
+            clean = info_nce(outs[0], keys[0], queue, T).mean()
         if lam is None:
             return clean, clean.detach(), torch.zeros_like(clean).detach()
         z_m = outs[-1]  # z_m: NxC, embeddings of the mixtures
-        mix = unmix_weighted(*info_nce_mixed(z_m, k2, queue, T), lam)
+        mix = sum(unmix_weighted(*pair, lam) for pair in info_nce_mixed_keys(z_m, keys, queue, T))
         return clean + mix, clean.detach(), mix.detach()
 
     def keys_to_enqueue(self, keys: tuple[Tensor, ...]) -> Tensor:

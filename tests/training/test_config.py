@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from unmix.training.config import ConfigError, check_world, diff, load_config, to_dict
+from unmix.training.config import ARCHS, ConfigError, check_world, diff, feature_dim, load_config, to_dict
 from unmix.training.dist import expand_nodelist, first_node, map_slurm_env
 from unmix.training.engine import deepspeed_config
 
@@ -42,6 +44,28 @@ def test_moco_v1_v2_defaults_resolved():
     assert (v1.method.moco.T, v1.method.moco.mlp) == (0.07, False)
 
 
+def test_moco_hidden_dim_defaults_to_the_backbones_feature_width():
+    """The authors' ``dim_mlp = fc.in_features``: 2048 for ResNet-50, 512 for ResNet-18; explicit wins."""
+    assert load_config(None, ["model.arch=resnet50"]).method.moco.hidden_dim == 2048
+    assert load_config(None, ["model.arch=resnet18"]).method.moco.hidden_dim == 512
+    assert load_config(None, ["model.arch=resnet10", "model.width=32"]).method.moco.hidden_dim == 256
+    assert (
+        load_config(None, ["model.arch=resnet18", "method.moco.hidden_dim=2048"]).method.moco.hidden_dim
+        == 2048
+    )
+    for path in sorted(Path(__file__).parents[2].glob("configs/*.yaml")):  # what the shipped configs mean
+        cfg = load_config(path)
+        assert cfg.method.moco.hidden_dim == feature_dim(cfg.model.arch, cfg.model.width), path
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_feature_dim_table_matches_the_backbones(arch):
+    from unmix.training.backbones import build_backbone
+
+    for width in (64,) if arch == "wide_resnet50_2" else (16,):
+        assert build_backbone(arch, width=width).feature_dim == feature_dim(arch, width), (arch, width)
+
+
 def test_dotted_overrides_parse_yaml_scalars(tmp_path):
     cfg = load_config(
         _write(tmp_path, INTERFACE_ONLY),
@@ -74,6 +98,9 @@ def test_dotted_overrides_parse_yaml_scalars(tmp_path):
             "optim.milestones: invalid value [1, 'x']; expected a list of integers",
         ),
         (["model.width=12"], "model.width: invalid value 12; must be a positive multiple of 8"),
+        (["model.width=0"], "model.width: invalid value 0; must be a positive multiple of 8"),
+        (["method.moco.hidden_dim=0"], "method.moco.hidden_dim: invalid value 0; must be > 0"),
+        (["method.byol.mix_targets=view1"], "method.byol.mix_targets: invalid value 'view1'; allowed: both"),
     ],
 )
 def test_bad_configs_name_key_and_allowed_values(overrides, needle):

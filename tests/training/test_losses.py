@@ -7,7 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from unmix.training.losses import byol_regression, info_nce, info_nce_mixed, unmix_weighted
+from unmix.training.losses import (
+    byol_regression,
+    info_nce,
+    info_nce_mixed,
+    info_nce_mixed_keys,
+    unmix_weighted,
+)
 
 
 def _naive_info_nce(q, k, queue, T):
@@ -99,3 +105,13 @@ def test_info_nce_mixed_equals_two_info_nce_with_the_queue_product_once():
     (g_got,) = torch.autograd.grad(sum(x.sum() for x in got), z_m)
     (g_ref,) = torch.autograd.grad(sum(x.sum() for x in ref), z_m)
     torch.testing.assert_close(g_got, g_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_info_nce_mixed_keys_equals_info_nce_mixed_per_key():
+    torch.manual_seed(1)
+    z_m = torch.randn(6, 8, requires_grad=True)
+    k2, k1, queue = torch.randn(6, 8), torch.randn(6, 8), F.normalize(torch.randn(8, 32), dim=0)
+    got = info_nce_mixed_keys(z_m, (k2, k1), queue, 0.2)
+    for pair, k in zip(got, (k2, k1), strict=True):
+        for g, r in zip(pair, info_nce_mixed(z_m, k, queue, 0.2), strict=True):
+            torch.testing.assert_close(g, r)

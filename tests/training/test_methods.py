@@ -14,6 +14,7 @@ from unmix.training import byol, moco
 from unmix.training.backbones import build_backbone
 from unmix.training.config import ByolConfig, MocoConfig
 from unmix.training.ema import update_momentum
+from unmix.training.heads import Network
 from unmix.training.lars import LARS, param_groups
 from unmix.training.queue import KeyQueue
 from unmix.training.schedules import learning_rate
@@ -147,6 +148,105 @@ def test_moco_unmix_loss_is_clean_plus_weighted_mix():
     )
     torch.testing.assert_close(loss, expected)
     torch.testing.assert_close(clean + mix, loss.detach())
+
+
+def _authors_contrastive_loss(q, k, q_mixed, queue, T):
+    """szq0214/Un-Mix ``unmix_c10.py`` ``ModelMoCo.contrastive_loss`` on given embeddings."""
+    q = F.normalize(q, dim=1)
+    q_mixed_flip = torch.flip(q_mixed, (0,))
+    q_mixed, q_mixed_flip = F.normalize(q_mixed, dim=1), F.normalize(q_mixed_flip, dim=1)
+    k = F.normalize(k, dim=1)
+    ce, labels = nn.CrossEntropyLoss(), torch.zeros(q.shape[0], dtype=torch.long)
+    losses = []
+    for z in (q, q_mixed, q_mixed_flip):
+        l_pos = torch.einsum("nc,nc->n", [z, k]).unsqueeze(-1)
+        l_neg = torch.einsum("nc,ck->nk", [z, queue.clone().detach()])
+        losses.append(ce(torch.cat([l_pos, l_neg], dim=1) / T, labels))
+    return losses  # loss, loss_m1, loss_m2
+
+
+def _moco_on_embeddings(C, K, T, symmetric, seed=0):
+    cfg = MocoConfig(K=K, dim=C, T=T, mlp=False, symmetric=symmetric)
+    return moco.MoCo(Network(nn.Identity(), nn.Identity()), cfg, seed=seed)
+
+
+@pytest.mark.parametrize("lam_value", [0.0, 0.37, 1.0])
+def test_symmetric_moco_unmix_loss_equals_the_authors(lam_value):
+    """The issue's check: N=16, C=128, K=4096, T=0.2; the mixture is scored against both k2 and k1."""
+    g = torch.Generator().manual_seed(13)
+    N, C, K, T = 16, 128, 4096, 0.2
+    method = _moco_on_embeddings(C, K, T, symmetric=True)
+    q1, q2, z_m, k1, k2 = (torch.randn(N, C, generator=g) for _ in range(5))
+    queue = method.queue.queue
+    loss, clean, mix = method.loss((q1, q2, z_m), (k2, k1), torch.full((N,), lam_value))
+    loss_12, loss_m11, loss_m12 = _authors_contrastive_loss(q1, k2, z_m, queue, T)
+    loss_21, loss_m21, loss_m22 = _authors_contrastive_loss(q2, k1, z_m, queue, T)
+    lam = lam_value
+    ref = loss_12 + loss_21 + lam * loss_m11 + (1 - lam) * loss_m12 + lam * loss_m21 + (1 - lam) * loss_m22
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clean, loss_12 + loss_21, rtol=1e-5, atol=1e-5)
+    # the k2-only mixture loss (this project's before the fix) is lower by the two k1 terms
+    k2_only = loss_12 + loss_21 + lam * loss_m11 + (1 - lam) * loss_m12
+    assert float(loss - k2_only) > 1.0
+
+
+def _naive_nce(q, k, queue, T):
+    qi, ki = q / q.norm(), k / k.norm()
+    pos = math.exp(float(qi @ ki) / T)
+    neg = sum(math.exp(float(qi @ queue[:, j]) / T) for j in range(queue.shape[1]))
+    return -math.log(pos / (pos + neg))
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize("lam_values", [[0.0] * 6, [1.0] * 6, [0.37] * 6, [0.1, 0.9, 0.5, 0.3, 0.75, 0.2]])
+def test_moco_unmix_loss_per_sample_reference(symmetric, lam_values):
+    """Per sample: mixture i holds x1[i] (weight lam_i) and x1[N-1-i] (1 - lam_i); every clean key of
+    image i scores mixture i with weight lam_i and mixture N-1-i (= z_m.flip(0)[i]) with 1 - lam_{N-1-i}."""
+    g = torch.Generator().manual_seed(3)
+    N, C, K, T = 6, 8, 24, 0.2
+    method = _moco_on_embeddings(C, K, T, symmetric)
+    q1, q2, z_m, k1, k2 = (torch.randn(N, C, generator=g) for _ in range(5))
+    lam = torch.tensor(lam_values)
+    outs, keys = ((q1, q2, z_m), (k2, k1)) if symmetric else ((q1, z_m), (k2,))
+    loss, clean, mix = method.loss(outs, keys, lam)
+    queue = method.queue.queue
+    pairs = [(q1, k2), (q2, k1)] if symmetric else [(q1, k2)]
+    ref_clean = sum(sum(_naive_nce(q[i], k[i], queue, T) for i in range(N)) / N for q, k in pairs)
+    ref_mix = 0.0
+    for k in keys:
+        for i in range(N):
+            j = N - 1 - i
+            ref_mix += float(lam[i]) * _naive_nce(z_m[i], k[i], queue, T) / N
+            ref_mix += (1 - float(lam[j])) * _naive_nce(z_m[j], k[i], queue, T) / N
+    assert abs(float(clean) - ref_clean) < 1e-4
+    assert abs(float(mix) - ref_mix) < 1e-4
+    assert abs(float(loss) - ref_clean - ref_mix) < 1e-4
+
+
+@pytest.mark.parametrize("mix_targets", ["both", "view2"])
+@pytest.mark.parametrize("lam_values", [[0.0] * 4, [0.37] * 4, [1.0] * 4, [0.2, 0.6, 0.9, 0.4]])
+def test_byol_unmix_loss_per_sample_reference(mix_targets, lam_values):
+    g = torch.Generator().manual_seed(4)
+    N, C = 4, 8
+    cfg = ByolConfig(mix_targets=mix_targets)
+    method = byol.BYOL(Network(nn.Identity(), nn.Identity()), cfg, seed=0)
+    p1, p2, p_m, z1, z2 = (torch.randn(N, C, generator=g, requires_grad=True) for _ in range(5))
+    lam = torch.tensor(lam_values)
+    loss, clean, mix = method.loss((p1, p2, p_m), (z1, z2), lam)
+
+    def reg(p, z):
+        return float(((p / p.norm() - z / z.norm()) ** 2).sum().detach())
+
+    ref_clean = sum(reg(p1[i], z2[i]) + reg(p2[i], z1[i]) for i in range(N)) / N
+    ref_mix = 0.0
+    for z in (z2, z1) if mix_targets == "both" else (z2,):
+        for i in range(N):
+            j = N - 1 - i
+            ref_mix += (float(lam[i]) * reg(p_m[i], z[i]) + (1 - float(lam[j])) * reg(p_m[j], z[i])) / N
+    assert abs(float(clean) - ref_clean) < 1e-5
+    assert abs(float(mix) - ref_mix) < 1e-5
+    loss.backward()  # the mixture term never reaches the targets
+    assert z1.grad is None and z2.grad is None and p_m.grad is not None
 
 
 def test_byol_loss_symmetric_and_target_has_no_predictor():
