@@ -61,7 +61,9 @@ class MocoConfig:
     hidden_dim: int | None = None  # hidden width of the MLP head; None = the backbone's feature width
     symmetric: bool = False  # loss in both directions (the paper's CIFAR runs)
     shuffle_bn: bool = True  # Shuffle-BN across ranks for the key encoder
-    bn_splits: int = 8  # one process with shuffle_bn: BN statistics per split of the batch (0/1 = off)
+    bn_splits: int | None = (
+        None  # one process with shuffle_bn: BN groups of the batch; None = auto (8), 0/1 off
+    )
     sync_bn: bool = False  # SyncBatchNorm in the query encoder instead (CUDA only)
 
 
@@ -375,7 +377,7 @@ def resolve(cfg: Config) -> Config:
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "unmix.alpha": cfg.unmix.alpha,
         "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
-        "method.moco.bn_splits": moco.bn_splits,
+        "method.moco.bn_splits": moco.bn_splits or 0,
     }
     for key, value in nonneg.items():
         if value < 0:

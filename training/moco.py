@@ -9,6 +9,7 @@ Shuffle-BN), the engine's forward, ``loss``, the optimizer step, then the moment
 from __future__ import annotations
 
 import copy
+import sys
 
 import torch
 from torch import Tensor
@@ -30,23 +31,32 @@ def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:
     return Network(backbone, moco_head(backbone.feature_dim, hidden, cfg.dim, bool(cfg.mlp)))
 
 
+AUTO_BN_SPLITS = 8  # the authors' and MoCo's CIFAR code (--bn-splits 8): one process plays 8 GPUs
+
+
 def bn_splits(cfg: MocoConfig, world: int, micro_batch: int) -> int:
-    """How many BN splits a run uses: ``cfg.bn_splits`` on one process with Shuffle-BN on, else 1.
+    """How many BN splits a run uses: on one process with Shuffle-BN on, ``cfg.bn_splits``, else 1.
 
     With several processes Shuffle-BN spreads the keys over the ranks' own BN batches; on one process
-    SplitBatchNorm plays the ranks (see :mod:`training.batchnorm`). Raises :class:`ConfigError` when the
-    per-process batch cannot be split evenly.
+    SplitBatchNorm plays the ranks (see :mod:`unmix.training.batchnorm`). ``bn_splits: null`` (the
+    default) takes 8, or for a per-process batch that 8 does not divide the largest number of groups
+    below 8 that divides it with at least 2 images a group (1 = off where none does). An explicit value
+    that does not divide the batch raises :class:`ConfigError` naming the key.
     """
-    splits = cfg.bn_splits if world == 1 and cfg.shuffle_bn else 1
-    if splits <= 1:
+    if world != 1 or not cfg.shuffle_bn:
         return 1
-    if micro_batch % splits:
+    if cfg.bn_splits is None:
+        fits = [s for s in range(AUTO_BN_SPLITS, 1, -1) if micro_batch % s == 0 and micro_batch // s >= 2]
+        return fits[0] if fits else 1
+    if cfg.bn_splits <= 1:
+        return 1
+    if micro_batch % cfg.bn_splits:
         raise ConfigError(
             f"method.moco.bn_splits: a batch of {micro_batch} image(s) per step cannot be split into "
-            f"{splits} equal BatchNorm groups; choose optim.batch_size / optim.grad_accum divisible by it, "
-            "or method.moco.bn_splits=1 (off)"
+            f"{cfg.bn_splits} equal BatchNorm groups; choose optim.batch_size / optim.grad_accum divisible "
+            "by it, method.moco.bn_splits=null (automatic) or 1 (off)"
         )
-    return splits
+    return cfg.bn_splits
 
 
 def split_bn(online: Network, cfg: MocoConfig, world: int, micro_batch: int) -> Network:
@@ -55,7 +65,15 @@ def split_bn(online: Network, cfg: MocoConfig, world: int, micro_batch: int) -> 
     Both encoders get it, as in the authors' and MoCo's CIFAR code: the key encoder is copied from this
     one, and the query encoder's BN then normalises groups the size of one GPU's batch too.
     """
-    return batchnorm.split_batchnorm(online, bn_splits(cfg, world, micro_batch))
+    splits = bn_splits(cfg, world, micro_batch)
+    if splits > 1:  # one process: say what plays the ranks (the automatic choice depends on the batch)
+        print(
+            f"[unmix] one process with Shuffle-BN: SplitBatchNorm in {splits} groups of "
+            f"{micro_batch // splits} image(s) (method.moco.bn_splits)",
+            file=sys.stderr,
+            flush=True,
+        )
+    return batchnorm.split_batchnorm(online, splits)
 
 
 def gather_images(x: Tensor, group=None) -> Tensor:

@@ -130,13 +130,15 @@ def test_one_process_shuffle_equals_a_naive_shuffled_per_split_loop():
 
 def test_bn_splits_chosen_on_one_process_with_shuffle_bn_only():
     cfg = MocoConfig()
-    assert cfg.bn_splits == 8 and moco.bn_splits(cfg, world=1, micro_batch=64) == 8
+    assert cfg.bn_splits is None and moco.bn_splits(cfg, world=1, micro_batch=64) == 8  # automatic
+    # automatic: 8 groups where 8 divides the batch, else the most groups of >= 2 images below 8, else off
+    assert [moco.bn_splits(cfg, 1, b) for b in (12, 8, 4, 6, 2, 7)] == [6, 4, 2, 3, 1, 1]
     assert moco.bn_splits(cfg, world=2, micro_batch=64) == 1  # several ranks: the real Shuffle-BN
     assert moco.bn_splits(MocoConfig(shuffle_bn=False), world=1, micro_batch=64) == 1
     for off in (0, 1):
         assert moco.bn_splits(MocoConfig(bn_splits=off), world=1, micro_batch=6) == 1
     with pytest.raises(ConfigError, match="method.moco.bn_splits: a batch of 12 image"):
-        moco.bn_splits(cfg, world=1, micro_batch=12)
+        moco.bn_splits(MocoConfig(bn_splits=8), world=1, micro_batch=12)  # explicit: divides or fails
     with pytest.raises(ConfigError, match="method.moco.bn_splits: invalid value -1"):
         load_config(None, ["method.moco.bn_splits=-1"])
     # the multi-rank path keeps plain BatchNorm2d (the query encoder is untouched)
