@@ -257,6 +257,7 @@ def run_linear(
         extra = {
             "epochs": result.epochs,
             "protocol": proto.protocol,
+            "head_norm": proto.head_norm,
             "features": proto.features,
             "crop": proto.crop,
         }
