@@ -9,7 +9,7 @@ def test_cli_takes_deepspeed_local_rank(monkeypatch: pytest.MonkeyPatch) -> None
     """The `deepspeed` launcher appends --local_rank=N; `unmix` turns it into LOCAL_RANK."""
     import os
 
-    from unmix.eval import cli
+    from unmix import cli
 
     seen = {}
     monkeypatch.delenv("LOCAL_RANK", raising=False)
