@@ -221,10 +221,10 @@ def train_linear_head(
             average_running_stats(head)
             top1, top5, total = evaluate_head(head, val_batches())
             record.update(val_top1=top1, val_top5=top5)
-        guard.check(epoch + 1, train_loss, record.get("val_top1"))
         history.append(record)
         if on_epoch is not None:
-            on_epoch(record)
+            on_epoch(record)  # logged and printed first: the curve of a diverging probe stays visible
+        guard.check(epoch + 1, train_loss, record.get("val_top1"))
     return LinearResult(
         top1=top1,
         top5=top5,
