@@ -124,3 +124,27 @@ def test_guard_rules_on_plain_numbers():
     g = DivergenceGuard(proto, num_classes=10)
     for e, loss in enumerate([1.5, 1.9, 2.0, 2.1, 2.2], start=1):
         g.check(e, loss, 60.0)
+
+
+def test_compare_shows_the_pixel_floor_as_its_own_row():
+    from types import SimpleNamespace
+
+    from unmix.eval import compare
+
+    def run(rid, kind, metrics, tags=None):
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id=rid, experiment_id="1", status="FINISHED"),
+            data=SimpleNamespace(tags={"unmix.kind": kind, **(tags or {})}, params={}, metrics=metrics),
+        )
+
+    runs = [
+        run("p2", "pixels", {"linear_top1": 95.5, "linear_top5": 99.4}),  # newest first
+        run("p1", "pixels", {"linear_top1": 90.0, "knn_top1": 88.0}),
+        run("r1", "random_init", {"linear_top1": 94.2}, {"random_init": "resnet10"}),
+    ]
+    assert [compare.run_kind(r) for r in runs] == ["pixels", "pixels", "random_init"]
+    (row,) = compare.floor_rows(runs[:2], {"1": "demo"}, 0.0, kind=compare.PIXELS_KIND)
+    assert (row.name, row.kind, row.method, row.arch) == ("raw pixels", "pixels", "pixels", "pixels")
+    assert (row.linear_top1, row.knn_top1, row.run_id) == (95.5, 88.0, "p2")
+    table = compare.render(compare.Comparison(rows=[row], pairs=[], eval_runs={}), "table")
+    assert "raw pixels" in table and "95.50" in table
