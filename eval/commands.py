@@ -16,6 +16,11 @@ key=value overrides:
   features=augmented|cached   augmented (default): RandomResizedCrop+flip, backbone forward every epoch;
                        cached: features extracted once with the val transform (fast path for CPU/small data)
   num_threads (DALI), eval_every (val every N epochs; always after the last)
+  head_norm=bn|none    bn (default): BatchNorm1d without affine parameters before the linear layer (MAE's
+                       probe; insensitive to the features' scale); none: the protocols exactly as published
+A diverging probe (non-finite loss, or loss above its first epoch's / 3 ln C for 3 epochs with val top-1
+near chance) fails with exit status 2 naming lr and head_norm; no accuracy is reported.
+--pixels: the same probe on the resized (data.crop), normalised raw pixels: the cheapest honest floor.
 Output: top-1/top-5 (%) on stdout and in --json; an MLflow run in the pretraining run's experiment (tag
 unmix.pretrain_run_id; train_loss/val_top1/lr per epoch); linear_top1/linear_top5 on the pretraining run.
 Distributed: run under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS); val counted once.
@@ -30,7 +35,8 @@ nearest training features vote with weight exp(sim / t). knn_top1/knn_top5 go on
 COMPARE_EPILOG = """\
 Pretraining runs: tag unmix.kind=pretrain (or tags method + unmix without unmix.kind); tags method, unmix
 (on/off/true/false); params model.arch, optim.epochs, optim.batch_size (global); metrics loss, images_per_s,
-linear_top1, linear_top5, knn_top1. Random-init evaluations (tag unmix.kind=random_init) give floor rows.
+linear_top1, linear_top5, knn_top1. Random-init evaluations (tag unmix.kind=random_init) give floor rows,
+`unmix linear --pixels` (tag unmix.kind=pixels) the "raw pixels" floor row.
 Rows equal in (method, arch, epochs, batch) and differing in Un-Mix are paired; the Un-Mix row shows the gain.
 """
 
@@ -44,6 +50,11 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
     src.add_argument(
         "--random-init", metavar="ARCH", help="evaluate an untrained backbone of this architecture"
+    )
+    src.add_argument(
+        "--pixels",
+        action="store_true",
+        help="the pixel floor: the same evaluation on the resized (data.crop), normalised raw pixels",
     )
     p.add_argument("--arch", help="architecture of a bare state_dict (backbone.pt files carry their own)")
     p.add_argument(
@@ -109,7 +120,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
     from unmix.eval.jobs import BackboneSpec
 
-    return BackboneSpec(path=args.backbone, arch=args.arch, random_init=args.random_init, width=args.width)
+    return BackboneSpec(
+        path=args.backbone,
+        arch=args.arch,
+        random_init=args.random_init,
+        width=args.width,
+        pixels=args.pixels,
+    )
 
 
 def _linear(args: argparse.Namespace) -> int:
@@ -128,7 +145,7 @@ def _linear(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
         )
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:
+    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # ProbeDivergedError included
         return fail("linear", exc)
     return 0
 

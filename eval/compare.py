@@ -11,7 +11,8 @@ What a pretraining run must carry (the trainer sets these):
 
 Evaluation runs (tag ``unmix.pretrain_run_id``) fill in accuracies the pretraining run lacks and give
 the val-accuracy curves of the plot. Random-init evaluations (tag ``unmix.kind`` = ``random_init``,
-``random_init`` = ARCH) become one floor row per architecture.
+``random_init`` = ARCH) become one floor row per architecture; pixel evaluations (``unmix linear
+--pixels``: tag ``unmix.kind`` = ``pixels``) one "raw pixels" floor row.
 
 Rows whose (method, arch, epochs, batch) agree and whose Un-Mix flag differs are paired; the Un-Mix
 row shows the gain (on - off) in linear top-1 and kNN top-1.
@@ -31,6 +32,7 @@ from typing import Any
 KIND_TAG = "unmix.kind"
 PRETRAIN_KIND = "pretrain"
 RANDOM_INIT_KIND = "random_init"
+PIXELS_KIND = "pixels"
 PRETRAIN_RUN_TAG = "unmix.pretrain_run_id"
 PAIR_FIELDS = ("method", "arch", "epochs", "batch_size")
 FORMATS = ("table", "markdown", "csv", "json")
@@ -43,7 +45,7 @@ class Row:
     run_id: str
     name: str
     experiment: str
-    kind: str  # "pretrain" | "random_init"
+    kind: str  # "pretrain" | "random_init" | "pixels"
     method: str | None
     unmix: str | None  # "on" | "off" | None
     arch: str | None
@@ -148,11 +150,17 @@ def pretrain_row(run: Any, experiment: str, eval_runs: list[Any], now_ms: float)
     )
 
 
-def floor_rows(random_runs: list[Any], experiment_names: dict[str, str], now_ms: float) -> list[Row]:
-    """One row per architecture from the newest random-init linear and kNN evaluations."""
+def floor_rows(
+    random_runs: list[Any], experiment_names: dict[str, str], now_ms: float, kind: str = RANDOM_INIT_KIND
+) -> list[Row]:
+    """One row per architecture from the newest random-init linear and kNN evaluations; with
+    ``kind="pixels"``, one "raw pixels" row from the newest pixel evaluations."""
     by_arch: dict[str, list[Any]] = {}
     for run in random_runs:  # newest first
-        arch = run.data.tags.get("random_init") or run.data.params.get("model.arch") or "?"
+        if kind == PIXELS_KIND:
+            arch = "pixels"
+        else:
+            arch = run.data.tags.get("random_init") or run.data.params.get("model.arch") or "?"
         by_arch.setdefault(arch, []).append(run)
     rows = []
     for arch, runs in sorted(by_arch.items()):
@@ -160,10 +168,10 @@ def floor_rows(random_runs: list[Any], experiment_names: dict[str, str], now_ms:
         rows.append(
             Row(
                 run_id=newest.info.run_id,
-                name=f"random-init {arch}",
+                name="raw pixels" if kind == PIXELS_KIND else f"random-init {arch}",
                 experiment=experiment_names.get(newest.info.experiment_id, newest.info.experiment_id),
-                kind=RANDOM_INIT_KIND,
-                method="random-init",
+                kind=kind,
+                method="pixels" if kind == PIXELS_KIND else "random-init",
                 unmix=None,
                 arch=arch,
                 epochs=0,
@@ -278,6 +286,8 @@ def collect(
     # pairs next to each other (off before on), then the floor rows
     rows.sort(key=lambda r: (r.method or "", r.arch or "", r.epochs or 0, r.batch_size or 0, r.unmix == "on"))
     rows += floor_rows(random_runs, names, now_ms)
+    pixel_runs = [r for r in everything if run_kind(r) == PIXELS_KIND]
+    rows += floor_rows(pixel_runs, names, now_ms, kind=PIXELS_KIND)
     pairs = pair_rows(rows)
     return Comparison(rows=rows, pairs=pairs, eval_runs=evals)
 
@@ -338,7 +348,7 @@ def render(comp: Comparison, fmt: str = "table") -> str:
         "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
     ]
     if not comp.rows:
-        lines.append("(no runs tagged unmix.kind=pretrain or random_init)")
+        lines.append("(no runs tagged unmix.kind=pretrain, random_init or pixels)")
     return "\n".join(lines) + "\n"
 
 

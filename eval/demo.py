@@ -4,7 +4,8 @@ Steps (each a subprocess of this same ``unmix`` so a failure names its stage and
 
 1. write the ``digits`` sample shards (``unmix shards sample digits``) unless already there;
 2. pretrain MoCo v2 without and with Un-Mix (``configs/demo.yaml``: a small backbone, a few epochs);
-3. linear evaluation of both backbones and of a random-init backbone (the floor), plus kNN;
+3. linear evaluation of both backbones, of a random-init backbone and of the raw pixels (the floors),
+   plus kNN;
 4. the comparison table from MLflow and a plot (PNG).
 
 Everything lands under ``--workdir`` (default ``./demo``), with an MLflow SQLite store there.
@@ -123,6 +124,24 @@ def run_demo(
         env,
     )
     results["random_init"] = json.loads(js.read_text())
+    js = runs / "pixels" / "linear.json"
+    js.parent.mkdir(parents=True, exist_ok=True)
+    _unmix(
+        [
+            "linear",
+            "--pixels",
+            "--experiment",
+            EXPERIMENT,
+            *splits,
+            "--json",
+            str(js),
+            *linear,
+            f"data.crop={cfg.data.crop}",
+        ],
+        logs / "linear_pixels.log",
+        env,
+    )
+    results["pixels"] = json.loads(js.read_text())
 
     plot = workdir / "compare.png"
     _unmix(
@@ -135,13 +154,12 @@ def run_demo(
         cmd = ["compare", "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--format", "json"]
         subprocess.run([sys.executable, "-m", "unmix", *cmd], stdout=fh, check=True, env=env)
 
-    floor = results["random_init"]["top1"]
+    floor, pixels = results["random_init"]["top1"], results["pixels"]["top1"]
     print(f"\nDemo finished in {time.time() - t0:.0f} s. Linear top-1 on the digits val set:")
     for name, r in results.items():
-        print(
-            f"  {name:<14} {r['top1']:6.2f} %"
-            + ("" if name == "random_init" else f"  ({r['top1'] - floor:+.2f} vs random init)")
-        )
+        vs = "" if name in ("random_init", "pixels") else f"  ({r['top1'] - floor:+.2f} vs random init)"
+        vs += "" if name == "pixels" else f"  ({r['top1'] - pixels:+.2f} vs raw pixels)"
+        print(f"  {name:<14} {r['top1']:6.2f} %{vs}")
     print(f"\nResults:   {workdir}\n  table:   {rows_json}\n  plot:    {plot}\n  logs:    {logs}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
     return {"results": results, "compare": json.loads(rows_json.read_text())}

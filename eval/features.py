@@ -32,6 +32,22 @@ def state_fingerprint(module: nn.Module) -> str:
     return h.hexdigest()
 
 
+class PixelFeatures(nn.Module):
+    """The "backbone" of ``unmix linear --pixels``: the loader's resized, normalised image, flattened.
+
+    ``[B, 3, crop, crop] -> [B, 3 * crop * crop]``; no parameters. A probe on these is the cheapest honest
+    baseline: features that do not beat it have learnt nothing a linear model could not read off pixels.
+    """
+
+    def __init__(self, crop: int) -> None:
+        super().__init__()
+        self.crop = crop
+        self.feature_dim = 3 * crop * crop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(1)  # x: B x 3 x crop x crop -> B x 3*crop*crop
+
+
 @torch.no_grad()
 def embed(backbone: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """Pooled features ``[B, D]`` (float32) of a frozen backbone."""

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from unmix.eval import distributed
-from unmix.eval.features import extract_features, freeze, state_fingerprint
+from unmix.eval.features import PixelFeatures, extract_features, freeze, state_fingerprint
 from unmix.eval.knn import knn_evaluate
 from unmix.eval.linear import linear_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
@@ -28,25 +28,39 @@ from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_trackin
 
 @dataclass
 class BackboneSpec:
-    """Where the backbone comes from: a file (``path``, optional ``arch``) or ``random_init`` = ARCH."""
+    """Where the backbone comes from: a file (``path``, optional ``arch``), ``random_init`` = ARCH, or
+    ``pixels`` (the flattened, resized and normalised images themselves: the pixel floor)."""
 
     path: str | None = None
     arch: str | None = None
     random_init: str | None = None
     width: int = 64  # base width of a random-init backbone
+    pixels: bool = False
 
     @property
     def label(self) -> str:
+        if self.pixels:
+            return "pixels"
         return f"random_init:{self.random_init}" if self.random_init else str(self.path)
+
+    @property
+    def floor_kind(self) -> str | None:
+        """``unmix.kind`` of a floor evaluation (``random_init`` | ``pixels``); None for a backbone."""
+        return "pixels" if self.pixels else ("random_init" if self.random_init else None)
 
 
 def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, dict[str, Any]]:
     """The frozen backbone and its metadata (``random_init`` = ARCH for an untrained one).
 
-    A random-init backbone is built for ``crop`` (default 224; <= 64 gives the CIFAR stem).
+    A random-init backbone is built for ``crop`` (default 224; <= 64 gives the CIFAR stem); ``pixels``
+    is :class:`~unmix.eval.features.PixelFeatures` at ``crop``.
     """
     from unmix.training.backbones import build_backbone, load_backbone
 
+    if spec.pixels:
+        crop = crop or DEFAULT_CROP
+        pix = PixelFeatures(crop)
+        return freeze(pix), {"crop": crop, "arch": "pixels", "pixels": True, "feature_dim": pix.feature_dim}
     if spec.random_init:
         torch.manual_seed(seed)
         crop = crop or DEFAULT_CROP
@@ -98,9 +112,9 @@ def _tracker(
     experiment: str | None,
     params: dict[str, Any],
 ) -> EvalTracker:
-    pretrain_run_id = None if spec.random_init else meta.get("mlflow_run_id")
+    pretrain_run_id = None if spec.floor_kind else meta.get("mlflow_run_id")
     tags = {
-        "unmix.kind": "random_init" if spec.random_init else f"{kind}_eval",
+        "unmix.kind": spec.floor_kind or f"{kind}_eval",
         "unmix.eval": kind,
         "unmix.backbone": spec.label,
     }
@@ -111,7 +125,7 @@ def _tracker(
     for key in ("method", "unmix"):
         if key in meta:
             tags[key] = str(meta[key]).lower() if key != "unmix" else ("on" if meta[key] else "off")
-    name = f"{kind}-{spec.random_init or meta.get('method', 'backbone')}"
+    name = f"{kind}-{spec.random_init or ('pixels' if spec.pixels else meta.get('method', 'backbone'))}"
     return EvalTracker(
         enabled=track and ctx.is_main,
         tracking_uri=resolve_tracking_uri(tracking_uri, meta),
@@ -243,6 +257,7 @@ def run_linear(
         extra = {
             "epochs": result.epochs,
             "protocol": proto.protocol,
+            "head_norm": proto.head_norm,
             "features": proto.features,
             "crop": proto.crop,
         }

@@ -5,12 +5,14 @@ tensors; :func:`run_linear` wires it to the DALI eval loaders, the process group
 
 Per step (one rank's local batch, DDP averages the gradient over ranks)::
 
-    logits = W f + b             # logits: B x C
+    f^    = (f - mu_B) / sqrt(var_B + eps)   # head_norm=bn only: BatchNorm1d without affine parameters
+    logits = W f^ + b            # logits: B x C  (head_norm=none: f^ = f)
     loss   = CE(logits, y)       # mean over the batch
     W, b  <- SGD(lr(epoch), momentum, nesterov, weight_decay)
 
 Validation counts top-1/top-5 hits per rank and all-reduces (hits, total), so with the eval loader's
-exactly-once val sharding every sample is counted once.
+exactly-once val sharding every sample is counted once. Training stops with
+:class:`~unmix.eval.divergence.ProbeDivergedError` when the probe diverges (:mod:`unmix.eval.divergence`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmix.eval.distributed import DistContext, all_reduce_max, all_reduce_sum
+from unmix.eval.divergence import DivergenceGuard
 from unmix.eval.features import embed, extract_features, freeze
 from unmix.eval.protocols import LinearProtocol
 
@@ -33,16 +36,44 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (features [B, D] float32, labels [B
 
 
 class LinearClassifier(nn.Module):
-    """``fc``: D -> C, weights N(0, 0.01), bias 0 (MoCo's ``main_lincls.py`` initialisation)."""
+    """``fc``: D -> C, weights N(0, 0.01), bias 0 (MoCo's ``main_lincls.py`` initialisation).
 
-    def __init__(self, feature_dim: int, num_classes: int) -> None:
+    ``head_norm="bn"`` puts ``BatchNorm1d(D, affine=False, eps=1e-6)`` in front of ``fc`` (MAE's linear
+    probe): ``fc`` then acts on normalised features, batch statistics in training and the running
+    statistics in eval mode. :meth:`folded` gives the equivalent single linear layer on raw features.
+    """
+
+    def __init__(self, feature_dim: int, num_classes: int, head_norm: str = "none") -> None:
         super().__init__()
+        if head_norm not in ("bn", "none"):
+            raise ValueError(f"head_norm={head_norm!r}: choose bn or none")
+        self.head_norm = head_norm
+        self.norm = (
+            nn.BatchNorm1d(feature_dim, affine=False, eps=1e-6) if head_norm == "bn" else nn.Identity()
+        )
         self.fc = nn.Linear(feature_dim, num_classes)
         nn.init.normal_(self.fc.weight, mean=0.0, std=0.01)
         nn.init.zeros_(self.fc.bias)
 
     def forward(self, f: torch.Tensor) -> torch.Tensor:
-        return self.fc(f)  # logits: B x C
+        return self.fc(self.norm(f))  # f: B x D -> logits: B x C
+
+    @torch.no_grad()
+    def folded(self) -> nn.Linear:
+        """One ``nn.Linear`` on raw features equal to this head in eval mode (BN's running stats folded in).
+
+        ``W' = W / sqrt(var + eps)``, ``b' = b - W' mu``: what to export or save as "the probe", so a
+        consumer that applies only a linear layer to backbone features gets the evaluated classifier.
+        """
+        fc = nn.Linear(self.fc.in_features, self.fc.out_features).to(self.fc.weight.device)
+        w, b = self.fc.weight.clone(), self.fc.bias.clone()
+        if isinstance(self.norm, nn.BatchNorm1d):
+            scale = (self.norm.running_var + self.norm.eps).rsqrt()  # scale: D
+            w = w * scale
+            b = b - w @ self.norm.running_mean
+        fc.weight.copy_(w)
+        fc.bias.copy_(b)
+        return fc
 
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> torch.Tensor:
@@ -104,6 +135,19 @@ def backbone_batches(
             yield embed(backbone, x), batch["label"].to(device).long()
 
 
+@torch.no_grad()
+def average_running_stats(head: nn.Module) -> None:
+    """Average the head's BatchNorm running statistics over ranks, so every rank evaluates the same head."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for m in head.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            m.running_mean.copy_(all_reduce_sum(m.running_mean) / dist.get_world_size())
+            m.running_var.copy_(all_reduce_sum(m.running_var) / dist.get_world_size())
+
+
 @dataclass
 class LinearResult:
     """Final val accuracy and per-epoch history."""
@@ -123,12 +167,15 @@ def train_linear_head(
     steps_per_epoch: int,
     val_batches: Callable[[], Iterable[Batch]],
     on_epoch: Callable[[dict[str, float]], None] | None = None,
+    num_classes: int | None = None,
 ) -> LinearResult:
     """Train ``head`` (wrapped in DDP by the caller when distributed) for ``proto.epochs`` epochs.
 
     ``train_epoch(e)`` yields the feature batches of epoch ``e`` (``steps_per_epoch`` of them);
     ``val_batches()`` yields this rank's val feature batches. Val is evaluated every
     ``proto.eval_every`` epochs and after the last; ``on_epoch`` receives each epoch's record.
+    A diverging probe (:class:`~unmix.eval.divergence.DivergenceGuard`, ``num_classes`` defaults to the
+    head's output width) raises :class:`~unmix.eval.divergence.ProbeDivergedError`.
     """
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.SGD(
@@ -138,6 +185,9 @@ def train_linear_head(
         nesterov=proto.nesterov,
         weight_decay=proto.weight_decay,
     )
+    if num_classes is None:
+        num_classes = getattr(head, "module", head).fc.out_features
+    guard = DivergenceGuard(proto, num_classes)
     history: list[dict[str, float]] = []
     top1 = top5 = float("nan")
     total = 0
@@ -159,23 +209,22 @@ def train_linear_head(
             seen += y.numel()
         n = torch.tensor(float(seen), dtype=torch.float64, device=device)
         loss_sum = all_reduce_sum(torch.stack([loss_sum, n]))
-        if not torch.isfinite(loss_sum[0]):
-            raise FloatingPointError(
-                f"linear head: training loss not finite in epoch {epoch + 1} "
-                f"(lr={proto.lr_at(epoch):.4g}); the features' scale calls for a smaller lr=..."
-            )
+        train_loss = float(loss_sum[0] / loss_sum[1].clamp(min=1))
+        guard.check_finite(epoch + 1, train_loss)  # before val: no accuracy of a non-finite head
         record = {
             "epoch": float(epoch + 1),
-            "train_loss": float(loss_sum[0] / loss_sum[1].clamp(min=1)),
+            "train_loss": train_loss,
             "lr": proto.lr_at(epoch),
             "epoch_s": time.perf_counter() - t0,
         }
         if (epoch + 1) % proto.eval_every == 0 or epoch + 1 == proto.epochs:
+            average_running_stats(head)
             top1, top5, total = evaluate_head(head, val_batches())
             record.update(val_top1=top1, val_top5=top5)
         history.append(record)
         if on_epoch is not None:
-            on_epoch(record)
+            on_epoch(record)  # logged and printed first: the curve of a diverging probe stays visible
+        guard.check(epoch + 1, train_loss, record.get("val_top1"))
     return LinearResult(
         top1=top1,
         top5=top5,
@@ -228,7 +277,7 @@ def linear_eval(
         )
 
     torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
-    head = LinearClassifier(backbone.feature_dim, num_classes).to(ctx.device)
+    head = LinearClassifier(backbone.feature_dim, num_classes, proto.head_norm).to(ctx.device)
     model = _wrap_ddp(head, ctx)
     if proto.features == "cached":
         f_train, y_train = extract_features(backbone, loader(train_dir, "val", proto.seed), ctx.device)
@@ -256,4 +305,4 @@ def linear_eval(
         def val_batches() -> Iterable[Batch]:
             return backbone_batches(backbone, val_loader, ctx.device, None)
 
-    return train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch)
+    return train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch, num_classes)

@@ -9,6 +9,12 @@ BYOL (Grill et al. 2020, arXiv 2006.07733, Appendix C.1 "Linear evaluation on Im
 regularisation, 80 epochs, batch 1024, cosine-decayed learning rate without warm-up; the paper sweeps the
 base learning rate over {0.4, 0.3, 0.2, 0.1, 0.05} on a held-out split, the released config's default is
 0.2 per 256 images (scaled linearly with the batch), which is the default here.
+
+``head_norm`` (both protocols): ``bn`` (the default) puts a BatchNorm without affine parameters in front of
+the linear layer, MAE's linear-probe practice (He et al. 2022, ``main_linprobe.py``), which makes the probe
+insensitive to the features' scale; ``none`` is the linear layer alone, the protocols exactly as published
+(MoCo's lr 30 is tuned for the small-norm features of a contrastive ResNet-50 and diverges on features of
+larger scale, e.g. a random-init backbone's: docs/benchmarks.md "Linear probe: head_norm").
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 PROTOCOLS = ("moco", "byol")
 FEATURE_MODES = ("augmented", "cached")
 DEVICES = ("gpu", "cpu")
+HEAD_NORMS = ("bn", "none")
 DEFAULT_CROP = 224
 
 
@@ -42,6 +49,9 @@ class LinearProtocol:
     num_threads: int = 4
     seed: int = 0
     eval_every: int = 1  # evaluate on val every this many epochs (and always after the last)
+    head_norm: str = (
+        "bn"  # "bn": BatchNorm1d(affine=False) before the linear layer (MAE); "none": as published
+    )
 
     def lr_at(self, epoch: float) -> float:
         """Learning rate at (fractional) ``epoch``: the batch-scaled base rate times the schedule."""
@@ -85,6 +95,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "num_threads": ("num_threads", int),
     "seed": ("seed", int),
     "eval_every": ("eval_every", int),
+    "head_norm": ("head_norm", str),
 }
 LINEAR_KEYS = tuple(_KEYS)
 KNN_KEYS = ("batch_size", "device", "data.crop", "num_threads", "seed")
@@ -120,6 +131,8 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
     proto = dataclasses.replace(proto, **changes)
     if proto.device not in DEVICES:
         raise ValueError(f"device={proto.device!r}: choose one of {', '.join(DEVICES)}")
+    if proto.head_norm not in HEAD_NORMS:
+        raise ValueError(f"head_norm={proto.head_norm!r}: choose one of {', '.join(HEAD_NORMS)}")
     if proto.features not in FEATURE_MODES:
         raise ValueError(f"features={proto.features!r}: choose one of {', '.join(FEATURE_MODES)}")
     for key, attr in (

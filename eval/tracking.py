@@ -4,7 +4,8 @@ onto the pretraining run.
 Tags this package writes (and :mod:`eval.compare` reads):
 
 - eval run: ``unmix.kind`` = ``linear_eval`` | ``knn_eval`` (a pretrained backbone) or ``random_init``
-  (an untrained one, with ``random_init`` = ARCH); ``unmix.eval`` = ``linear`` | ``knn``;
+  (an untrained one, with ``random_init`` = ARCH) or ``pixels`` (``unmix linear --pixels``, the pixel
+  floor); ``unmix.eval`` = ``linear`` | ``knn``;
   ``unmix.pretrain_run_id`` = the pretraining run's id (absent for random-init / bare state dicts);
   ``model.arch`` param; metrics ``linear_top1``/``linear_top5`` or ``knn_top1``/``knn_top5``; per-epoch
   ``train_loss``, ``val_top1``, ``val_top5``, ``lr`` (linear).

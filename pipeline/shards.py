@@ -60,6 +60,9 @@ __all__ = [
     "ShardWriteError",
     "SourceError",
     "read_manifest",
+    "check_shard_set",
+    "shard_set_problems",
+    "ShardSetError",
     "write_shards",
     "verify_shards",
 ]
@@ -67,6 +70,11 @@ __all__ = [
 
 class ManifestError(ValueError):
     """``manifest.json`` is missing or malformed; the message names the file."""
+
+
+class ShardSetError(ValueError):
+    """A shard set cannot be read as its manifest describes (missing directory, manifest, tar or index, or
+    a tar whose size differs from the manifest's); the message names the path and what is wrong."""
 
 
 class ShardWriteError(RuntimeError):
@@ -211,6 +219,64 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"malformed shard manifest {mpath}: {type(e).__name__}: {e}") from e
 
 
+def shard_set_problems(m: Manifest) -> list[Problem]:
+    """Cheap checks of a shard set against its manifest: every tar present with the manifest's size and
+    every ``.idx`` present (no checksums, no decoding: that is :func:`verify_shards`)."""
+    problems = []
+    verify = f"run `unmix shards verify {m.root}`"
+    for s in m.shards:
+        if not s.path.is_file():
+            problems.append(Problem(s.name, None, f"tar {s.path} is missing"))
+            continue
+        size = s.path.stat().st_size
+        if size != s.bytes:
+            problems.append(
+                Problem(
+                    s.name,
+                    None,
+                    f"tar {s.path} does not match its manifest: {size} bytes, the manifest says {s.bytes} "
+                    f"(truncated or changed); {verify}",
+                )
+            )
+        if not s.index_path.is_file():
+            problems.append(
+                Problem(
+                    s.name,
+                    None,
+                    f"index {s.index_path} of shard {s.name} is missing (write the set again with "
+                    "`unmix shards write`, or re-create it with DALI's wds2idx)",
+                )
+            )
+    return problems
+
+
+def check_shard_set(path: str | Path, key: str | None = None) -> Manifest:
+    """The manifest of the shard set at ``path`` after the cheap checks of :func:`shard_set_problems`.
+
+    Raises :class:`ShardSetError` with a one-line message naming the path (prefixed with ``key``, e.g.
+    ``data.train``, when given) and what is wrong: the directory missing or a file, the manifest missing or
+    unreadable, a tar missing or of another size than the manifest says, an index missing.
+    """
+    p = Path(path)
+    where = f"{key}={path}" if key else str(path)
+    if not p.exists():
+        rel = (
+            "" if p.is_absolute() else f" (relative paths are relative to the working directory {Path.cwd()})"
+        )
+        raise ShardSetError(f"{where}: no such directory{rel}")
+    if p.is_file() and p.name != MANIFEST:
+        raise ShardSetError(f"{where}: is a file, not a shard directory (one with manifest.json)")
+    try:
+        m = read_manifest(p)
+    except ManifestError as e:
+        raise ShardSetError(f"{where}: {e}") from e
+    problems = shard_set_problems(m)
+    if problems:
+        more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
+        raise ShardSetError(f"{where}: {problems[0].message}{more}")
+    return m
+
+
 def _manifest_dict(m: Manifest) -> dict[str, Any]:
     return {
         "format": "unmix-webdataset",
@@ -301,8 +367,27 @@ _OWN_FILE = re.compile(
 )
 
 
+def _skipped_so_far(out: Path) -> list[str]:
+    """Source files the job in ``out`` skipped as bad so far (its finished shards' records)."""
+    path, skipped = out / DONE_FILE, []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                skipped += json.loads(line).get("skipped", [])
+            except (ValueError, AttributeError):
+                continue
+    return sorted(set(skipped))
+
+
 def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
-    """Create/claim ``out``; return True when it holds this very job (resume), False for a fresh start."""
+    """Create/claim ``out``; return True when it holds this very job (resume), False for a fresh start.
+
+    ``job["skip_bad"]`` (present only when true) is part of the identity with one allowance: a job written
+    without it skipped nothing, so ``--skip-bad`` may resume or accept it; the other way round is refused
+    when the set skipped bad inputs (this command would have failed on them).
+    """
+    if out.exists() and not out.is_dir():
+        raise ShardWriteError(f"output {out} exists and is not a directory; give a directory path for OUT")
     out.mkdir(parents=True, exist_ok=True)
     entries = [e for e in os.scandir(out)]
     job_path = out / JOB_FILE
@@ -312,6 +397,18 @@ def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
         except ValueError:
             old = None
         if old == job:
+            return True
+        if isinstance(old, dict) and {k: v for k, v in old.items() if k != "skip_bad"} == {
+            k: v for k, v in job.items() if k != "skip_bad"
+        }:
+            skipped = _skipped_so_far(out) if old.get("skip_bad") else []
+            if skipped:
+                raise ShardWriteError(
+                    f"{out} holds this job written with --skip-bad, which skipped {len(skipped)} bad "
+                    f"input(s) (first: {skipped[0]}); run with --skip-bad to accept that, or fix the inputs "
+                    "and use --overwrite to write the set again"
+                )
+            _atomic_write_text(job_path, json.dumps(job, indent=1, sort_keys=True) + "\n")
             return True
     if entries and not overwrite:
         what = "a different shard job" if job_path.exists() else "files that are not from this job"
@@ -658,6 +755,8 @@ def write_shards(
     workers = available_cpus() if workers is None else workers
 
     job = _job_description(source, split, seed, samples_per_shard, shard_bytes, settings)
+    if skip_bad:  # part of the job's identity (absent when false: sets written before stay the same job)
+        job["skip_bad"] = True
     resuming = _prepare_out(out, job, overwrite)
     plan = _plan_shards(source.items, seed, samples_per_shard, shard_bytes)
     names = [f"{split}-{i:06d}.tar" for i in range(len(plan))]
@@ -674,8 +773,9 @@ def write_shards(
             m = read_manifest(out)
             if all(s.path.is_file() and s.path.stat().st_size == s.bytes for s in m.shards):
                 if progress:
+                    bad = f", {m.skipped} bad input(s) skipped when written" if m.skipped else ""
                     print(
-                        f"{out}: already complete ({m.total} images in {len(m.shards)} shards)",
+                        f"{out}: already complete ({m.total} images in {len(m.shards)} shards{bad})",
                         file=sys.stderr,
                     )
                 return m
@@ -693,6 +793,7 @@ def write_shards(
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0") or 0)
     written = 0
     records: dict[str, dict[str, Any]] = dict(kept)
+    encoded_now: Counter[str] = Counter()  # this run's work only (the summary); the manifest counts all
 
     from tqdm import tqdm
 
@@ -727,6 +828,7 @@ def write_shards(
                         assert p.action is not None
                         shard.add(f"{k:0{KEY_DIGITS}d}", data, item.label)
                         actions[p.action] += 1
+                        encoded_now[p.action] += 1
                         written += 1
                         if kill_after and written >= kill_after:
                             shard.flush()
@@ -790,11 +892,12 @@ def write_shards(
     _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
     if progress:
         dt = time.perf_counter() - t0
-        reenc = sum(v for k, v in encoded.items() if k != "copied")
+        reenc = sum(v for k, v in encoded_now.items() if k != "copied")
+        kept_images = sum(r["count"] for r in kept.values())
         print(
             f"{out}: {m.total} images in {len(shards)} shards, {m.bytes / 1e6:.1f} MB, "
-            f"{m.skipped} skipped, {reenc} re-encoded ({dict(encoded)}), "
-            f"{len(kept)} shards kept from an earlier run, {dt:.1f} s "
+            f"{m.skipped} skipped, {reenc} re-encoded ({dict(sorted(encoded_now.items()))}), "
+            f"{len(kept)} shards ({kept_images} images) kept from an earlier run, {dt:.1f} s "
             f"({written / max(dt, 1e-9):.0f} images/s)",
             file=sys.stderr,
         )

@@ -89,7 +89,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards import ManifestError, read_manifest
+    from unmix.pipeline.shards import ManifestError, read_manifest, shard_set_problems
 
     try:
         m = read_manifest(args.dir)
@@ -101,6 +101,17 @@ def _info(args: argparse.Namespace) -> int:
         f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}"
     )
     print(f"source: {m.source}")
+    problems = shard_set_problems(m)  # presence and sizes only; checksums and decoding: `shards verify`
+    for p in problems:
+        print(f"unmix shards info: {p}", file=sys.stderr)
+    if problems:
+        print(
+            f"unmix shards info: error: {m.root} is damaged: {len(problems)} problem(s) "
+            f"(run `unmix shards verify {m.root}` for a full check)",
+            file=sys.stderr,
+        )
+        return 1
+    print("files: every tar present with its manifest size, every index present (checksums: `shards verify`)")
     return 0
 
 
@@ -211,7 +222,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cifar)
 
-    i = ss.add_parser("info", help="print a shard set's manifest summary")
+    i = ss.add_parser(
+        "info",
+        help="print a shard set's manifest summary and check its files' presence and sizes (exit 1 if not)",
+    )
     i.add_argument("dir")
     i.set_defaults(func=_info)
 

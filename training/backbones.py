@@ -104,6 +104,28 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -
     return path
 
 
+def _why_unreadable(path: Path, exc: Exception) -> str:
+    """What is wrong with a file ``torch.load`` refused, in words (not the unpickler's opcode number)."""
+    if path.is_dir():
+        return "it is a directory (give the backbone.pt file inside a run's output_dir)"
+    size = path.stat().st_size
+    if size == 0:
+        return "the file is empty"
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"PK"):
+        return (
+            f"a torch.save zip archive ({size} bytes) that cannot be loaded, truncated or damaged "
+            f"({type(exc).__name__})"
+        )
+    if head[:1] == b"\x80":  # a pickle (legacy torch.save format or plain pickle)
+        return f"a pickle file torch cannot load as tensors only ({type(exc).__name__}: {exc})"
+    return (
+        f"not written by torch.save (it starts with {head!r}); expected a backbone.pt from `unmix train` "
+        "or a torchvision ResNet state_dict"
+    )
+
+
 def load_backbone(
     path: str | Path,
     *,
@@ -123,7 +145,7 @@ def load_backbone(
     except FileNotFoundError:
         raise
     except Exception as exc:  # truncated or not a torch file
-        raise ValueError(f"{path}: not a readable backbone file ({exc})") from exc
+        raise ValueError(f"{path}: not a readable backbone file: {_why_unreadable(path, exc)}") from exc
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         state, meta = obj["state_dict"], dict(obj.get("meta", {}))
     elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):

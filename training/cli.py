@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "`unmix train configs/digits_mocov2_unmix.yaml optim.epochs=2 output_dir=runs/x`. "
             "Runs as one process or under torchrun, the deepspeed launcher or srun. Re-running on the same "
             "output_dir resumes from its newest complete checkpoint. Exit status: 0 done, 75 checkpointed "
-            "after SIGUSR1/SIGTERM (requeue), 1 failure (e.g. non-finite loss), 2 bad config."
+            "after SIGUSR1/SIGTERM (requeue), 1 failure (e.g. non-finite loss), 2 bad config, impossible "
+            "resume or a data fault (data.train missing, unreadable, or not matching its manifest)."
         ),
     )
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -39,6 +40,13 @@ def _train(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except (ConfigError, FileNotFoundError) as exc:
+        print(f"unmix train: error: {exc}", file=sys.stderr)
+        return 2
+    from unmix.pipeline.shards import ShardSetError, check_shard_set
+
+    try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
+        check_shard_set(cfg.data.train, key="data.train")
+    except ShardSetError as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     from unmix.training.checkpoint import ResumeError

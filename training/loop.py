@@ -224,7 +224,7 @@ class Progress:
         if mode == "auto":
             mode = "tqdm" if sys.stderr.isatty() else "lines"
         self.mode = mode if active else "off"
-        self.total, self.bar = total, None
+        self.total, self.epochs, self.bar = total, cfg.optim.epochs, None
         if self.mode == "tqdm":
             from tqdm import tqdm
 
@@ -237,7 +237,7 @@ class Progress:
         elif self.mode == "lines":
             eta = time.strftime("%H:%M:%S", time.gmtime(max(eta_s, 0))) if math.isfinite(eta_s) else "?"
             print(
-                f"[unmix] step {step}/{self.total} epoch {epoch} loss {loss:.4f} "
+                f"[unmix] step {step}/{self.total} epoch {epoch}/{self.epochs} loss {loss:.4f} "
                 f"images/s {images_per_s:.1f} eta {eta}",
                 file=sys.stderr,
                 flush=True,
@@ -432,7 +432,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
             metrics["lam"] = lam
         tracker.log_metrics(metrics, step=st["step"])
         eta = (run.total_steps - st["step"]) * elapsed / n_in_window
-        progress.update(st["step"], n_in_window, loss, ips, eta, st["epoch"])
+        progress.update(st["step"], n_in_window, loss, ips, eta, st["epoch"] + (st["pos"] > 0))  # 1-based
         sums = torch.zeros_like(sums)
         n_in_window, t_window, wait_window = 0, time.perf_counter(), 0.0
 

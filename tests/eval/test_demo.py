@@ -24,7 +24,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             "--device",
             "cpu",
             "--linear-epochs",
-            "2",
+            "5",
             "optim.epochs=1",
             "model.width=16",
             "checkpoint.every_epochs=0",
@@ -40,7 +40,9 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     rows = json.loads((workdir / "compare.json").read_text())
     pretrain = [r for r in rows["rows"] if r.get("kind") == "pretrain"]
     floors = [r for r in rows["rows"] if r.get("kind") == "random_init"]
-    assert len(pretrain) == 2 and len(floors) == 1
+    pixels = [r for r in rows["rows"] if r.get("kind") == "pixels"]
+    assert len(pretrain) == 2 and len(floors) == 1 and len(pixels) == 1
+    assert pixels[0]["name"] == "raw pixels" and pixels[0]["linear_top1"] > 50.0  # chance: 10 %
     assert sorted(r["unmix"] for r in pretrain) == ["off", "on"]
     for r in pretrain:
         assert r["linear_top1"] is not None and 0 < r["linear_top1"] <= 100
@@ -49,3 +51,13 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
     assert (workdir / "compare.png").stat().st_size > 10_000
     for name in ("mocov2", "mocov2_unmix"):
         assert (workdir / "runs" / name / "backbone.pt").is_file()
+    # (b) the default probe on a pretrained backbone trains without its loss rising
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for name in ("mocov2", "mocov2_unmix"):
+        run_id = json.loads((workdir / "runs" / name / "linear.json").read_text())["run_id"]
+        losses = [
+            m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)
+        ]
+        assert len(losses) == 5 and losses[-1] < losses[0] and max(losses) == losses[0], losses

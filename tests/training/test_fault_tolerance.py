@@ -183,6 +183,9 @@ def test_sigkill_and_sigterm_then_resume_equal_straight_run(tiny_train, sample_v
     job = Job(cfg)
     assert job.finish() == 0, job.text[-3000:]
     assert straight.finish() == 0, straight.text[-3000:]
+    steps = [line for line in straight.lines if "] step " in line]  # log.every_steps=1, 6 steps per epoch
+    assert "] step 1/12 epoch 1/2 " in steps[0] and "] step 6/12 epoch 1/2 " in steps[5], steps
+    assert "] step 7/12 epoch 2/2 " in steps[6] and "] step 12/12 epoch 2/2 " in steps[-1], steps
 
     a, b = _final_state(straight_out, total), _final_state(resumed_out, total)
     for key in ("module", "optimizer", "method", "step", "epoch", "pos"):

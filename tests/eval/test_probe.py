@@ -1,0 +1,150 @@
+"""The linear probe on real features of the digits sample: head_norm, the floors, the divergence guard."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from unmix.eval.divergence import DivergenceGuard, ProbeDivergedError
+from unmix.eval.features import PixelFeatures, extract_features, freeze
+from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+from unmix.eval.protocols import byol_protocol, moco_protocol, resolve_protocol
+
+CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
+
+
+@pytest.fixture(scope="module")
+def digits_features(sample_train, sample_val):
+    """(train, val) features of the digits sample: random-init ResNet-10 and raw pixels, val transform."""
+    from unmix.pipeline import build_eval_loader
+    from unmix.training.backbones import build_backbone
+
+    torch.manual_seed(0)
+    nets = {"random": freeze(build_backbone("resnet10", crop=CROP, width=32)), "pixels": PixelFeatures(CROP)}
+    out = {}
+    for name, net in nets.items():
+        freeze(net)
+        splits = []
+        for shards in (sample_train, sample_val):
+            loader = build_eval_loader(
+                str(shards), batch_size=256, split="val", crop=CROP, device="cpu", num_threads=1
+            )
+            splits.append(extract_features(net, loader, torch.device("cpu")))
+        out[name] = splits
+    return out
+
+
+def _probe(train, val, proto, classes=10):
+    (f_tr, y_tr), (f_va, y_va) = train, val
+    torch.manual_seed(proto.seed)
+    head = LinearClassifier(f_tr.shape[1], classes, proto.head_norm)
+    bs = proto.batch_size
+    steps = -(-f_tr.shape[0] // bs)
+    gen = torch.Generator().manual_seed(0)
+    return train_linear_head(
+        head,
+        proto,
+        lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
+        steps,
+        lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
+    )
+
+
+def test_default_is_bn_and_the_published_protocols_stay_available():
+    assert resolve_protocol({}).head_norm == "bn"
+    assert resolve_protocol({"head_norm": "none", "protocol": "byol"}).head_norm == "none"
+    published = resolve_protocol({"head_norm": "none"})
+    assert (published.lr, published.batch_size, published.epochs, published.milestones) == (
+        30.0,
+        256,
+        100,
+        (60, 80),
+    )
+    assert dataclasses.replace(moco_protocol(), head_norm="none") == published
+    assert dataclasses.replace(byol_protocol(), head_norm="none") == resolve_protocol(
+        {"protocol": "byol", "head_norm": "none"}
+    )
+    with pytest.raises(ValueError, match=r"head_norm='layer': choose one of bn, none"):
+        resolve_protocol({"head_norm": "layer"})
+
+
+def test_bn_head_folds_into_one_linear_layer():
+    torch.manual_seed(0)
+    head = LinearClassifier(16, 5, "bn")
+    f = torch.randn(64, 16) * 7 + 3
+    head.train()
+    for _ in range(20):
+        head(f)  # moves the running statistics
+    head.eval()
+    fc = head.folded()
+    assert isinstance(fc, torch.nn.Linear)
+    torch.testing.assert_close(fc(f), head(f), rtol=1e-5, atol=1e-4)
+    plain = LinearClassifier(16, 5, "none")
+    torch.testing.assert_close(plain.folded()(f), plain(f))
+
+
+def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_features):
+    """(a) the default probe (MoCo's protocol with head_norm=bn) on random-init features and on pixels."""
+    proto = dataclasses.replace(moco_protocol(), epochs=10)
+    random = _probe(*digits_features["random"], proto)
+    pixels = _probe(*digits_features["pixels"], proto)
+    assert pixels.top1 > 80.0, pixels.top1  # logistic regression on these pixels: ~90 %
+    assert random.top1 > 70.0, random.top1  # chance is 10 %
+    assert random.top1 > pixels.top1 - 15.0, (random.top1, pixels.top1)
+    losses = [h["train_loss"] for h in random.history]
+    assert losses[-1] < losses[0]
+
+
+def test_guard_fires_on_the_published_protocol_over_random_features(digits_features):
+    """(c) MoCo's lr 30 without the BN in front diverges on a random-init backbone's features."""
+    proto = dataclasses.replace(moco_protocol(), epochs=6, head_norm="none")
+    with pytest.raises(ProbeDivergedError, match=r"diverged: .*set head_norm=bn .* smaller lr= \(now lr=30"):
+        _probe(*digits_features["random"], proto)
+
+
+def test_guard_rules_on_plain_numbers():
+    proto = dataclasses.replace(moco_protocol(), head_norm="none")
+    g = DivergenceGuard(proto, num_classes=10)
+    with pytest.raises(ProbeDivergedError, match="not finite in epoch 1"):
+        g.check_finite(1, float("nan"))
+    # uninformative features: the loss hovers at ln C and val at chance -> a true answer, no failure
+    g = DivergenceGuard(proto, num_classes=10)
+    for e, loss in enumerate([2.40, 2.35, 2.38, 2.41, 2.39, 2.40], start=1):
+        g.check(e, loss, 9.5)
+    # a loss that climbs above its first epoch while val sits at chance fails after `patience` epochs
+    g = DivergenceGuard(proto, num_classes=10)
+    g.check(1, 1.5, 12.0)
+    g.check(2, 1.9, 11.0)
+    g.check(3, 2.0, 10.0)
+    with pytest.raises(ProbeDivergedError, match=r"epoch 4 stayed above 1\.5 .*val top-1 is 10\.50 %"):
+        g.check(4, 2.1, 10.5)
+    # ... but not while val is well above chance
+    g = DivergenceGuard(proto, num_classes=10)
+    for e, loss in enumerate([1.5, 1.9, 2.0, 2.1, 2.2], start=1):
+        g.check(e, loss, 60.0)
+
+
+def test_compare_shows_the_pixel_floor_as_its_own_row():
+    from types import SimpleNamespace
+
+    from unmix.eval import compare
+
+    def run(rid, kind, metrics, tags=None):
+        return SimpleNamespace(
+            info=SimpleNamespace(run_id=rid, experiment_id="1", status="FINISHED"),
+            data=SimpleNamespace(tags={"unmix.kind": kind, **(tags or {})}, params={}, metrics=metrics),
+        )
+
+    runs = [
+        run("p2", "pixels", {"linear_top1": 95.5, "linear_top5": 99.4}),  # newest first
+        run("p1", "pixels", {"linear_top1": 90.0, "knn_top1": 88.0}),
+        run("r1", "random_init", {"linear_top1": 94.2}, {"random_init": "resnet10"}),
+    ]
+    assert [compare.run_kind(r) for r in runs] == ["pixels", "pixels", "random_init"]
+    (row,) = compare.floor_rows(runs[:2], {"1": "demo"}, 0.0, kind=compare.PIXELS_KIND)
+    assert (row.name, row.kind, row.method, row.arch) == ("raw pixels", "pixels", "pixels", "pixels")
+    assert (row.linear_top1, row.knn_top1, row.run_id) == (95.5, 88.0, "p2")
+    table = compare.render(compare.Comparison(rows=[row], pairs=[], eval_runs={}), "table")
+    assert "raw pixels" in table and "95.50" in table
