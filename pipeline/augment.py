@@ -210,7 +210,16 @@ def eval_train_view(images, crop: int, layout: str = "CHW"):
     return normalize(x, fn.random.coin_flip(probability=0.5), layout=layout)
 
 
+SMALL_IMAGE_MAX_CROP = 64  # at or below: small-image (CIFAR) conventions, as the small ResNet stem
+
+
+def val_resize(crop: int) -> int:
+    """The shorter side the validation transform resizes to: crop*256/224 (ImageNet), or ``crop`` itself
+    for small images (<= 64: CIFAR's evaluation uses the 32x32 image as is, no resize-and-crop margin)."""
+    return crop if crop <= SMALL_IMAGE_MAX_CROP else round(crop * 256 / 224)
+
+
 def eval_val_view(images, crop: int, layout: str = "CHW"):
-    """Validation transform: resize the shorter side to crop*256/224, centre crop ``crop``, normalise."""
-    x = fn.resize(images, resize_shorter=round(crop * 256 / 224))
+    """Validation transform: shorter side to :func:`val_resize`, centre crop ``crop``, normalise."""
+    x = fn.resize(images, resize_shorter=val_resize(crop))
     return normalize(x, 0, crop=crop, layout=layout)

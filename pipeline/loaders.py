@@ -303,6 +303,29 @@ def eval_outputs(with_keys: bool = False) -> list[str]:
     return ["image", "cls"] + (["key"] if with_keys else [])
 
 
+def _pipeline_args(
+    batch_size: int,
+    num_threads: int,
+    device_id: int | None,
+    seed: int,
+    shard_id: int,
+    prefetch: int,
+    checkpoint: str | None,
+) -> dict[str, Any]:
+    """The pipeline arguments both graphs share: per-rank seed, checkpointing, the dynamic executor (which
+    hands out fresh buffers, so batches may be kept)."""
+    return {
+        "batch_size": batch_size,
+        "num_threads": num_threads,
+        "device_id": device_id,
+        "seed": pipeline_seed(seed, shard_id),
+        "prefetch_queue_depth": prefetch,
+        "enable_checkpointing": True,
+        "checkpoint": checkpoint,
+        "exec_dynamic": True,
+    }
+
+
 def pretrain_pipeline(
     shards: str | os.PathLike | ShardFiles,
     batch_size: int,
@@ -357,16 +380,7 @@ def pretrain_pipeline(
             out["key"] = _source_info(jpegs)
         return tuple(out[name] for name in pretrain_outputs(cfg, with_keys))
 
-    return graph(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        seed=pipeline_seed(seed, shard_id),
-        prefetch_queue_depth=prefetch,
-        enable_checkpointing=True,
-        checkpoint=checkpoint,
-        exec_dynamic=True,
-    )
+    return graph(**_pipeline_args(batch_size, num_threads, device_id, seed, shard_id, prefetch, checkpoint))
 
 
 def eval_pipeline(
@@ -407,16 +421,7 @@ def eval_pipeline(
         keys = (_source_info(jpegs),) if with_keys else ()
         return (view(images, crop, layout), fn.pad(cls, fill_value=0)) + keys
 
-    return graph(
-        batch_size=batch_size,
-        num_threads=num_threads,
-        device_id=device_id,
-        seed=pipeline_seed(seed, shard_id),
-        prefetch_queue_depth=prefetch,
-        enable_checkpointing=True,
-        checkpoint=checkpoint,
-        exec_dynamic=True,
-    )
+    return graph(**_pipeline_args(batch_size, num_threads, device_id, seed, shard_id, prefetch, checkpoint))
 
 
 def build_pretrain_loader(
@@ -515,10 +520,11 @@ def build_eval_loader(
     """Linear-evaluation / kNN loader yielding ``{"image": [B, 3, crop, crop], "label": [B] int64}``.
 
     ``split="train"``: shuffled, RandomResizedCrop(crop) + flip. ``split="val"``: shard order, resize the
-    shorter side to crop*256/224 and centre crop. Every sample is seen exactly once per epoch across the
-    ``num_shards`` ranks (rank r gets the contiguous r-th part); the last batch may be smaller.
-    ``with_keys=True`` adds ``"key"`` (list of the WebDataset sample keys); ``state`` resumes;
-    ``channels_last`` as in :func:`build_pretrain_loader`. The graph is :func:`eval_pipeline`.
+    shorter side to crop*256/224 (to crop itself for crops <= 64, the CIFAR convention) and centre crop.
+    Every sample is seen exactly once per epoch across the ``num_shards`` ranks (rank r gets the
+    contiguous r-th part); the last batch may be smaller. ``with_keys=True`` adds ``"key"`` (list of the
+    WebDataset sample keys); ``state`` resumes; ``channels_last`` as in :func:`build_pretrain_loader`.
+    The graph is :func:`eval_pipeline`.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")

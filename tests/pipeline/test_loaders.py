@@ -246,3 +246,26 @@ def test_gpu_per_sample_outputs_and_channels_last(sample_val):
         iter(build_eval_loader(sample_val, 64, split="val", crop=CROP, device="gpu", channels_last=True))
     )
     assert b["label"].is_cuda and _channels_last(b["image"])
+
+
+def test_small_image_val_view_is_the_image_itself(sample_val):
+    """At crop <= 64 the val transform takes a crop-sized image as is (CIFAR's evaluation): the loader's
+    output is the shard's decoded JPEG, normalised, with no resize-and-crop margin."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, val_resize
+
+    assert val_resize(32) == 32 and val_resize(224) == 256
+    m = read_manifest(sample_val)
+    with tarfile.open(m.shards[0].path) as tf:
+        first = next(n for n in tf.getnames() if n.endswith(".jpg"))
+        img = np.asarray(Image.open(io.BytesIO(tf.extractfile(first).read())).convert("RGB"), np.float32)
+    assert img.shape[:2] == (CROP, CROP)  # the digits sample is stored at 32x32
+    batch = next(iter(build_eval_loader(sample_val, 8, split="val", crop=CROP, device="cpu", num_threads=1)))
+    ref = (img / 255.0 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    got = batch["image"][0].permute(1, 2, 0).numpy()
+    # PIL's and DALI's (libjpeg-turbo) decoders may differ by a grey level; a resampled image differs far more
+    assert np.abs(got - ref).max() < 2.5 / 255 / min(IMAGENET_STD)
