@@ -22,6 +22,8 @@ import yaml
 STEPS_PER_EPOCH = 6  # 48 images, batch 8
 TIMEOUT = 300
 
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
 
 @pytest.fixture(scope="module")
 def tiny_train(sample_train: Path, tmp_path_factory) -> Path:
@@ -79,7 +81,10 @@ class Job:
     """`unmix train` as a subprocess whose stderr is collected line by line."""
 
     def __init__(self, config: Path, *args: str, env: dict | None = None):
-        full_env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
+        # A rendezvous left in this process's environment (by an in-process test) must not leak into
+        # the job: a single-process job picks its own free port.
+        inherited = {k: v for k, v in os.environ.items() if k not in DIST_KEYS}
+        full_env = {**inherited, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **(env or {})}
         full_env.pop("MLFLOW_TRACKING_URI", None)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "unmix.cli", "train", str(config), *args],
