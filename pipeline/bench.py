@@ -144,24 +144,14 @@ class _TwoViews:
 
 
 def torch_unmix(x, p_mixup: float = 0.5, alpha: float = 1.0):
-    """The authors' Un-Mix on a batch in torch: returns (mixed, lam [B])."""
+    """The authors' Un-Mix on a batch in torch (the pipeline's rule, :mod:`unmix.pipeline.torch_mixing`):
+    returns (mixed, lam [B])."""
     import numpy as np
-    import torch
 
-    lam = float(np.random.beta(alpha, alpha))
-    B, _, H, W = x.shape
-    if np.random.rand() < p_mixup:
-        mixed = lam * x + (1 - lam) * x.flip(0)
-    else:
-        cut = np.sqrt(1.0 - lam)
-        cw, ch = int(W * cut), int(H * cut)
-        cx, cy = np.random.randint(W), np.random.randint(H)
-        x1, x2 = np.clip(cx - cw // 2, 0, W), np.clip(cx + cw // 2, 0, W)
-        y1, y2 = np.clip(cy - ch // 2, 0, H), np.clip(cy + ch // 2, 0, H)
-        mixed = x.clone()
-        mixed[:, :, y1:y2, x1:x2] = x.flip(0)[:, :, y1:y2, x1:x2]
-        lam = 1 - (x2 - x1) * (y2 - y1) / (W * H)
-    return mixed, torch.full((B,), lam, dtype=torch.float32)
+    from unmix.pipeline.torch_mixing import draw_mix, mix
+
+    rng = np.random.default_rng(np.random.randint(2**31))  # the global NumPy stream, as the baseline's
+    return mix(x, draw_mix(rng, tuple(x.shape[-2:]), p_mixup, alpha))
 
 
 def torchvision_loader(shards, batch_size: int, recipe, crop: int, workers: int):

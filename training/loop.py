@@ -177,8 +177,8 @@ def _to_device(batch: dict[str, torch.Tensor], run: Run) -> dict[str, torch.Tens
         v = v.to(run.device, non_blocking=True)
         if v.ndim == 4:
             v = v.to(dtype)
-            if channels_last and not v.is_contiguous(memory_format=torch.channels_last):
-                v = v.contiguous(memory_format=torch.channels_last)  # a loader that gave NCHW
+            if channels_last:  # a no-op (the same tensor) for the loader's channels_last batches
+                v = v.contiguous(memory_format=torch.channels_last)
         out[k] = v
     return out
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy import stats
 
-from unmix.training.synthetic import SyntheticLoader, draw_mix, mix
+from unmix.pipeline.torch_mixing import draw_mix, mix
+from unmix.training.synthetic import SyntheticLoader
 
 
 def _loader(**kw) -> SyntheticLoader:
