@@ -12,11 +12,9 @@ from unmix.eval.distributed import DistContext
 from unmix.eval.features import freeze, state_fingerprint
 from unmix.eval.linear import (
     LinearClassifier,
-    cached_batches,
     evaluate_head,
     linear_eval,
     topk_correct,
-    train_linear_head,
 )
 from unmix.eval.protocols import (
     KNN_KEYS,
@@ -41,26 +39,11 @@ def _blobs(
     return means[y] + noise * torch.randn(n, dim, generator=g), y
 
 
-def _train(f_tr, y_tr, f_va, y_va, proto, classes):
-    torch.manual_seed(proto.seed)
-    head = LinearClassifier(f_tr.shape[1], classes)
-    bs = proto.batch_size
-    steps = -(-f_tr.shape[0] // bs)
-    gen = torch.Generator().manual_seed(0)
-    return train_linear_head(
-        head,
-        proto,
-        lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
-        steps,
-        lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
-    )
-
-
-def test_separable_features_reach_100_percent():
+def test_separable_features_reach_100_percent(train_probe):
     f_tr, y_tr = _blobs(1000, 32, 10, seed=1)
     f_va, y_va = _blobs(500, 32, 10, seed=2)
     proto = dataclasses.replace(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
-    result = _train(f_tr, y_tr, f_va, y_va, proto, 10)
+    result = train_probe(f_tr, y_tr, f_va, y_va, proto, 10)
     assert result.val_samples == 500
     assert result.top1 >= 99.0
     assert result.top5 == 100.0
@@ -68,12 +51,12 @@ def test_separable_features_reach_100_percent():
     assert losses[-1] < losses[0] / 10
 
 
-def test_random_labels_stay_at_chance():
+def test_random_labels_stay_at_chance(train_probe):
     g = torch.Generator().manual_seed(3)
     f_tr, f_va = torch.randn(2000, 32, generator=g), torch.randn(2000, 32, generator=g)
     y_tr, y_va = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (2000,), generator=g)
     proto = dataclasses.replace(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
-    result = _train(f_tr, y_tr, f_va, y_va, proto, 10)
+    result = train_probe(f_tr, y_tr, f_va, y_va, proto, 10)
     # chance is 10 % (top-1) and 50 % (top-5); one binomial sd at n=2000 is 0.7 % / 1.1 %
     assert 5.0 < result.top1 < 15.0
     assert 43.0 < result.top5 < 57.0
@@ -224,9 +207,9 @@ def test_state_fingerprint_sees_bn_statistics():
     assert state_fingerprint(net) != before
 
 
-def test_non_finite_loss_stops_with_a_clear_error():
+def test_non_finite_loss_stops_with_a_clear_error(train_probe):
     f_tr, y_tr = _blobs(100, 8, 3, seed=1)
     f_tr[5, 0] = float("inf")  # e.g. an exploding random-init feature
     proto = dataclasses.replace(moco_protocol(), epochs=2, batch_size=50, lr=1.0)
     with pytest.raises(FloatingPointError, match=r"not finite in epoch 1 .*smaller lr"):
-        _train(f_tr, y_tr, f_tr, y_tr, proto, 3)
+        train_probe(f_tr, y_tr, f_tr, y_tr, proto, 3)

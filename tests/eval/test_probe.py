@@ -9,7 +9,7 @@ import torch
 
 from unmix.eval.divergence import DivergenceGuard, ProbeDivergedError
 from unmix.eval.features import PixelFeatures, extract_features, freeze
-from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+from unmix.eval.linear import LinearClassifier
 from unmix.eval.protocols import byol_protocol, moco_protocol, resolve_protocol
 
 CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
@@ -36,20 +36,10 @@ def digits_features(sample_train, sample_val):
     return out
 
 
-def _probe(train, val, proto, classes=10):
-    (f_tr, y_tr), (f_va, y_va) = train, val
-    torch.manual_seed(proto.seed)
-    head = LinearClassifier(f_tr.shape[1], classes, proto.head_norm)
-    bs = proto.batch_size
-    steps = -(-f_tr.shape[0] // bs)
-    gen = torch.Generator().manual_seed(0)
-    return train_linear_head(
-        head,
-        proto,
-        lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
-        steps,
-        lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
-    )
+def _features(splits):
+    """``[(f_train, y_train), (f_val, y_val)]`` -> ``f_train, y_train, f_val, y_val``."""
+    (f_tr, y_tr), (f_va, y_va) = splits
+    return f_tr, y_tr, f_va, y_va
 
 
 def test_default_is_bn_and_the_published_protocols_stay_available():
@@ -85,11 +75,11 @@ def test_bn_head_folds_into_one_linear_layer():
     torch.testing.assert_close(plain.folded()(f), plain(f))
 
 
-def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_features):
+def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_features, train_probe):
     """(a) the default probe (MoCo's protocol with head_norm=bn) on random-init features and on pixels."""
     proto = dataclasses.replace(moco_protocol(), epochs=10)
-    random = _probe(*digits_features["random"], proto)
-    pixels = _probe(*digits_features["pixels"], proto)
+    random = train_probe(*_features(digits_features["random"]), proto, 10, proto.head_norm)
+    pixels = train_probe(*_features(digits_features["pixels"]), proto, 10, proto.head_norm)
     assert pixels.top1 > 80.0, pixels.top1  # logistic regression on these pixels: ~90 %
     assert random.top1 > 70.0, random.top1  # chance is 10 %
     assert random.top1 > pixels.top1 - 15.0, (random.top1, pixels.top1)
@@ -97,11 +87,11 @@ def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_feat
     assert losses[-1] < losses[0]
 
 
-def test_guard_fires_on_the_published_protocol_over_random_features(digits_features):
+def test_guard_fires_on_the_published_protocol_over_random_features(digits_features, train_probe):
     """(c) MoCo's lr 30 without the BN in front diverges on a random-init backbone's features."""
     proto = dataclasses.replace(moco_protocol(), epochs=6, head_norm="none")
     with pytest.raises(ProbeDivergedError, match=r"diverged: .*set head_norm=bn .* smaller lr= \(now lr=30"):
-        _probe(*digits_features["random"], proto)
+        train_probe(*_features(digits_features["random"]), proto, 10, proto.head_norm)
 
 
 def test_guard_rules_on_plain_numbers():
