@@ -25,7 +25,8 @@ CUDA (one process, a one-process NCCL group, ``data.source=synthetic`` on the de
 DALI on the GPU (when ``nvidia.dali`` imports), on ``unmix shards sample photos`` data or ``--data``:
 - ``dali loader <recipe>``: batches/s of the pretraining loader with Un-Mix at crop 224;
 - ``dali mixing exact (gpu)``: every batch's mixture is exactly view1 mixed with its reversed partner
-  (mixup formula or a CutMix box copy, lam recomputed), including many zero-area boxes (lam ~ 1);
+  (mixup formula or a CutMix box copy, lam recomputed), including boxes with a 1-px side (lam ~ 1),
+  never an empty one;
 - ``dali cpu vs gpu distribution``: per-channel means/stds of the CPU and GPU loaders' views (same
   seed; the random streams differ, so distributions are compared, within 4 standard errors);
 - ``data wait (dali -> step)``: the fraction of wall time the real step waits for the real loader
@@ -475,16 +476,18 @@ def check_dali_mixing(train: Path, batch: int, threads: int) -> tuple[str, dict]
         modes[mixture_mode(b["view1"], b["mixed"], b["lam"])] += 1
     if not all(modes.values()):
         raise CheckError(f"24 batches gave {modes}; both modes expected")
-    # alpha 0.05: lam near 0 or 1, so CutMix boxes are often empty or whole (fn.multi_paste edge cases)
+    # alpha 0.05: lam near 0 or 1, so CutMix boxes are often 1 px wide or whole (fn.multi_paste edge
+    # cases); an empty box would leak the partner on the GPU, and must never be emitted
     extreme = _loader(train, batch, "moco_v2", threads, unmix={"alpha": 0.05, "p_mixup": 0.0}, seed=1)
-    empty = 0
+    thin = 0
     for b in _take(extreme, 16):
-        mixture_mode(b["view1"], b["mixed"], b["lam"])
-        empty += int(float(b["lam"][0]) == 1.0)
+        if mixture_mode(b["view1"], b["mixed"], b["lam"]) != "cutmix" or float(b["lam"][0]) == 1.0:
+            raise CheckError(f"a CutMix batch (p_mixup 0) pasted nothing: lam {float(b['lam'][0])}")
+        thin += int(float(b["lam"][0]) >= 1 - 1 / 224)  # a box of at most 224 px: a 1-px side
     return (
         f"{sum(modes.values())} batches exact ({modes['mixup']} mixup, {modes['cutmix']} cutmix); "
-        f"16 extreme-lam CutMix batches exact ({empty} empty boxes)",
-        {**modes, "empty_boxes": empty},
+        f"16 extreme-lam CutMix batches exact ({thin} with a 1-px side, none empty)",
+        {**modes, "thin_boxes": thin},
     )
 
 
