@@ -5,10 +5,19 @@ and the ``deepspeed`` launcher set them; under ``srun`` only SLURM_* variables e
 :func:`map_slurm_env` derives them: MASTER_ADDR is the first node of ``SLURM_JOB_NODELIST`` and
 MASTER_PORT is derived from the job id (so two jobs sharing a node do not collide). A plain
 ``python``/``unmix train`` process gets a one-process group on a free local port.
+
+On CUDA, :func:`init` makes the process group itself before DeepSpeed sees it (``deepspeed.init_distributed``
+reuses an initialised group): DeepSpeed would pass ``device_id=cuda:$LOCAL_RANK``, an invalid ordinal
+wherever a task sees fewer GPUs than its local rank (``srun --gpus-per-task=1``, ``--gpu-bind``); the
+device here follows the project's one rule, :func:`unmix.pipeline.devices.local_cuda_index`
+(``LOCAL_RANK % visible``). Before NCCL starts, every rank publishes its GPU's UUID in the rendezvous
+store, and two ranks on one physical GPU (a binding that hands a task the same device as a neighbour)
+stop the run with a message naming both.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -93,7 +102,9 @@ def _free_port() -> int:
 def init(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise the process group (one process when no launcher set anything).
 
-    Returns ``(rank, world_size, local_rank)``.
+    With ``backend="nccl"`` (the default when CUDA is available) the current device is set by
+    :func:`unmix.pipeline.devices.local_cuda_index` and the group is created here, bound to it
+    (:func:`init_cuda_group`), before DeepSpeed. Returns ``(rank, world_size, local_rank)``.
     """
     map_slurm_env()
     if "RANK" not in os.environ:
@@ -107,8 +118,73 @@ def init(backend: str | None = None) -> tuple[int, int, int]:
         _skip_shm_comm_build()
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            init_cuda_group()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def init_cuda_group(timeout: datetime.timedelta | None = None) -> torch.device:
+    """The NCCL process group of this rank, on the device the project's rule gives it; returns the device.
+
+    Sets the current device to ``cuda:(LOCAL_RANK % visible)``, rendezvous through ``env://`` (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT), refuses two ranks on one physical GPU
+    (:func:`check_distinct_gpus`), then ``init_process_group("nccl", device_id=...)``. A one-rank group
+    gets no ``device_id`` (as DeepSpeed does: a bound device makes every later ``new_group`` an
+    ``ncclCommSplit`` with no peer to reach).
+    """
+    from unmix.pipeline.devices import local_cuda_index, local_rank_from_env
+
+    index = local_cuda_index(local_rank_from_env())
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timeout or datetime.timedelta(minutes=30)
+    store, rank, world = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    if world > 1:
+        check_distinct_gpus(store, rank, world, gpu_identity(index), timeout)
+    extra = {"device_id": device} if world > 1 else {}
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timeout, **extra)
+    return device
+
+
+def gpu_identity(index: int) -> str:
+    """``host:UUID`` of visible CUDA device ``index`` (the PCI bus id where the UUID is unavailable)."""
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        ident = f"GPU-{uuid}"
+    else:
+        ident = f"pci {props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+    return f"{socket.gethostname()}:{ident}"
+
+
+def check_distinct_gpus(
+    store: dist.Store, rank: int, world: int, identity: str, timeout: datetime.timedelta | None = None
+) -> None:
+    """Raise RuntimeError naming both ranks when another rank computes on the same physical GPU.
+
+    Every rank writes ``identity`` (:func:`gpu_identity`) under its own key of the rendezvous ``store``
+    and reads all of them (one ``multi_get``). NCCL itself would fail later with "Duplicate GPU detected"
+    or hang; this says which ranks and which binding to fix.
+    """
+    store.set(f"unmix/gpu/{rank}", identity)
+    keys = [f"unmix/gpu/{r}" for r in range(world)]
+    if timeout is not None:
+        store.wait(keys, timeout)
+    else:
+        store.wait(keys)
+    seen: dict[str, int] = {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for r, value in enumerate(store.multi_get(keys)):
+        ident = value.decode()
+        if ident in seen:  # every rank reads the same keys, so every rank stops with this message
+            raise RuntimeError(
+                f"ranks {seen[ident]} and {r} both compute on GPU {ident} (LOCAL_RANK % visible devices "
+                "maps them to one device): give each task its own GPU (srun --gpus-per-task=1, or as "
+                f"many tasks per node as GPUs); this rank's CUDA_VISIBLE_DEVICES={visible!r}"
+            )
+        seen.setdefault(ident, r)
 
 
 def _skip_shm_comm_build() -> None:
