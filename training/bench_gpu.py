@@ -575,14 +575,23 @@ def check_gpu_tests(timeout_s: float, with_dali: bool) -> tuple[str, dict] | Che
 
 
 def environment() -> dict[str, Any]:
+    from unmix.training.versions import VersionError, dali_flavour, driver_version, installed
+
     cuda = torch.cuda.is_available()
+    try:
+        flavour = dali_flavour()
+    except VersionError:
+        flavour = None
     return {
         "host": platform.node(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "driver": driver_version(),
+        "deepspeed": installed("deepspeed"),
         "device": torch.cuda.get_device_name() if cuda else None,
         "device_count": torch.cuda.device_count() if cuda else 0,
         "dali": dali_version(),
+        "dali_wheel": flavour[0] if flavour else None,
     }
 
 
@@ -660,12 +669,18 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from unmix.training.versions import VersionError, check, stack_line
+
+    try:
+        warnings = check(need_dali=False)  # a missing DALI is reported by the DALI checks (skipped)
+    except VersionError as exc:
+        print(f"unmix bench gpu: error: {exc}", file=sys.stderr)
+        return 2
     env = environment()
     mode = "dry run (no CUDA needed)" if args.dry_run else f"{env['device']} x{env['device_count']}"
-    print(
-        f"unmix bench gpu: {mode}; torch {env['torch']} (CUDA {env['cuda']}), "
-        f"DALI {env['dali'] or 'not installed'}"
-    )
+    print(f"unmix bench gpu: {stack_line()}; {mode}")  # first line: torch's CUDA, driver, DALI flavour
+    for line in warnings:
+        print(f"unmix bench gpu: warning: {line}")
     report = Report(args.budget_s)
     run_checks(args, report)
     print()

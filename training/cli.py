@@ -42,6 +42,15 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    from unmix.training.versions import VersionError, check
+
+    try:  # one line naming the package when an installed version is below what the code needs
+        warnings = check(need_dali=cfg.data.source == "dali")
+    except VersionError as exc:
+        print(f"unmix train: error: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings if cfg.data.device == "gpu" else []:
+        print(f"unmix train: warning: {line}", file=sys.stderr)
     from unmix.pipeline.shards import ShardSetError, check_shard_set
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists

@@ -28,7 +28,11 @@ def test_dry_run_builds_everything_that_needs_no_gpu(tmp_path, capsys):
     assert graphs["graphs"] == 2 * (n_recipes * 4 + 2)  # layouts x (recipes x Un-Mix variants + eval splits)
     models = next(c for c in d["checks"] if c["name"] == "models (meta)")["values"]
     assert 27e6 < models["moco_v2"]["online_params"] < 29e6  # ResNet-50 + 2048-2048-128 head
-    assert "all checks passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    first = out.splitlines()[0]  # torch's CUDA, the driver and the DALI wheel (its CUDA flavour) first
+    assert first.startswith("unmix bench gpu: torch ") and "(CUDA " in first and "driver " in first
+    assert "nvidia-dali-cuda1" in first and d["environment"]["dali_wheel"] in first
 
 
 def test_a_failing_check_fails_the_command(tmp_path, monkeypatch):
