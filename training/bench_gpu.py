@@ -258,7 +258,9 @@ def check_deepspeed_configs() -> tuple[str, dict]:
         )
         if got[0] != zero or not got[1] or got[2] != torch.bfloat16 or got[3] != 0.0:
             raise CheckError(f"ZeRO-{zero}: DeepSpeed read (stage, autocast, dtype, clipping) = {got}")
-    return "ZeRO 1 and 2, bf16 autocast, no clipping", {}
+        if ds.torch_autocast_lower_precision_safe_modules != []:
+            raise CheckError(f"ZeRO-{zero}: gradients of some modules would be reduced in bf16")
+    return "ZeRO 1 and 2, bf16 autocast, fp32 gradient reduction, no clipping", {}
 
 
 def check_gpu_graphs() -> tuple[str, dict] | Check:
