@@ -395,8 +395,8 @@ def check_nccl() -> tuple[str, dict]:
     x = torch.randn(32, 3, 56, 56, generator=g, device=device).contiguous(memory_format=torch.channels_last)
     xb = x.to(torch.bfloat16)
     gathered = dist.gather_rows(xb, group)
-    if not torch.equal(gathered, xb) or not gathered.is_contiguous():
-        raise CheckError("gather_rows of channels_last bf16 images changed them")
+    if not torch.equal(gathered, xb) or not gathered.is_contiguous(memory_format=torch.channels_last):
+        raise CheckError("gather_rows of channels_last bf16 images changed them or their layout")
     torch.manual_seed(0)
     net = Network(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(8, 4))
     net = net.to(device).to(memory_format=torch.channels_last)

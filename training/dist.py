@@ -212,7 +212,8 @@ def rank() -> int:
 
 @torch.no_grad()
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (no gradient); identity on one process."""
+    """Concatenate ``x`` from every rank along dim 0 (no gradient), in ``x``'s memory format; identity on one
+    process."""
     if world_size() == 1:
         return x
     return gather_rows(x)
@@ -222,15 +223,28 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """The collective behind :func:`all_gather`, also on a one-process group (``unmix bench gpu``).
 
-    Sent and received buffers are both plain contiguous (NCHW for images): ``torch.empty_like`` of a
-    channels_last CUDA tensor is channels_last, and NCCL builds of torch before the fix of pytorch
-    issue 163483 laid the received bytes out by the *outputs'* strides while the input was sent as
-    NCHW, scrambling every gathered image without an error. The result is NCHW contiguous.
+    The result has ``x``'s memory format: a channels_last batch of images (what the model takes on
+    CUDA) comes back channels_last, so the key encoder's convolutions run in the layout of the rest of
+    the step, without a copy. Sent and received buffers are both plain contiguous: a channels_last image
+    batch travels as its NHWC bytes (``permute`` views, no copy) and the gathered NHWC rows are viewed
+    back as NCHW with channels_last strides. ``torch.empty_like`` of a channels_last CUDA tensor is
+    channels_last, and NCCL builds of torch before the fix of pytorch issue 163483 laid the received
+    bytes out by the *outputs'* strides while the input was sent in another order, scrambling every
+    gathered image without an error: no receive buffer here has non-contiguous strides.
     """
+    if _is_channels_last(x):
+        nhwc = gather_rows(x.permute(0, 2, 3, 1), group)  # (W*N)xHxWxC, contiguous
+        return nhwc.permute(0, 3, 1, 2)  # (W*N)xCxHxW with channels_last strides: a view
     n = dist.get_world_size(group)
+    x = x.contiguous()
     out = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
-    dist.all_gather(out, x.contiguous(), group=group)
+    dist.all_gather(out, x, group=group)
     return torch.cat(out)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last and not also plain contiguous (C = 1 or H = W = 1 are both)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:
