@@ -118,3 +118,17 @@ def test_init_creates_the_group_before_deepspeed_which_reuses_it(monkeypatch):
     finally:
         if tdist.is_initialized():
             tdist.destroy_process_group()
+
+
+def test_gpu_runs_turn_on_cudnn_benchmark(monkeypatch):
+    """Fixed shapes every step: the loop lets cuDNN pick its fastest kernels on GPU runs, not on CPU ones."""
+    from unmix.training import loop
+    from unmix.training.config import load_config
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    assert loop.pick_device(load_config(None, ["data.device=cpu"]), 0).type == "cpu"
+    assert torch.backends.cudnn.benchmark is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(loop, "local_cuda_device", lambda r: torch.device("cuda", r % 2))
+    assert loop.pick_device(load_config(None, ["data.device=gpu"]), 3) == torch.device("cuda", 1)
+    assert torch.backends.cudnn.benchmark is True
