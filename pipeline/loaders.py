@@ -52,6 +52,7 @@ import torch
 
 from unmix.pipeline import mixing
 from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
+from unmix.pipeline.decoding import DecoderOptions
 from unmix.pipeline.devices import local_cuda_index
 from unmix.pipeline.mixing import UnmixConfig
 
@@ -111,7 +112,14 @@ def pipeline_seed(seed: int, shard_id: int) -> int:
     return int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] % (2**31 - 1))
 
 
-def _read(files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
+def _read(
+    files: ShardFiles,
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    options: DecoderOptions | None = None,
+):
     from nvidia.dali import fn
 
     return fn.readers.webdataset(
@@ -125,13 +133,19 @@ def _read(files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuf
         num_shards=num_shards,
         pad_last_batch=True,
         name="reader",
+        **(options or DecoderOptions()).reader_args(),
     )
 
 
-def _decode(jpegs, device: str):
+def _decode(jpegs, device: str, options: DecoderOptions | None = None):
     from nvidia.dali import fn, types
 
-    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        jpegs,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.RGB,
+        **(options or DecoderOptions()).decoder_args(device),
+    )
 
 
 def sample_key(source_info: bytes) -> str:
@@ -343,6 +357,7 @@ def pretrain_pipeline(
     channels_last: bool = False,
     device_id: int | None | str = AUTO,
     checkpoint: str | None = None,
+    decoder: DecoderOptions | Mapping | None = None,
 ):
     """The pretraining DALI pipeline of :func:`build_pretrain_loader`: defined, not built.
 
@@ -366,11 +381,12 @@ def pretrain_pipeline(
             f"fewer than batch_size={batch_size} (pretraining drops incomplete batches)"
         )
     layout = _layout(channels_last)
+    options = DecoderOptions.resolve(decoder)
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer)
-        images = _decode(jpegs, device)
+        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer, options)
+        images = _decode(jpegs, device, options)
         view1, view2 = two_views(images, rec, crop, layout)
         out = {"view1": view1, "view2": view2}
         if cfg.enabled:
@@ -399,6 +415,7 @@ def eval_pipeline(
     channels_last: bool = False,
     device_id: int | None | str = AUTO,
     checkpoint: str | None = None,
+    decoder: DecoderOptions | Mapping | None = None,
 ):
     """The evaluation DALI pipeline of :func:`build_eval_loader`: defined, not built.
 
@@ -412,11 +429,12 @@ def eval_pipeline(
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
     device_id = _resolve_device_id(device, device_id)
     layout = _layout(channels_last)
+    options = DecoderOptions.resolve(decoder)
 
     @pipeline_def
     def graph():
-        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
-        images = _decode(jpegs, device)
+        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer, options)
+        images = _decode(jpegs, device, options)
         view = eval_train_view if split == "train" else eval_val_view
         keys = (_source_info(jpegs),) if with_keys else ()
         return (view(images, crop, layout), fn.pad(cls, fill_value=0)) + keys
@@ -441,6 +459,7 @@ def build_pretrain_loader(
     with_keys: bool = False,
     state: Mapping | None = None,
     channels_last: bool = False,
+    decoder: DecoderOptions | Mapping | None = None,
 ) -> DaliLoader:
     """Self-supervised pretraining loader: two augmented views, plus the Un-Mix mixture when enabled.
 
@@ -452,7 +471,9 @@ def build_pretrain_loader(
     holds only the two views. ``len(loader) == (total // num_shards) // batch_size`` on every rank.
     ``with_keys=True`` adds ``"key"``: the list of the batch's WebDataset sample keys (for debugging).
     ``state``: a :meth:`DaliLoader.state_dict` to resume from. ``channels_last=True``: the images come
-    with channels_last strides (same shape and values; no copy). The graph is :func:`pretrain_pipeline`.
+    with channels_last strides (same shape and values; no copy). ``decoder``: reader and nvJPEG settings
+    (:class:`~unmix.pipeline.decoding.DecoderOptions`, or a dict of its fields; default: its defaults).
+    The graph is :func:`pretrain_pipeline`.
     """
     files = shard_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
@@ -475,6 +496,7 @@ def build_pretrain_loader(
         with_keys=with_keys,
         channels_last=channels_last,
         device_id=_resolve_device_id(device, AUTO),
+        decoder=DecoderOptions.resolve(decoder),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
@@ -516,6 +538,7 @@ def build_eval_loader(
     with_keys: bool = False,
     state: Mapping | None = None,
     channels_last: bool = False,
+    decoder: DecoderOptions | Mapping | None = None,
 ) -> DaliLoader:
     """Linear-evaluation / kNN loader yielding ``{"image": [B, 3, crop, crop], "label": [B] int64}``.
 
@@ -546,6 +569,7 @@ def build_eval_loader(
         with_keys=with_keys,
         channels_last=channels_last,
         device_id=_resolve_device_id(device, AUTO),
+        decoder=DecoderOptions.resolve(decoder),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -106,7 +107,15 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
         num_threads=cfg.data.threads,
         # the model's layout straight from DALI (HWC viewed as NCHW): _to_device then copies nothing
         channels_last=_channels_last(cfg, torch.device("cuda" if cfg.data.device == "gpu" else "cpu")),
+        decoder=decoder_options(cfg),
     )
+
+
+def decoder_options(cfg: Config) -> dict:
+    """The reader / nvJPEG settings of the data section (``data.hw_decoder_load`` etc.), by name."""
+    from unmix.pipeline.decoding import DecoderOptions
+
+    return {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DecoderOptions)}
 
 
 def setup(cfg: Config, loader_factory=None) -> Run:
