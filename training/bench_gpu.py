@@ -14,6 +14,11 @@ CPU side (also the whole of ``--dry-run``, which CI runs):
 - ``gpu graph definitions``: the loaders' ``device="gpu"`` DALI graphs checked by
   ``unmix.pipeline.graph_check`` (reported as not available when this build lacks that module).
 
+The node (``--nproc N`` ranks, default all visible GPUs; ``--dry-run``: 2 CPU ranks on gloo, a tiny model),
+launched by the command itself (:mod:`unmix.training.bench_node`): Shuffle-BN across ranks against an
+unshuffled reference, SyncBN, the MoCo key gather + enqueue, ZeRO-1/2 steps, a checkpoint written and
+resumed, and images/s per GPU, data-wait fraction and peak memory per GPU for MoCo v2 and BYOL + Un-Mix.
+
 CUDA (one process, a one-process NCCL group, ``data.source=synthetic`` on the device):
 - ``train <method> unmix=<off|on>``: ResNet-50, crop 224, bf16: images/s, peak memory
   (``torch.cuda.max_memory_allocated``), loss finite, EMA target and queue still fp32;
@@ -573,6 +578,51 @@ def check_gpu_tests(timeout_s: float, with_dali: bool) -> tuple[str, dict] | Che
     return f"{last}{scope}", {"summary": last}
 
 
+# ------------------------------------------------------------------------------- the node (--nproc)
+
+
+def run_node_checks(args: argparse.Namespace, report: Report) -> None:
+    """``--nproc N`` ranks on this node (:mod:`unmix.training.bench_node`), launched by this command; with
+    ``--dry-run`` 2 CPU ranks on gloo with a tiny model (the launcher and every check's code path)."""
+    from unmix.training import bench_node
+
+    nproc = getattr(args, "nproc", None)
+    nproc = bench_node.default_nproc(args.dry_run) if nproc is None else nproc
+    if nproc < 2:
+        report.run("node launcher", lambda: skip(f"--nproc {nproc}: no second rank to check against"))
+        return
+    spec = {
+        "dry_run": bool(args.dry_run),
+        "batch": 8 if args.dry_run else args.batch_size,
+        "steps": 2 if args.dry_run else args.steps,
+        "warmup": 1 if args.dry_run else args.warmup,
+        "data": str(train_split(args.data)) if args.data else "",
+        "threads": args.threads,
+    }
+    left = report.budget_s - (time.perf_counter() - report.start)
+    backend = "gloo, CPU" if args.dry_run else "nccl"
+    t0 = time.perf_counter()
+    rows, error = bench_node.launch(spec, nproc, max(left, 0.0) + bench_node.WORKER_GRACE_S)
+    seconds = time.perf_counter() - t0
+
+    def launcher() -> tuple[str, dict]:
+        if error:
+            raise CheckError(error)
+        return f"{nproc} ranks ({backend}) launched and finished in {seconds:.0f} s", {"nproc": nproc}
+
+    report.run("node launcher", launcher)
+    for row in rows:
+        report.run(row["name"], lambda row=row: _node_row(row))
+
+
+def _node_row(row: dict[str, Any]) -> tuple[str, dict] | Check:
+    if row["status"] == "skip":
+        return skip(row["detail"])
+    if row["status"] == "fail":
+        raise CheckError(row["detail"])
+    return row["figure"], {**row.get("values", {}), "seconds": row.get("seconds")}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -603,6 +653,7 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
     report.run("synthetic source (cpu)", check_synthetic_cpu)
     report.run("deepspeed config zero-1/zero-2", check_deepspeed_configs)
     report.run("gpu graph definitions", check_gpu_graphs)
+    run_node_checks(args, report)
     if args.dry_run:
         return
     b = args.batch_size

@@ -133,6 +133,13 @@ def _register_bench_gpu(bench_sub: argparse._SubParsersAction) -> None:
         help="checks not started within this many seconds fail as not run (default 480)",
     )
     p.add_argument("--no-tests", action="store_true", help="do not run `pytest -m gpu`")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks of the node checks (Shuffle-BN, SyncBN, key gather, ZeRO, checkpoint, throughput per "
+        "GPU), launched by the command; default: all visible GPUs (--dry-run: 2 CPU ranks on gloo)",
+    )
     p.set_defaults(func=_bench_gpu)
 
 
