@@ -591,12 +591,22 @@ def run_node_checks(args: argparse.Namespace, report: Report) -> None:
     if nproc < 2:
         report.run("node launcher", lambda: skip(f"--nproc {nproc}: no second rank to check against"))
         return
+    try:
+        data = str(train_split(args.data)) if args.data else ""
+    except FileNotFoundError as exc:
+        message = str(exc)
+
+        def bad_data() -> tuple[str, dict]:
+            raise CheckError(message)
+
+        report.run("node launcher", bad_data)
+        return
     spec = {
         "dry_run": bool(args.dry_run),
         "batch": 8 if args.dry_run else args.batch_size,
         "steps": 2 if args.dry_run else args.steps,
         "warmup": 1 if args.dry_run else args.warmup,
-        "data": str(train_split(args.data)) if args.data else "",
+        "data": data,
         "threads": args.threads,
     }
     left = report.budget_s - (time.perf_counter() - report.start)
