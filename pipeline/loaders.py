@@ -44,7 +44,6 @@ import functools
 import os
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +52,7 @@ import torch
 from unmix.pipeline import mixing
 from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
 from unmix.pipeline.devices import local_cuda_index
+from unmix.pipeline.labels import parse_labels
 from unmix.pipeline.mixing import UnmixConfig
 
 DEVICES = ("cpu", "gpu")
@@ -68,22 +68,19 @@ class ShardFiles:
     indexes: list[str]
     total: int
     source: str = ""  # the shard directory or manifest it was read from (for messages)
+    num_classes: int | None = None  # labels must be below it (None: not checked)
 
 
 def shard_files(shards: str | os.PathLike | ShardFiles) -> ShardFiles:
-    """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest."""
-    from unmix.pipeline.shards import read_manifest
+    """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest, after the
+    cheap checks every reader needs (:func:`unmix.pipeline.shards.check_shard_set`: sizes, index sha256)."""
+    from unmix.pipeline.shards import check_shard_set
 
     if isinstance(shards, ShardFiles):
         return shards
 
-    m = read_manifest(shards)
-    tars = [str(s.path) for s in m.shards]
-    indexes = [str(s.index_path) for s in m.shards]
-    for t, i in zip(tars, indexes, strict=True):
-        if not Path(i).is_file():
-            raise FileNotFoundError(f"{i}: index of {t} is missing (write it with `wds2idx {t} {i}`)")
-    return ShardFiles(tars, indexes, int(m.total), str(shards))
+    m = check_shard_set(shards)
+    return ShardFiles(m.tar_paths, m.index_paths, int(m.total), str(shards), m.num_classes)
 
 
 def _dist_defaults(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -146,22 +143,6 @@ def _source_info(jpegs):
     return fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
-def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
-    """ASCII class ids, one row per sample padded with zeros ([B, L] uint8) -> int64 labels [B].
-
-    Vectorised over the batch (a loop over the few digit columns only); non-digit bytes (padding,
-    whitespace) are skipped.
-    """
-    b = cls_bytes.to(torch.int64)
-    digit = (b >= 48) & (b <= 57)
-    if not bool(digit.any(dim=1).all()):
-        raise ValueError("a .cls entry holds no decimal class id")
-    labels = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
-    for j in range(b.shape[1]):
-        labels = torch.where(digit[:, j], labels * 10 + (b[:, j] - 48), labels)
-    return labels
-
-
 class DaliLoader:
     """An epoch-at-a-time iterable over a DALI pipeline, yielding dicts of owned torch tensors.
 
@@ -180,7 +161,11 @@ class DaliLoader:
         identity: dict[str, Any],
         state: Mapping | None = None,
         channels_last: bool = False,
+        num_classes: int | None = None,
+        with_keys: bool = True,
     ) -> None:
+        self.num_classes = num_classes  # labels are parsed strictly and checked against it
+        self.with_keys = with_keys
         self._make_pipeline = make_pipeline  # make_pipeline(checkpoint=...) -> unbuilt DALI pipeline
         self._output_map = output_map
         self._policy = last_batch_policy
@@ -229,10 +214,11 @@ class DaliLoader:
                 batch[k] = t.to(self.dtype) if t.dtype != self.dtype else self._owned(t)
             elif k == "lam":
                 batch[k] = self._to_target(t.reshape(-1).to(torch.float32, copy=True))
-            elif k == "cls":
-                batch["label"] = self._to_target(parse_labels(t))
+            elif k == "cls":  # a bad .cls is an error naming its shard and key (the graph emits "key")
+                batch["label"] = self._to_target(parse_labels(t, self.num_classes, raw.get("key")))
             elif k == "key":
-                batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
+                if self.with_keys:
+                    batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
             elif k == "partner":
                 batch[k] = self._to_target(t.reshape(-1).to(torch.int64, copy=True))
             else:  # pragma: no cover - output_map is ours
@@ -299,8 +285,12 @@ def pretrain_outputs(unmix: UnmixConfig | Mapping | bool | None = None, with_key
 
 
 def eval_outputs(with_keys: bool = False) -> list[str]:
-    """Names of :func:`eval_pipeline`'s outputs, in order (``cls`` becomes ``label`` in the loader)."""
-    return ["image", "cls"] + (["key"] if with_keys else [])
+    """Names of :func:`eval_pipeline`'s outputs, in order (``cls`` becomes ``label`` in the loader).
+
+    ``key`` always: a label that does not parse is reported with its sample's shard and key; the loader
+    hands keys out only when asked (``with_keys``).
+    """
+    return ["image", "cls", "key"]
 
 
 def _pipeline_args(
@@ -418,8 +408,7 @@ def eval_pipeline(
         jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
         images = _decode(jpegs, device)
         view = eval_train_view if split == "train" else eval_val_view
-        keys = (_source_info(jpegs),) if with_keys else ()
-        return (view(images, crop, layout), fn.pad(cls, fill_value=0)) + keys
+        return view(images, crop, layout), fn.pad(cls, fill_value=0), _source_info(jpegs)
 
     return graph(**_pipeline_args(batch_size, num_threads, device_id, seed, shard_id, prefetch, checkpoint))
 
@@ -567,4 +556,6 @@ def build_eval_loader(
         identity,
         state,
         channels_last,
+        num_classes=files.num_classes,
+        with_keys=with_keys,
     )

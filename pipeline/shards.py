@@ -238,7 +238,7 @@ def read_manifest(path: str | Path) -> Manifest:
         raise ManifestError(f"malformed shard manifest {mpath}: {type(e).__name__}: {e}") from e
 
 
-_OWN_NAME = re.compile(r"[^/\\\0]+")
+_OWN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")  # one path component, no control characters
 
 
 def _own_name(mpath: Path, key: str, name: Any, suffix: str) -> str:
@@ -373,6 +373,11 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
             for s in m.shards
         ],
     }
+
+
+def write_manifest(m: Manifest) -> None:
+    """Write ``m`` as ``m.root/manifest.json`` (atomically: a reader sees the old or the new file)."""
+    _atomic_write_text(m.root / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str, sync: bool = True) -> None:
@@ -1016,7 +1021,7 @@ def write_shards(
         )
     # Everything durable before the manifest says the set is complete.
     _fsync_paths([p for s in shards for p in (s.path, s.index_path)] + [out_res])
-    _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
+    write_manifest(m)
     if progress:
         dt = time.perf_counter() - t0
         reenc = sum(v for k, v in encoded_now.items() if k != "copied")
@@ -1031,11 +1036,13 @@ def write_shards(
     return m
 
 
-def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") -> list[Problem]:
+def verify_shards(
+    path: str | Path, decode: bool = True, device: str = "cpu", fix: bool = False
+) -> list[Problem]:
     """Check a shard set against its manifest; returns the problems found (empty = all good).
 
     See :func:`pipeline.shard_verify.verify_shards`.
     """
     from unmix.pipeline.shard_verify import verify_shards as _verify
 
-    return _verify(path, decode=decode, device=device)
+    return _verify(path, decode=decode, device=device, fix=fix)
