@@ -869,6 +869,13 @@ def write_shards(
         source = (
             read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)
         )
+    if source.links_skipped or source.aliases:  # said even with progress off: the set differs from the tree
+        first = f": {source.links_skipped[0]}" if source.links_skipped else ""
+        print(
+            f"unmix shards write: note: {len(source.links_skipped)} directory link(s) in {source.root} not "
+            f"followed{first}; {source.aliases} file(s) reached twice in one class kept once",
+            file=sys.stderr,
+        )
     split = split or _default_split(out)
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
@@ -888,6 +895,8 @@ def write_shards(
         "max_side": max_side,
         "list_file": str(Path(list_file).resolve()) if list_file else None,
         "classes_from": str(_manifest_path(classes_from).resolve()) if classes_from else None,
+        "links_not_followed": source.links_skipped[:20],
+        "aliases_kept_once": source.aliases,
     }
     if resuming and (out / MANIFEST).exists():
         try:
