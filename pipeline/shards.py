@@ -5,9 +5,12 @@ A shard set is a directory::
     OUT/<split>-000000.tar   samples <key>.jpg (JPEG bytes) + <key>.cls (class index as ASCII)
     OUT/<split>-000000.idx   DALI's index of that tar (the format ``wds2idx`` writes)
     ...
-    OUT/manifest.json        written last: classes, per-shard name/count/bytes/sha256, totals, provenance
+    OUT/manifest.json        written last: classes, per-shard name/count/bytes/sha256 and the .idx's
+                             sha256, the label range, totals, provenance
 
-``read_manifest`` is the one thing readers need. Samples are shuffled globally at write time (DALI only
+``read_manifest`` is the one thing readers need; it accepts only plain file names beside the manifest
+(no ``../``, no absolute paths), and :func:`check_shard_set` is the cheap check every reader runs first
+(tar sizes, ``.idx`` sha256: DALI trusts an index's offsets). Samples are shuffled globally at write time (DALI only
 shuffles inside a buffer); a sample's key is the zero-padded index of its source file in the sorted
 source list, so every sample can be traced back to its file.
 
@@ -16,7 +19,8 @@ is recorded in ``OUT/.unmix-done.jsonl`` with its sha256; ``manifest.json`` appe
 when every shard is done. ``OUT/.unmix-job.json`` describes the job (the sorted file list with labels
 and sizes, seed, sizing, encoding options), so re-running the same job after an interruption keeps the
 recorded shards whose checksums still match and rewrites the rest; the shard assignment depends only on
-that description, so the result is byte-identical to an uninterrupted run.
+that description, so the result is byte-identical to an uninterrupted run. ``overwrite`` replaces
+another job's set by deleting only the files that job wrote (its manifest's and progress log's lists).
 """
 
 from __future__ import annotations

@@ -262,6 +262,8 @@ PartitionName=local Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINI
         r = self.root
         self._start(
             _which("munged"),
+            # --force only for the socket: munged wants its directory open to all users, this one is
+            # private (root's daemons and jobs are its only clients). The key is new and 0400 every start.
             "--force",
             f"--key-file={r}/munge/munge.key",
             f"--socket={self.munge_socket}",
