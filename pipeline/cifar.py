@@ -99,6 +99,7 @@ LAYOUTS = (CIFAR10, CIFAR100)
 #: CIFAR-10 batch 31 MB, a meta file under 2 KB.
 MAX_BATCH_BYTES = 256 * 2**20
 MAX_META_BYTES = 2**20
+MAX_MEMBERS = 64  # tar members listed before the archive is refused (a header bomb costs memory)
 #: The dtypes an array in an archive may have: uint8 images and integer labels (no objects, no records).
 ARRAY_DTYPES = frozenset(f"{k}{n}" for k in "iu" for n in (1, 2, 4, 8))
 
@@ -247,7 +248,13 @@ class _Members:
         elif path.is_file():
             try:
                 self._tar = tarfile.open(path, "r:*")
-                infos = self._tar.getmembers()
+                infos = []
+                for info in self._tar:  # headers only; a CIFAR archive has 8 (CIFAR-10) or 5 members
+                    infos.append(info)
+                    if len(infos) > MAX_MEMBERS:
+                        raise CifarError(
+                            f"{path}: more than {MAX_MEMBERS} members; not a CIFAR python archive"
+                        )
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise CifarError(f"{path}: not a readable tar archive ({exc})") from None
             self.layout = _detect_members({i.name for i in infos}, path)

@@ -10,9 +10,9 @@ A shard set is a directory::
 
 ``read_manifest`` is the one thing readers need; it accepts only plain file names beside the manifest
 (no ``../``, no absolute paths), and :func:`check_shard_set` is the cheap check every reader runs first
-(tar sizes, ``.idx`` sha256: DALI trusts an index's offsets). Samples are shuffled globally at write time (DALI only
-shuffles inside a buffer); a sample's key is the zero-padded index of its source file in the sorted
-source list, so every sample can be traced back to its file.
+(tar sizes, ``.idx`` sha256: DALI trusts an index's offsets). Samples are shuffled globally at write
+time (DALI only shuffles inside a buffer); a sample's key is the zero-padded index of its source file in
+the sorted source list, so every sample can be traced back to its file.
 
 Crash safety: each tar and index is written as ``*.partial`` and renamed when complete; a finished shard
 is recorded in ``OUT/.unmix-done.jsonl`` with its sha256; ``manifest.json`` appears (atomically) only
@@ -342,7 +342,7 @@ def check_shard_set(path: str | Path, key: str | None = None) -> Manifest:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ShardSetError(f"{where}: {problems[0].message}{more}")
     notice = legacy_notice(m)
-    if notice and m.root not in _NOTICED:  # once per set and process
+    if notice and m.root not in _NOTICED and os.environ.get("RANK", "0") == "0":  # once per set, rank 0
         _NOTICED.add(m.root)
         print(f"unmix: {notice}", file=sys.stderr)
     return m

@@ -163,6 +163,14 @@ def test_cifar_member_size_capped_before_reading(tmp_path: Path):
     # the good archive next to it still converts
     (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [b"c%d" % i for i in range(10)]}))
     assert _cifar_cli(folder, tmp_path / "out").returncode == 0
+    # a .tar.gz of many tiny members (headers cost memory): refused after MAX_MEMBERS
+    bomb = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(bomb, "w:gz") as tar:
+        for i in range(cifar.MAX_MEMBERS + 1):
+            tar.addfile(tarfile.TarInfo(f"cifar-10-batches-py/m{i}"), io.BytesIO(b""))
+    proc = _cifar_cli(bomb, tmp_path / "out2")
+    assert proc.returncode == 2
+    _one_line_error(proc.stderr, f"more than {cifar.MAX_MEMBERS} members")
 
 
 # --------------------------------------------------------------------- item 5: --overwrite and OUT/SRC
