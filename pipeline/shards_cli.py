@@ -102,6 +102,8 @@ def _info(args: argparse.Namespace) -> int:
         f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}"
     )
     print(f"source: {m.source}")
+    if not m.labeled:
+        print("labels: none (the manifest says labeled: false): pretraining only")
     problems = shard_set_problems(m)  # presence and sizes only; checksums and decoding: `shards verify`
     for p in problems:
         print(f"unmix shards info: {p}", file=sys.stderr)

@@ -24,7 +24,8 @@ The archive is untrusted input: every member's size is checked against the layou
 (an image member must hold exactly one image per label, or a whole number of images for the unlabeled
 split, and no more than the official archive's count), image members are read in chunks of
 :data:`CHUNK` images, and every error names the archive member at fault. Memory: the encoded JPEGs of
-one split are held until it is written (~1.5 GB for the unlabeled split at quality 100, about half at 95).
+one split are held until it is written (~1.5 GB for the unlabeled split at quality 100, about half at
+95; estimated from one 96-px photo: 15 KB at 100, 7 KB at 95).
 """
 
 from __future__ import annotations
