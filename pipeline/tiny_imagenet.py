@@ -42,6 +42,9 @@ IMAGE_SUFFIXES = (".jpeg", ".jpg")
 #: 0.3 MB, images ~2 KB).
 MAX_TEXT_BYTES = {WNIDS: 1 << 20, WORDS: 64 << 20, ANNOTATIONS: 64 << 20}
 MAX_IMAGE_BYTES = 4 << 20
+#: The images of one split are held in memory until written: their declared sizes are summed first
+#: (the official train split: ~200 MB).
+MAX_SPLIT_BYTES = 4 << 30
 
 
 class TinyImageNetError(ValueError):
@@ -274,6 +277,12 @@ def write_tiny_imagenet_shards(
     members = _Members(tiny.path)
     try:
         for split, listed in tiny.splits.items():
+            declared = sum(members.sizes.get(rel, 0) for rel, _ in listed)
+            if declared > MAX_SPLIT_BYTES:
+                raise TinyImageNetError(
+                    f"{members.where(split)}: {len(listed)} images of {declared / 1e9:.1f} GB in all, more "
+                    f"than a Tiny ImageNet split holds (the cap: {MAX_SPLIT_BYTES / 1e9:.1f} GB)"
+                )
             items = [(rel, members.read(rel, MAX_IMAGE_BYTES), label) for rel, label in listed]
             source = memory_source(f"{FOLDER}-{split}", items, tiny.classes)
             what = "zip" if tiny.path.is_file() else "folder"

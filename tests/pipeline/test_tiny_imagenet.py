@@ -178,3 +178,12 @@ def test_corrupt_zip_member_names_it(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(TinyImageNetError, match="val/images/val_2.JPEG: cannot read"):
         write_tiny_imagenet_shards(path, tmp_path / "o", progress=False)
+
+
+def test_split_total_checked_before_reading(tmp_path, monkeypatch):
+    import unmix.pipeline.tiny_imagenet as tiny
+
+    path, _ = make_tiny(tmp_path)
+    monkeypatch.setattr(tiny, "MAX_SPLIT_BYTES", 1000)
+    with pytest.raises(TinyImageNetError, match=r"tiny-imagenet-200/train: 9 images of .* GB in all"):
+        write_tiny_imagenet_shards(path, tmp_path / "o", progress=False)
