@@ -2,8 +2,9 @@
 
 ``FILE`` lists the class names to keep (ImageNet wnids such as ``n01558993``), one a line; blank lines
 and lines starting with ``#`` are ignored, so a list can carry its provenance in a header (see
-``configs/imagenet100.txt``). A name listed twice, or one that is not a class of the source (a class
-directory of the tree, or a label of the list file), is refused with an error naming the file and line.
+``configs/imagenet100.txt``). A name listed twice is refused naming the file and line; a name that is
+not a class of the source (a class directory of the tree, or a label of the list file) naming the class
+and the source.
 
 The kept classes are indexed in sorted order, as torchvision's ``ImageFolder`` indexes a tree holding
 only them (what CMC and solo-learn train ImageNet-100 on), unless ``--classes-from`` gives the mapping.
