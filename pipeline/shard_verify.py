@@ -2,11 +2,12 @@
 
 Checks, per shard: the tar exists with the manifest's size and sha256; its ``.idx`` exists, has the
 manifest's sha256 (when recorded) and equals the index re-derived from the tar (what ``wds2idx`` would
-write); every sample has ``.jpg`` and ``.cls``; ``.cls`` is a class index in range (parsed as strictly as
-the loaders do: :mod:`pipeline.labels`) and within the manifest's ``label_range``; keys are unique across
-the set; the sample count matches. Every name in the manifest is a file beside it (``read_manifest``
-refuses ``../`` and absolute paths). ``fix=True`` records the index checksums and the label range in a
-manifest written before unmix recorded them, once everything else checks out.
+write); every sample has ``.jpg`` and ``.cls`` (only ``.jpg`` in a set whose manifest says
+``labeled: false``); ``.cls`` is a class index in range (parsed as strictly as the loaders do:
+:mod:`pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
+sample count matches. Every name in the manifest is a file beside it (``read_manifest`` refuses ``../``
+and absolute paths). ``fix=True`` records the index checksums and the label range in a manifest written
+before unmix recorded them, once everything else checks out.
 Every ``.jpg`` must be a structurally sound JPEG (the writer's check: markers, tables, frame and scan
 headers, end-of-image). Then every image is decoded with DALI (``device="cpu"``: CPU decoder,
 ``device_id=None``; ``device="gpu"``: nvJPEG ``"mixed"`` decoder when CUDA is available, else the CPU
@@ -119,10 +120,12 @@ def _check_shard(
         if key in seen:
             problems.append(Problem(s.name, key, f"key also used in {seen[key]}"))
         seen[key] = s.name
-        for ext in ("jpg", "cls"):
+        for ext in ("jpg", "cls") if m.labeled else ("jpg",):
             if ext not in parts:
                 problems.append(Problem(s.name, key, f"no .{ext} member"))
-        if "cls" in parts:
+        if "cls" in parts and not m.labeled:
+            problems.append(Problem(s.name, key, "a .cls member in a set the manifest says has no labels"))
+        elif "cls" in parts:
             try:
                 label = parse_label(parts["cls"], num_classes)
             except ValueError as e:
@@ -322,7 +325,8 @@ def verify_shards(
             decoder.close()
     if total != m.total and not problems:
         problems.append(Problem(MANIFEST, None, f"{total} images in the shards, manifest total {m.total}"))
-    if fix and not problems and labels:
+    if fix and not problems:
         shards = [replace(s, index_sha256=sha256_file(s.index_path)) for s in m.shards]
-        write_manifest(replace(m, shards=shards, label_range=(min(labels), max(labels))))
+        label_range = (min(labels), max(labels)) if labels else None  # None: a set without labels
+        write_manifest(replace(m, shards=shards, label_range=label_range))
     return problems
