@@ -62,12 +62,13 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from unmix.pipeline.labels import LabelError
     from unmix.training.checkpoint import ResumeError
     from unmix.training.loop import NonFiniteLossError, train
 
     try:
         return train(cfg, force_config=args.force_config)
-    except (ConfigError, ResumeError) as exc:
+    except (ConfigError, ResumeError, LabelError) as exc:  # LabelError: a bad .cls met by the kNN monitor
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
