@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
 
 from unmix.cli import main
 from unmix.training import versions
+from unmix.training.preemption import SIGNALS, _Early
 from unmix.training.versions import VersionError, check
 
 GOOD = {"torch": "2.14.1", "deepspeed": "0.19.8", "nvidia-dali-cuda120": "2.4.0", "nvidia-dali-cuda130": None}
@@ -53,7 +55,13 @@ def test_train_refuses_an_old_deepspeed_before_starting(monkeypatch, capsys, tmp
     monkeypatch.setattr(versions, "installed", lambda n: "0.16.9" if n == "deepspeed" else real(n))
     demo = Path(__file__).resolve().parents[2] / "configs" / "demo.yaml"
     args = ["train", str(demo), "data.source=synthetic", f"output_dir={tmp_path}"]
-    assert main(args) == 2
+    handlers = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        assert main(args) == 2
+    finally:  # `unmix train` installed its start-up signal recorder; this process goes on
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        _Early.signum, _Early.previous = None, {}
     err = capsys.readouterr().err.strip()
     assert err == (
         "unmix train: error: deepspeed 0.16.9 is older than 0.17.2, which unmix needs "
