@@ -10,7 +10,8 @@
 #   --cpu                 CPU processes instead of GPUs (small runs, tests): no GPUs requested,
 #                         data.device=cpu for training and device=cpu for the evaluation
 #   --tasks-per-node T    tasks per node (default G, or 1 with --cpu)
-#   --cpus-per-task C     CPUs per task, used as DALI threads (default: the site's default)
+#   --cpus-per-task C     CPUs per task, used as DALI threads (default on GPU runs: the partition's CPUs
+#                         per node / tasks per node, from sinfo; else the job's CPUs per node / tasks)
 #   --partition P         partition of both jobs (default: the site's default)
 #   --time T              time limit of the pretraining (default: the partition's)
 #   --eval-time T         time limit of the evaluation (default: the partition's)
@@ -131,6 +132,10 @@ crop=$(value data.crop)
 [[ -n "$data_train" ]] || die "data.train is empty in $config (set it or pass data.train=DIR)"
 [[ -n "$data_val" ]] || die "data.val is empty in $config (the evaluation needs it; pass data.val=DIR)"
 config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
+# Slurm expands %-patterns in --output (%x, %j) and a backslash turns that off for the whole name: a '%'
+# of the directory is written '%%'; a backslash cannot be kept, so it is refused.
+[[ $output_dir != *\\* ]] || die "output_dir '$output_dir' holds a backslash, which Slurm log paths cannot hold"
+log_dir=${output_dir//%/%%}
 
 # ---- resources -------------------------------------------------------------------------------------
 if [[ $cpu -eq 1 ]]; then
@@ -141,6 +146,18 @@ else
   tasks=${tasks:-$gpus}
   gres=("--gpus-per-node=$gpus")
   eval_device=()
+  if [[ -z "$cpus_per_task" ]] && command -v sinfo >/dev/null 2>&1; then
+    # default: the node's CPUs / its tasks (one per GPU); sinfo's %c is the partition's CPUs per node
+    # ("48+" when nodes differ: the smallest)
+    node_cpus=$(sinfo -h ${partition:+--partition="$partition"} -o %c 2>/dev/null | head -n 1) || node_cpus=""
+    node_cpus=${node_cpus%%[!0-9]*}
+    if [[ -n "$node_cpus" ]]; then
+      cpus_per_task=$((node_cpus / tasks))
+      ((cpus_per_task >= ${UNMIX_MIN_CPUS:-4})) || die "the partition's nodes have $node_cpus CPUs for" \
+        "$tasks task(s): fewer than ${UNMIX_MIN_CPUS:-4} per GPU task starves DALI; use fewer tasks per node" \
+        "or set UNMIX_MIN_CPUS"
+    fi
+  fi
 fi
 common=()
 [[ -n "$partition" ]] && common+=("--partition=$partition")
@@ -148,7 +165,7 @@ common=()
 common+=(${gres[@]+"${gres[@]}"} ${passthrough[@]+"${passthrough[@]}"})
 
 pretrain=(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$tasks" --signal="B:USR1@$signal_seconds"
-  --output="$output_dir/slurm-%x-%j.out" ${time_limit:+"--time=$time_limit"} "${common[@]}"
+  --output="$log_dir/slurm-%x-%j.out" ${time_limit:+"--time=$time_limit"} "${common[@]}"
   "$here/pretrain.sbatch" "$config" ${device_overrides[@]+"${device_overrides[@]}"}
   ${overrides[@]+"${overrides[@]}"})
 # Defaults for the evaluation come first so the user's UNMIX_LINEAR_ARGS/UNMIX_KNN_ARGS win.
@@ -156,7 +173,7 @@ eval_defaults=(${eval_device[@]+"${eval_device[@]}"} "data.crop=$crop")
 linear_args="${eval_defaults[*]}${UNMIX_LINEAR_ARGS:+ $UNMIX_LINEAR_ARGS}"
 knn_args="${eval_defaults[*]}${UNMIX_KNN_ARGS:+ $UNMIX_KNN_ARGS}"
 evaluate=(sbatch --parsable --nodes="$eval_nodes" --ntasks-per-node="$tasks" --kill-on-invalid-dep=yes
-  --output="$output_dir/slurm-%x-%j.out" ${eval_time:+"--time=$eval_time"} "${common[@]}"
+  --output="$log_dir/slurm-%x-%j.out" ${eval_time:+"--time=$eval_time"} "${common[@]}"
   "$here/linear.sbatch" "$output_dir" "$data_train" "$data_val")
 
 if [[ $dry_run -eq 1 ]]; then

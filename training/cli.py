@@ -42,19 +42,42 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    from unmix.training.versions import VersionError, check
+
+    try:  # one line naming the package when an installed version is below what the code needs
+        warnings = check(need_dali=cfg.data.source == "dali")
+    except VersionError as exc:
+        print(f"unmix train: error: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings if cfg.data.device == "gpu" else []:
+        print(f"unmix train: warning: {line}", file=sys.stderr)
     from unmix.pipeline.shards import ShardSetError, check_shard_set
+    from unmix.training.config import train_sets
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
-        check_shard_set(cfg.data.train, key="data.train")
+        several = isinstance(cfg.data.train, list)
+        manifests = [  # every set of the union when data.train is a list
+            check_shard_set(path, key=f"data.train[{i}]" if several else "data.train")
+            for i, path in enumerate(train_sets(cfg))
+        ]
     except ShardSetError as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    if cfg.eval.knn_every_epochs and cfg.data.val and not any(m.labeled for m in manifests):
+        print(
+            "unmix train: error: data.train: no shard set has labels (manifest labeled: false), so the kNN "
+            "monitor (eval.knn_every_epochs) has no memory bank; add a labelled set or set "
+            "eval.knn_every_epochs=0",
+            file=sys.stderr,
+        )
+        return 2
+    from unmix.pipeline.labels import LabelError
     from unmix.training.checkpoint import ResumeError
     from unmix.training.loop import NonFiniteLossError, train
 
     try:
         return train(cfg, force_config=args.force_config)
-    except (ConfigError, ResumeError) as exc:
+    except (ConfigError, ResumeError, LabelError) as exc:  # LabelError: a bad .cls met by the kNN monitor
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
@@ -124,6 +147,13 @@ def _register_bench_gpu(bench_sub: argparse._SubParsersAction) -> None:
         help="checks not started within this many seconds fail as not run (default 480)",
     )
     p.add_argument("--no-tests", action="store_true", help="do not run `pytest -m gpu`")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks of the node checks (Shuffle-BN, SyncBN, key gather, ZeRO, checkpoint, throughput per "
+        "GPU), launched by the command; default: all visible GPUs (--dry-run: 2 CPU ranks on gloo)",
+    )
     p.set_defaults(func=_bench_gpu)
 
 

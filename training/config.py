@@ -33,7 +33,9 @@ class ConfigError(ValueError):
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard directory (or manifest.json) of the training split
+    # shard directory (or manifest.json) of the training split, or a list of them read as one training set
+    # (same crop and recipe; e.g. STL-10's [train, unlabeled]); only the labelled ones feed the kNN bank
+    train: str | list[str] = ""
     val: str = ""  # shard directory of the validation split (the kNN monitor's queries; "" = no monitor)
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
@@ -41,6 +43,11 @@ class DataConfig:
     recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
+    # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
+    hw_decoder_load: float = 0.9  # share of each batch decoded by the GPU's hardware JPEG engines (gpu)
+    device_memory_padding: int = 211_025_920  # bytes nvJPEG's device buffers grow by (gpu)
+    host_memory_padding: int = 140_544_512  # bytes nvJPEG's pinned host buffers grow by (gpu)
+    dont_use_mmap: bool = False  # read() the tars instead of mmap: for network filesystems
 
 
 @dataclass
@@ -167,6 +174,10 @@ class Config:
 RESUME_SAFE_KEYS = (
     "optim.epochs",  # raising it extends a finished run (the cosine schedules stretch to the new end)
     "data.threads",
+    "data.hw_decoder_load",  # decoding performance knobs (the reader and nvJPEG settings)
+    "data.device_memory_padding",
+    "data.host_memory_padding",
+    "data.dont_use_mmap",
     "data.val",
     "output_dir",
     "mlflow.tracking_uri",
@@ -227,6 +238,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{key}: invalid value {value!r}; expected a mapping")
+    if tp == list[str]:
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a non-empty list of non-empty strings")
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
 
@@ -376,6 +391,8 @@ def resolve(cfg: Config) -> Config:
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
         "unmix.alpha": cfg.unmix.alpha,
+        "data.device_memory_padding": cfg.data.device_memory_padding,
+        "data.host_memory_padding": cfg.data.host_memory_padding,
         "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
         "method.moco.bn_splits": moco.bn_splits or 0,
     }
@@ -383,6 +400,7 @@ def resolve(cfg: Config) -> Config:
         if value < 0:
             raise ConfigError(f"{key}: invalid value {value!r}; must be >= 0")
     unit = {
+        "data.hw_decoder_load": cfg.data.hw_decoder_load,
         "unmix.p_mixup": cfg.unmix.p_mixup,
         "method.moco.m": moco.m,
         "method.byol.tau_base": cfg.method.byol.tau_base,
@@ -391,11 +409,29 @@ def resolve(cfg: Config) -> Config:
     for key, value in unit.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: invalid value {value!r}; must be in [0, 1]")
+    _check_train_sets(cfg.data.train)
     if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
         raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
     if moco.T <= 0:
         raise ConfigError(f"method.moco.T: invalid value {moco.T!r}; must be > 0")
     return cfg
+
+
+def train_sets(cfg: Config) -> list[str]:
+    """``data.train`` as a list of shard directories (one, or the several read as one training set)."""
+    return list(cfg.data.train) if isinstance(cfg.data.train, list) else [cfg.data.train]
+
+
+def _check_train_sets(train: str | list[str]) -> None:
+    if not isinstance(train, list):
+        return
+    seen: dict[str, int] = {}
+    for i, path in enumerate(train):
+        norm = str(Path(path))
+        norm = str(Path(norm).parent) if Path(norm).name == "manifest.json" else norm
+        if norm in seen:
+            raise ConfigError(f"data.train[{i}]: {path} is data.train[{seen[norm]}] again (listed twice)")
+        seen[norm] = i
 
 
 def check_world(cfg: Config, world_size: int) -> int:
