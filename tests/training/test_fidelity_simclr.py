@@ -400,3 +400,42 @@ def test_config_pairs_hold_their_recipes_and_differ_only_in_unmix(stem, values):
     assert diff(to_dict(base), to_dict(mixed), ignore=("output_dir",)) == ["unmix.enabled"]
     text = (CONFIGS / f"{stem}_unmix.yaml").read_text()
     assert text.startswith("#") and "Where each value comes from" in text
+
+
+# ------------------------------------------------------------------------- one Un-Mix settings object
+
+
+def test_trainer_unmix_section_is_the_pipeline_settings_object():
+    from unmix.pipeline.mix_config import UnmixConfig
+    from unmix.training.config import ConfigError, load_config
+
+    cfg = load_config(None, [])
+    assert type(cfg.unmix) is UnmixConfig and cfg.unmix.enabled is False  # the trainer's default: off
+    assert load_config(None, ["unmix.p_mixup=0.3"]).unmix == UnmixConfig(enabled=False, p_mixup=0.3)
+    with pytest.raises(ConfigError, match="unmix.random_partner: not supported by the trainer"):
+        load_config(None, ["unmix.enabled=true", "unmix.random_partner=true"])
+    with pytest.raises(ConfigError, match="unmix.alpha: invalid value 0.0; must be > 0"):
+        load_config(None, ["unmix.alpha=0"])
+    with pytest.raises(ConfigError, match="unmix.per_sample_lambda: data.source=synthetic"):
+        load_config(None, ["unmix.enabled=true", "unmix.per_sample_lambda=true", "data.source=synthetic"])
+
+
+def test_per_sample_lambda_from_a_training_config_reaches_the_loss(sample_train):
+    """unmix.per_sample_lambda=true: the DALI loader gives one lam per sample and the SimCLR step's
+    mixture term equals the naive per-sample reference on the step's own embeddings."""
+    from unmix.training.backbones import build_backbone
+    from unmix.training.loop import build_loader
+    from unmix.training.simclr import SimCLR, build_online
+
+    cfg = _tiny_simclr_cfg(
+        [f"data.train={sample_train}", "unmix.per_sample_lambda=true", "unmix.p_mixup=1.0", "data.threads=1"]
+    )
+    batch = next(iter(build_loader(cfg, 8, 0, 1)))
+    lam = batch["lam"].float()
+    assert lam.shape == (8,) and len(set(lam.tolist())) > 1  # one lam per sample
+    torch.manual_seed(0)
+    net = build_online(build_backbone("resnet10", crop=16, width=8), cfg.method.simclr)
+    z1, z2, z_m = net(batch["view1"], batch["view2"], batch["mixed"])
+    _, _, mix = SimCLR(cfg.method.simclr).loss((z1, z2, z_m), (), lam)
+    ref = naive_unmix(z_m.detach().double(), z2.detach().double(), lam.double(), 0.5)
+    assert mix.item() == pytest.approx(ref.item(), rel=1e-5)
