@@ -84,17 +84,29 @@ class MethodSpec:
         return importlib.import_module(self.module)
 
 
+_MOCO, _BYOL, _SIMCLR = "unmix.training.moco", "unmix.training.byol", "unmix.training.simclr"
 METHODS: dict[str, MethodSpec] = {
     spec.name: spec
     for spec in (
+        # MoCo v2 (Chen et al. 2020): MLP head, T 0.2; MoCo v1 (He et al. 2020): linear head, T 0.07
         MethodSpec(
-            "moco_v2", "moco", "unmix.training.moco", "moco_v2", "sgd", {"T": 0.2, "mlp": True}
-        ),  # MoCo v2
+            "moco_v2",
+            "moco",
+            _MOCO,
+            recipe="moco_v2",
+            optimizer="sgd",
+            section_defaults={"T": 0.2, "mlp": True},
+        ),
         MethodSpec(
-            "moco_v1", "moco", "unmix.training.moco", "moco_v1", "sgd", {"T": 0.07, "mlp": False}
-        ),  # MoCo v1
-        MethodSpec("byol", "byol", "unmix.training.byol", "byol", "lars"),
-        MethodSpec("simclr", "simclr", "unmix.training.simclr", "simclr", "lars"),
+            "moco_v1",
+            "moco",
+            _MOCO,
+            recipe="moco_v1",
+            optimizer="sgd",
+            section_defaults={"T": 0.07, "mlp": False},
+        ),
+        MethodSpec("byol", "byol", _BYOL, recipe="byol", optimizer="lars"),  # Grill et al. 2020
+        MethodSpec("simclr", "simclr", _SIMCLR, recipe="simclr", optimizer="lars"),  # Chen et al. 2020
     )
 }
 
