@@ -46,6 +46,11 @@ class DataConfig:
     recipe: str = ""  # loader augmentation (pipeline/augment.py RECIPES); "" = the method's own
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
+    # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
+    hw_decoder_load: float = 0.9  # share of each batch decoded by the GPU's hardware JPEG engines (gpu)
+    device_memory_padding: int = 211_025_920  # bytes nvJPEG's device buffers grow by (gpu)
+    host_memory_padding: int = 140_544_512  # bytes nvJPEG's pinned host buffers grow by (gpu)
+    dont_use_mmap: bool = False  # read() the tars instead of mmap: for network filesystems
 
 
 @dataclass
@@ -175,6 +180,10 @@ class Config:
 RESUME_SAFE_KEYS = (
     "optim.epochs",  # raising it extends a finished run (the cosine schedules stretch to the new end)
     "data.threads",
+    "data.hw_decoder_load",  # decoding performance knobs (the reader and nvJPEG settings)
+    "data.device_memory_padding",
+    "data.host_memory_padding",
+    "data.dont_use_mmap",
     "data.val",
     "output_dir",
     "mlflow.tracking_uri",
@@ -413,6 +422,8 @@ def resolve(cfg: Config) -> Config:
         "deepspeed.gradient_clipping": cfg.deepspeed.gradient_clipping,
         "checkpoint.every_steps": cfg.checkpoint.every_steps,
         "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
+        "data.device_memory_padding": cfg.data.device_memory_padding,
+        "data.host_memory_padding": cfg.data.host_memory_padding,
         "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
         "method.moco.bn_splits": moco.bn_splits or 0,
     }
@@ -420,6 +431,7 @@ def resolve(cfg: Config) -> Config:
         if value < 0:
             raise ConfigError(f"{key}: invalid value {value!r}; must be >= 0")
     unit = {
+        "data.hw_decoder_load": cfg.data.hw_decoder_load,
         "method.moco.m": moco.m,
         "method.byol.tau_base": cfg.method.byol.tau_base,
         "optim.momentum": cfg.optim.momentum,
