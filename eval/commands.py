@@ -37,7 +37,9 @@ Pretraining runs: tag unmix.kind=pretrain (or tags method + unmix without unmix.
 (on/off/true/false); params model.arch, optim.epochs, optim.batch_size (global); metrics loss, images_per_s,
 linear_top1, linear_top5, knn_top1. Random-init evaluations (tag unmix.kind=random_init) give floor rows,
 `unmix linear --pixels` (tag unmix.kind=pixels) the "raw pixels" floor row.
-Rows equal in (method, arch, epochs, batch) and differing in Un-Mix are paired; the Un-Mix row shows the gain.
+Runs whose params differ only in seed form a group (n, mean, std); the Un-Mix gain is the mean of the
+seed-paired differences (on - off) with a 95 % t interval, "within noise" when it holds 0. Each linear
+number shows its protocol (tag unmix.protocol of the evaluation run).
 """
 
 
