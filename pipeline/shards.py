@@ -179,6 +179,10 @@ def read_manifest(path: str | Path) -> Manifest:
         d = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read shard manifest {mpath}: {e}") from e
+    if not isinstance(d, dict):
+        raise ManifestError(
+            f"malformed shard manifest {mpath}: expected a JSON object, not {type(d).__name__}"
+        )
     try:
         if d.get("format") != "unmix-webdataset":
             raise ManifestError(f"{mpath} is not an unmix shard manifest (format={d.get('format')!r})")

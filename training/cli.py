@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Runs as one process or under torchrun, the deepspeed launcher or srun. Re-running on the same "
             "output_dir resumes from its newest complete checkpoint. Exit status: 0 done, 75 checkpointed "
             "after SIGUSR1/SIGTERM (requeue), 1 failure (e.g. non-finite loss), 2 bad config, impossible "
-            "resume or a data fault (data.train missing, unreadable, or not matching its manifest)."
+            "or refused resume (a checkpoint file holding code), a data fault (data.train missing, "
+            "unreadable, or not matching its manifest) or an output_dir that cannot be written "
+            "(read-only, disk full: the last good checkpoint is kept)."
         ),
     )
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -45,16 +47,19 @@ def _train(args: argparse.Namespace) -> int:
     from unmix.pipeline.shards import ShardSetError, check_shard_set
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
-        check_shard_set(cfg.data.train, key="data.train")
+        if cfg.data.source != "synthetic":  # synthetic images need no shards
+            check_shard_set(cfg.data.train, key="data.train")
     except ShardSetError as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    from unmix.training.atomic import WriteError, check_writable
     from unmix.training.checkpoint import ResumeError
     from unmix.training.loop import NonFiniteLossError, train
 
     try:
+        check_writable(cfg.output_dir, "output_dir")
         return train(cfg, force_config=args.force_config)
-    except (ConfigError, ResumeError) as exc:
+    except (ConfigError, ResumeError, WriteError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:
