@@ -539,15 +539,22 @@ def check_numbers(cfg: Config) -> None:
 
 
 def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") -> None:
-    """``deepspeed.config`` may set only :data:`DEEPSPEED_PASS_THROUGH`, with finite scalar values."""
+    """``deepspeed.config`` may set only :data:`DEEPSPEED_PASS_THROUGH`, with finite scalar values.
 
-    def scalar(key: str, value: Any) -> None:
+    Numbers written in exponent notation (``5e8``, a string to YAML 1.1) are made numbers in place.
+    """
+
+    def scalar(key: str, value: Any) -> Any:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            number = float(value)
+            value = int(number) if number.is_integer() else number
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError(f"{key}: invalid value {value!r}; must be a finite number")
         if not isinstance(value, (bool, int, float, str)) or (isinstance(value, str) and len(value) > 64):
             raise ConfigError(
                 f"{key}: invalid value {value!r}; expected a number, true/false or a short name"
             )
+        return value
 
     for name, value in extra.items():
         key = f"{prefix}.{name}"
@@ -558,7 +565,7 @@ def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") 
             )
         sub = DEEPSPEED_PASS_THROUGH[name]
         if sub is None:
-            scalar(key, value)
+            extra[name] = scalar(key, value)
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: invalid value {value!r}; expected a mapping")
@@ -571,7 +578,7 @@ def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") 
                     f"{key}.{subname}: not passed through to DeepSpeed{hint}; allowed under {key}: "
                     f"{', '.join(sorted(sub))}"
                 )
-            scalar(f"{key}.{subname}", subvalue)
+            value[subname] = scalar(f"{key}.{subname}", subvalue)
 
 
 def check_world(cfg: Config, world_size: int) -> int:

@@ -62,7 +62,8 @@ def load(path: str | Path, allowed: tuple[str, ...] = (), *, mmap: bool = False)
     """``torch.load(path, weights_only=True)`` on the CPU with the globals ``allowed`` (dotted names).
 
     Raises :class:`UnsafeFileError` ("refused: it holds code (global X)") for a pickle that needs any other
-    global, ``FileNotFoundError`` for a missing file, and lets other load errors (truncation) through.
+    global, ``FileNotFoundError`` for a missing file, and lets other load errors (truncation, a file that
+    is no pickle) through.
     """
     path = Path(path)
     mmap = mmap and zipfile.is_zipfile(path)  # torch's legacy (non-zip) format cannot be memory-mapped
@@ -71,8 +72,9 @@ def load(path: str | Path, allowed: tuple[str, ...] = (), *, mmap: bool = False)
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as exc:
             unsafe = _offending_global(path, exc)
-            detail = f"it holds code (global {unsafe})" if unsafe else f"not loadable as weights only ({exc})"
-            raise UnsafeFileError(f"{path}: refused: {detail.splitlines()[0]}") from exc
+            if unsafe is None:  # not a global: damage or a foreign format, for the caller to describe
+                raise
+            raise UnsafeFileError(f"{path}: refused: it holds code (global {unsafe})") from exc
 
 
 def check_file(path: str | Path, allowed: tuple[str, ...] = DEEPSPEED_GLOBALS) -> None:

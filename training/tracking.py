@@ -38,8 +38,11 @@ def without_credentials(uri: str | None) -> str | None:
     if not uri or "://" not in uri:
         return uri
     parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in pairs if not _is_secret(k)]
+    if "@" not in parts.netloc and len(query) == len(pairs):
+        return uri  # nothing to remove (and sqlite:////abs/path stays as written)
     netloc = parts.netloc.rpartition("@")[2]
-    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if not _is_secret(k)]
     return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
 
 
