@@ -21,6 +21,13 @@ Pretraining drops the last incomplete batch, and every rank takes the same numbe
 ``len(loader) == (total // num_shards) // batch_size``. Evaluation loaders cover every sample exactly
 once across ranks per epoch (padded duplicates are stripped; the last batch may be smaller).
 
+Several shard sets as one (``shards=[dir_a, dir_b]``, ``data.train`` as a list): the reader takes the
+union of their tars, interleaved (:func:`shard_files`), so everything above holds for the union: one
+epoch is ``sum of totals`` samples split across ranks, every sample of every set once, and a checkpoint
+resumes it exactly. Sample keys (``with_keys``) become ``"<set index>/<key>"``. Pretraining reads only the
+``.jpg`` members, so a set without labels (STL-10's unlabeled split) can be one of them; the evaluation
+loaders refuse such a set.
+
 Tensor ownership: DALI's PyTorch iterator hands out tensors that alias DALI's output buffers. The
 pipelines run DALI's dynamic executor (``exec_dynamic=True``), whose outputs are per-iteration buffers
 that the torch tensors keep alive (zero-copy, DALI >= 1.44): a later batch never overwrites a tensor
@@ -62,20 +69,23 @@ FLOAT_OUTPUTS = ("view1", "view2", "mixed", "image")  # images; the other output
 
 @dataclass(frozen=True)
 class ShardFiles:
-    """The tar and index paths of a shard set and its sample count."""
+    """The tar and index paths of one shard set, or of several read as one, and the sample count."""
 
     tars: list[str]
     indexes: list[str]
     total: int
     source: str = ""  # the shard directory or manifest it was read from (for messages)
+    labeled: bool = True  # every set has labels (.cls); an unlabeled set serves pretraining only
+    #: several sets: the index of each tar's set in the list given (for sample keys), else empty
+    tar_sets: tuple[int, ...] = ()
 
 
-def shard_files(shards: str | os.PathLike | ShardFiles) -> ShardFiles:
-    """Resolve a shard directory (or its manifest.json) into tar and .idx paths via the manifest."""
+#: What the loaders take as shards: one set (directory or manifest.json), several, or resolved files.
+Shards = str | os.PathLike | list | tuple | ShardFiles
+
+
+def _one_set(shards: str | os.PathLike) -> tuple[list[str], list[str], int, bool]:
     from unmix.pipeline.shards import read_manifest
-
-    if isinstance(shards, ShardFiles):
-        return shards
 
     m = read_manifest(shards)
     tars = [str(s.path) for s in m.shards]
@@ -83,7 +93,40 @@ def shard_files(shards: str | os.PathLike | ShardFiles) -> ShardFiles:
     for t, i in zip(tars, indexes, strict=True):
         if not Path(i).is_file():
             raise FileNotFoundError(f"{i}: index of {t} is missing (write it with `wds2idx {t} {i}`)")
-    return ShardFiles(tars, indexes, int(m.total), str(shards))
+    return tars, indexes, int(m.total), m.labeled
+
+
+def shard_files(shards: Shards) -> ShardFiles:
+    """Resolve a shard directory (or its manifest.json), or a list of them, into tar and .idx paths.
+
+    Several sets are read as one training set (STL-10's train + unlabeled): their tars are interleaved,
+    each set's spread evenly over the epoch (tar i of a set of n sits at (i + 0.5) / n of the sequence),
+    so that the contiguous per-rank ranges and the local shuffle buffer mix the sets as a global shuffle
+    of their union would, instead of one set's samples coming first.
+    """
+    if isinstance(shards, ShardFiles):
+        return shards
+    if not isinstance(shards, (list, tuple)):
+        tars, indexes, total, labeled = _one_set(shards)
+        return ShardFiles(tars, indexes, total, str(shards), labeled)
+    if not shards:
+        raise ValueError("no shard sets given (an empty list)")
+    resolved = [Path(str(x)).resolve() for x in shards]
+    for j, r in enumerate(resolved):
+        if r in resolved[:j] or (r.name == "manifest.json" and r.parent in resolved[:j]):
+            raise ValueError(f"shard set {shards[j]} is listed twice")
+    sets = [_one_set(x) for x in shards]
+    order = sorted(
+        ((i + 0.5) / len(tars), j, i) for j, (tars, _, _, _) in enumerate(sets) for i in range(len(tars))
+    )
+    return ShardFiles(
+        tars=[sets[j][0][i] for _, j, i in order],
+        indexes=[sets[j][1][i] for _, j, i in order],
+        total=sum(s[2] for s in sets),
+        source=" + ".join(str(x) for x in shards),
+        labeled=all(s[3] for s in sets),
+        tar_sets=tuple(j for _, j, _ in order),
+    )
 
 
 def _dist_defaults(shard_id: int | None, num_shards: int | None) -> tuple[int, int]:
@@ -111,13 +154,17 @@ def pipeline_seed(seed: int, shard_id: int) -> int:
     return int(np.random.SeedSequence([seed, shard_id]).generate_state(1)[0] % (2**31 - 1))
 
 
-def _read(files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int):
+def _read(
+    files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int, labels: bool = True
+):
+    """The webdataset reader: ``(jpegs, cls)``, or ``jpegs`` alone with ``labels=False`` (pretraining,
+    which also reads sets without labels)."""
     from nvidia.dali import fn
 
     return fn.readers.webdataset(
         paths=files.tars,
         index_paths=files.indexes,
-        ext=["jpg", "cls"],
+        ext=["jpg", "cls"] if labels else ["jpg"],
         missing_component_behavior="error",
         random_shuffle=shuffle,
         initial_fill=max(1, min(shuffle_buffer, files.total)),
@@ -134,10 +181,18 @@ def _decode(jpegs, device: str):
     return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
 
 
-def sample_key(source_info: bytes) -> str:
-    """The WebDataset key of a sample from DALI's ``source_info`` (``/x/train-000000.tar:OFFSET:KEY.jpg``)."""
-    member = source_info.decode().rsplit(":", 1)[-1]
-    return member.rsplit(".", 1)[0]
+def sample_key(source_info: bytes, tar_set: Mapping[str, int] | None = None) -> str:
+    """The WebDataset key of a sample from DALI's ``source_info`` (``/x/train-000000.tar:OFFSET:KEY.jpg``).
+
+    ``tar_set`` (tar path -> set index, when several sets are read as one): the key is ``"<set>/<key>"``,
+    so that keys stay unique across sets (each set numbers its samples from 0).
+    """
+    text = source_info.decode()
+    member = text.rsplit(":", 1)[-1]
+    key = member.rsplit(".", 1)[0]
+    if tar_set:
+        key = f"{tar_set[text.rsplit(':', 2)[0]]}/{key}"
+    return key
 
 
 def _source_info(jpegs):
@@ -180,6 +235,7 @@ class DaliLoader:
         identity: dict[str, Any],
         state: Mapping | None = None,
         channels_last: bool = False,
+        tar_set: Mapping[str, int] | None = None,
     ) -> None:
         self._make_pipeline = make_pipeline  # make_pipeline(checkpoint=...) -> unbuilt DALI pipeline
         self._output_map = output_map
@@ -192,6 +248,7 @@ class DaliLoader:
         self.dtype = dtype
         self.channels_last = channels_last
         self._identity = identity  # arguments a checkpoint must match
+        self.tar_set = dict(tar_set or {})  # several shard sets: tar path -> set index (sample keys)
         self.epoch = 0
         self._iterator = None
         self._build(None)
@@ -232,7 +289,7 @@ class DaliLoader:
             elif k == "cls":
                 batch["label"] = self._to_target(parse_labels(t))
             elif k == "key":
-                batch[k] = [sample_key(bytes(row).rstrip(b"\0")) for row in t.cpu().numpy()]
+                batch[k] = [sample_key(bytes(row).rstrip(b"\0"), self.tar_set) for row in t.cpu().numpy()]
             elif k == "partner":
                 batch[k] = self._to_target(t.reshape(-1).to(torch.int64, copy=True))
             else:  # pragma: no cover - output_map is ours
@@ -275,6 +332,21 @@ class DaliLoader:
             raise ValueError("loader state has no 'dali_checkpoint' (not from DaliLoader.state_dict())")
         self._build(state["dali_checkpoint"])
         self.epoch = int(state.get("epoch", 0))
+
+
+def _labeled_files(shards: Shards) -> ShardFiles:
+    """:func:`shard_files` for the evaluation loaders, which need labels: an unlabeled set is refused."""
+    files = shard_files(shards)
+    if not files.labeled:
+        raise ValueError(
+            f"{files.source}: a shard set without labels (its manifest says labeled: false, e.g. STL-10's "
+            "unlabeled split) serves pretraining only; evaluation needs a labelled set"
+        )
+    return files
+
+
+def _tar_set(files: ShardFiles) -> dict[str, int]:
+    return dict(zip(files.tars, files.tar_sets, strict=True)) if files.tar_sets else {}
 
 
 def _resolve_device_id(device: str, device_id: int | None | str) -> int | None:
@@ -327,7 +399,7 @@ def _pipeline_args(
 
 
 def pretrain_pipeline(
-    shards: str | os.PathLike | ShardFiles,
+    shards: Shards,
     batch_size: int,
     recipe: str | Recipe = "moco_v2",
     crop: int = 224,
@@ -369,7 +441,7 @@ def pretrain_pipeline(
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        jpegs, _ = _read(files, shard_id, num_shards, True, shuffle_buffer)
+        jpegs = _read(files, shard_id, num_shards, True, shuffle_buffer, labels=False)
         images = _decode(jpegs, device)
         view1, view2 = two_views(images, rec, crop, layout)
         out = {"view1": view1, "view2": view2}
@@ -384,7 +456,7 @@ def pretrain_pipeline(
 
 
 def eval_pipeline(
-    shards: str | os.PathLike | ShardFiles,
+    shards: Shards,
     batch_size: int,
     split: str = "train",
     crop: int = 224,
@@ -408,7 +480,7 @@ def eval_pipeline(
 
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    files = shard_files(shards)
+    files = _labeled_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
     device_id = _resolve_device_id(device, device_id)
     layout = _layout(channels_last)
@@ -425,7 +497,7 @@ def eval_pipeline(
 
 
 def build_pretrain_loader(
-    shards: str | os.PathLike,
+    shards: Shards,
     batch_size: int,
     recipe: str | Recipe = "moco_v2",
     crop: int = 224,
@@ -486,6 +558,7 @@ def build_pretrain_loader(
         "seed": seed,
         "recipe": rec.name,
         "crop": crop,
+        "samples": files.total,  # the data read (several sets: their union)
     }
     return DaliLoader(
         make,
@@ -497,11 +570,12 @@ def build_pretrain_loader(
         identity,
         state,
         channels_last,
+        _tar_set(files),
     )
 
 
 def build_eval_loader(
-    shards: str | os.PathLike,
+    shards: Shards,
     batch_size: int,
     split: str = "train",
     crop: int = 224,
@@ -528,7 +602,7 @@ def build_eval_loader(
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    files = shard_files(shards)
+    files = _labeled_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
     make = functools.partial(  # make(checkpoint=...): the loader's pipeline
         eval_pipeline,
@@ -556,6 +630,7 @@ def build_eval_loader(
         "num_shards": num_shards,
         "seed": seed,
         "crop": crop,
+        "samples": files.total,
     }
     return DaliLoader(
         make,
@@ -567,4 +642,5 @@ def build_eval_loader(
         identity,
         state,
         channels_last,
+        _tar_set(files),
     )

@@ -64,13 +64,19 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_tree(root: Path, classes: list[str] | None = None) -> Source:
-    """Read an ImageFolder tree ``root/<class>/**/<image>``."""
+def scan_tree(root: Path, classes: list[str] | None = None, keep: list[str] | None = None) -> Source:
+    """Read an ImageFolder tree ``root/<class>/**/<image>``.
+
+    ``keep``: only these class directories are read (the others are not walked); a name that is not a
+    class directory of ``root`` is refused. Without ``classes`` the kept names, sorted, are the classes.
+    """
     if not root.is_dir():
         raise SourceError(f"source {root} is not a directory")
     class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not class_dirs:
         raise SourceError(f"source {root} has no class directories (expected {root}/<class>/<image>)")
+    if keep is not None:
+        class_dirs = _kept_dirs(root, class_dirs, keep)
     if classes is None:
         classes = class_dirs
     index = {c: i for i, c in enumerate(classes)}
@@ -90,6 +96,19 @@ def scan_tree(root: Path, classes: list[str] | None = None) -> Source:
         items.extend(found)
     items.sort(key=lambda it: it.rel)
     return Source(root, items, list(classes))
+
+
+def _kept_dirs(root: Path, class_dirs: list[str], keep: list[str]) -> list[str]:
+    present = set(class_dirs)
+    absent = [c for c in keep if c not in present]
+    if absent:
+        more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+        raise SourceError(
+            f"class {absent[0]!r} to keep is not a class directory of {root}{more} "
+            f"({len(class_dirs)} class directories there)"
+        )
+    wanted = set(keep)
+    return [c for c in class_dirs if c in wanted]
 
 
 def _parse_label(token: str, classes: list[str] | None, index: dict[str, int], where: str) -> int | str:

@@ -1,8 +1,9 @@
 """``unmix shards verify``: check a shard set against its manifest.
 
 Checks, per shard: the tar exists with the manifest's size and sha256; its ``.idx`` exists and equals the
-index re-derived from the tar (what ``wds2idx`` would write); every sample has ``.jpg`` and ``.cls``;
-``.cls`` is an integer class index in range; keys are unique across the set; the sample count matches.
+index re-derived from the tar (what ``wds2idx`` would write); every sample has ``.jpg`` and ``.cls``
+(only ``.jpg`` in a set whose manifest says ``labeled: false``); ``.cls`` is an integer class index in
+range; keys are unique across the set; the sample count matches.
 Every ``.jpg`` must be a structurally sound JPEG (the writer's check: markers, tables, frame and scan
 headers, end-of-image). Then every image is decoded with DALI (``device="cpu"``: CPU decoder,
 ``device_id=None``; ``device="gpu"``: nvJPEG ``"mixed"`` decoder when CUDA is available, else the CPU
@@ -52,7 +53,7 @@ def _index_diff(expected: str, actual: str) -> str:
 
 
 def _check_shard(
-    s: ShardInfo, num_classes: int, seen: dict[str, str], problems: list[Problem]
+    s: ShardInfo, num_classes: int, seen: dict[str, str], problems: list[Problem], labeled: bool = True
 ) -> list[tuple[str, bytes]]:
     """Structural checks of one shard; returns its (key, jpeg bytes) for decoding."""
     if not s.path.is_file():
@@ -106,10 +107,12 @@ def _check_shard(
         if key in seen:
             problems.append(Problem(s.name, key, f"key also used in {seen[key]}"))
         seen[key] = s.name
-        for ext in ("jpg", "cls"):
+        for ext in ("jpg", "cls") if labeled else ("jpg",):
             if ext not in parts:
                 problems.append(Problem(s.name, key, f"no .{ext} member"))
-        if "cls" in parts:
+        if "cls" in parts and not labeled:
+            problems.append(Problem(s.name, key, "a .cls member in a set the manifest says has no labels"))
+        elif "cls" in parts:
             text = parts["cls"].decode("ascii", errors="replace").strip()
             if not text.lstrip("-").isdigit():
                 problems.append(Problem(s.name, key, f".cls is {text!r}, not a class index"))
@@ -287,7 +290,7 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
     total = 0
     try:
         for s in m.shards:
-            images = _check_shard(s, m.num_classes, seen, problems)
+            images = _check_shard(s, m.num_classes, seen, problems, labeled=m.labeled)
             total += len(images)
             images = [(k, b) for k, b in images if _jpeg_ok(s.name, k, b, problems)]
             if decoder is not None:

@@ -39,6 +39,8 @@ from typing import Any
 
 import numpy as np
 
+from unmix.pipeline.class_subset import keep_classes as subset_classes
+from unmix.pipeline.class_subset import read_class_file
 from unmix.pipeline.dali_index import Member, format_index
 from unmix.pipeline.image_prep import Prepared, PrepSettings, prepare_chunk
 from unmix.pipeline.shard_sources import Source, SourceError, SourceItem, read_list, scan_tree
@@ -110,6 +112,13 @@ class Manifest:
     skipped_files: list[str] = field(default_factory=list)
     encoded: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    #: False for a set written without labels (STL-10's unlabeled split): its samples hold no ``.cls``
+    #: member; pretraining reads it, the evaluation loaders refuse it. ``classes`` then names the classes of
+    #: the data set it belongs to, for reference.
+    labeled: bool = True
+    #: Human-readable names aligned with ``classes`` when those are ids (Tiny ImageNet's wnids; from
+    #: ``words.txt``); empty when ``classes`` are names already.
+    class_names: list[str] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -216,11 +225,19 @@ def read_manifest(path: str | Path) -> Manifest:
             skipped_files=list(d.get("skipped_files", [])),
             encoded=dict(d.get("encoded", {})),
             options=dict(d.get("options", {})),
+            labeled=_manifest_bool(d.get("labeled", True), mpath, "labeled"),
+            class_names=[str(c) for c in d.get("class_names", [])],
         )
     except ManifestError:
         raise
     except (KeyError, TypeError, ValueError) as e:
         raise ManifestError(f"malformed shard manifest {mpath}: {type(e).__name__}: {e}") from e
+
+
+def _manifest_bool(value: Any, mpath: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ManifestError(f"malformed shard manifest {mpath}: {key!r} must be true or false, got {value!r}")
+    return value
 
 
 def shard_set_problems(m: Manifest) -> list[Problem]:
@@ -297,6 +314,8 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
         "skipped_files": m.skipped_files,
         "encoded": m.encoded,
         "options": m.options,
+        "labeled": m.labeled,
+        **({"class_names": m.class_names} if m.class_names else {}),
         "shards": [
             {
                 "name": s.name,
@@ -514,10 +533,12 @@ class _ShardTar:
         self.pos += len(b)
         self.sink.submit(self._write_now, b)
 
-    def add(self, key: str, jpg: bytes, label: int) -> None:
+    def add(self, key: str, jpg: bytes, label: int | None) -> None:
+        """Append one sample: ``<key>.jpg`` and ``<key>.cls`` (none when ``label`` is None: unlabeled set)."""
         parts = []
         pos = self.pos
-        for name, data in ((f"{key}.jpg", jpg), (f"{key}.cls", str(label).encode())):
+        members = [(f"{key}.jpg", jpg)] + ([] if label is None else [(f"{key}.cls", str(label).encode())])
+        for name, data in members:
             pad = -len(data) % tarfile.BLOCKSIZE
             self.members.append(Member(name, pos + tarfile.BLOCKSIZE, len(data)))
             parts += [_tar_header(name, len(data)), data, b"\0" * pad]
@@ -704,6 +725,9 @@ def write_shards(
     overwrite: bool = False,
     progress: bool = True,
     source_name: str | None = None,
+    keep_classes: str | Path | None = None,
+    labeled: bool = True,
+    class_names: list[str] | None = None,
 ) -> Manifest:
     """Convert an image tree (or a list file) into shuffled WebDataset shards with DALI indices.
 
@@ -724,6 +748,11 @@ def write_shards(
         overwrite: allow replacing a different job's shards in ``out``.
         progress: show a progress bar and print a summary on stderr.
         source_name: what the manifest records as the source (default: ``src``'s absolute path).
+        keep_classes: a class list file (``--classes``, :mod:`pipeline.class_subset`): only these classes
+            are written, indexed in sorted order (or by ``classes_from``).
+        labeled: False writes no ``.cls`` members and a manifest saying the set has no labels (the
+            source's labels are ignored; its classes are recorded for reference).
+        class_names: human-readable names aligned with the source's classes, recorded in the manifest.
 
     Returns:
         The manifest of the finished set (also written to ``out/manifest.json``).
@@ -741,17 +770,25 @@ def write_shards(
     if samples_per_shard is None and shard_bytes is None:
         samples_per_shard = DEFAULT_SAMPLES_PER_SHARD
     if isinstance(src, Source):
-        if list_file is not None or classes_from is not None:
-            raise ValueError("list_file and classes_from apply to a source directory, not a ready Source")
+        if list_file is not None or classes_from is not None or keep_classes is not None:
+            raise ValueError(
+                "list_file, classes_from and keep_classes apply to a source directory, not a ready Source"
+            )
         source = src
     else:
         src = Path(src)
         if out.resolve().is_relative_to(src.resolve()) and list_file is None:
             raise ValueError(f"output directory {out} must not be inside the source tree {src}")
         classes = read_manifest(classes_from).classes if classes_from is not None else None
-        source = (
-            read_list(src, Path(list_file), classes) if list_file is not None else scan_tree(src, classes)
-        )
+        keep = read_class_file(keep_classes) if keep_classes is not None else None
+        if list_file is not None:
+            source = read_list(src, Path(list_file), classes)
+            if keep is not None:
+                source = subset_classes(source, keep, str(keep_classes), classes)
+        else:
+            source = scan_tree(src, classes, keep)
+    if class_names is not None and len(class_names) != len(source.classes):
+        raise ValueError(f"class_names: {len(class_names)} names for {len(source.classes)} classes")
     split = split or _default_split(out)
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
@@ -761,6 +798,8 @@ def write_shards(
     job = _job_description(source, split, seed, samples_per_shard, shard_bytes, settings)
     if skip_bad:  # part of the job's identity (absent when false: sets written before stay the same job)
         job["skip_bad"] = True
+    if not labeled:  # likewise: a labelled set and an unlabeled one of the same images are different jobs
+        job["labeled"] = False
     resuming = _prepare_out(out, job, overwrite)
     plan = _plan_shards(source.items, seed, samples_per_shard, shard_bytes)
     names = [f"{split}-{i:06d}.tar" for i in range(len(plan))]
@@ -771,6 +810,7 @@ def write_shards(
         "max_side": max_side,
         "list_file": str(Path(list_file).resolve()) if list_file else None,
         "classes_from": str(_manifest_path(classes_from).resolve()) if classes_from else None,
+        **({"classes_file": str(Path(keep_classes).resolve())} if keep_classes is not None else {}),
     }
     if resuming and (out / MANIFEST).exists():
         try:
@@ -830,7 +870,7 @@ def write_shards(
                             continue
                         data = p.data if p.data is not None else _read_copy(item)
                         assert p.action is not None
-                        shard.add(f"{k:0{KEY_DIGITS}d}", data, item.label)
+                        shard.add(f"{k:0{KEY_DIGITS}d}", data, item.label if labeled else None)
                         actions[p.action] += 1
                         encoded_now[p.action] += 1
                         written += 1
@@ -886,6 +926,8 @@ def write_shards(
         skipped_files=skipped_files,
         encoded=dict(sorted(encoded.items())),
         options=options,
+        labeled=labeled,
+        class_names=list(class_names or []),
     )
     if not shards:
         raise ShardWriteError(

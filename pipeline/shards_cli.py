@@ -1,4 +1,4 @@
-"""``unmix shards write|verify|sample|info|cifar`` and ``unmix bench shards``."""
+"""``unmix shards write|verify|sample|info|cifar|stl10|tiny-imagenet`` and ``unmix bench shards``."""
 
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ def _write(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             overwrite=args.overwrite,
             progress=not args.quiet,
+            keep_classes=args.classes,
         )
     except (SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
         print(f"unmix shards write: error: {e}", file=sys.stderr)
@@ -101,6 +102,8 @@ def _info(args: argparse.Namespace) -> int:
         f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}"
     )
     print(f"source: {m.source}")
+    if not m.labeled:
+        print("labels: none (the manifest says labeled: false): pretraining only")
     problems = shard_set_problems(m)  # presence and sizes only; checksums and decoding: `shards verify`
     for p in problems:
         print(f"unmix shards info: {p}", file=sys.stderr)
@@ -142,6 +145,105 @@ def _cifar(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stl10(args: argparse.Namespace) -> int:
+    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
+    from unmix.pipeline.stl10 import Stl10Error, read_stl10, write_stl10_shards
+
+    splits = ("train", "val") if args.no_unlabeled else ("train", "unlabeled", "val")
+    try:
+        stl = read_stl10(args.archive, splits)
+        written = write_stl10_shards(
+            stl,
+            args.out,
+            quality=args.quality,
+            samples_per_shard=args.samples_per_shard,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (Stl10Error, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
+        print(f"unmix shards stl10: error: {e}", file=sys.stderr)
+        return 1
+    for note in stl.notes():
+        print(f"unmix shards stl10: note: {note}", file=sys.stderr)
+    print(
+        f"{args.out}: "
+        + ", ".join(f"{k} {m.total} images ({len(m.shards)} shards)" for k, m in written.items())
+        + f", {len(stl.classes)} classes"
+        + ("; unlabeled has no labels (pretraining only)" if "unlabeled" in written else "")
+    )
+    return 0
+
+
+def _tiny_imagenet(args: argparse.Namespace) -> int:
+    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
+    from unmix.pipeline.tiny_imagenet import (
+        TinyImageNetError,
+        read_tiny_imagenet,
+        write_tiny_imagenet_shards,
+    )
+
+    try:
+        tiny = read_tiny_imagenet(args.archive)
+        train, val = write_tiny_imagenet_shards(
+            tiny,
+            args.out,
+            quality=args.quality,
+            samples_per_shard=args.samples_per_shard,
+            seed=args.seed,
+            overwrite=args.overwrite,
+            progress=not args.quiet,
+        )
+    except (TinyImageNetError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
+        print(f"unmix shards tiny-imagenet: error: {e}", file=sys.stderr)
+        return 1
+    for note in tiny.notes():
+        print(f"unmix shards tiny-imagenet: note: {note}", file=sys.stderr)
+    print(
+        f"{args.out}: train {train.total} images ({len(train.shards)} shards), "
+        f"val {val.total} images ({len(val.shards)} shards), {train.num_classes} classes"
+    )
+    return 0
+
+
+def _register_archives(ss: argparse._SubParsersAction) -> None:
+    """``shards stl10`` and ``shards tiny-imagenet``."""
+    t = ss.add_parser(
+        "stl10",
+        help="write STL-10 (the binary archive) as OUT/train, OUT/unlabeled and OUT/val",
+        description="Read stl10_binary.tar.gz (or the extracted stl10_binary folder) and write OUT/train "
+        "(5,000 labelled images), OUT/unlabeled (100,000, no labels: pretraining only) and OUT/val (the "
+        "8,000 test images), labels 0-based. Images are stored as JPEG at --quality with 4:4:4 chroma. "
+        "Pretrain on train + unlabeled with data.train: [OUT/train, OUT/unlabeled]. Nothing is downloaded.",
+    )
+    t.add_argument("archive", help="stl10_binary.tar.gz or the extracted stl10_binary folder")
+    t.add_argument("out", help="output directory (OUT/train, OUT/unlabeled and OUT/val are created)")
+    t.add_argument("--no-unlabeled", action="store_true", help="skip the 100,000 unlabeled images")
+    t.add_argument("--quality", type=int, default=100, help="JPEG quality, 4:4:4 chroma (default 100)")
+    t.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    t.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    t.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
+    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    t.set_defaults(func=_stl10)
+
+    n = ss.add_parser(
+        "tiny-imagenet",
+        help="write Tiny ImageNet (the zip) as OUT/train and OUT/val",
+        description="Read tiny-imagenet-200.zip (or the extracted tiny-imagenet-200 folder) and write "
+        "OUT/train (100,000 images) and OUT/val (10,000, labelled from val/val_annotations.txt). Classes are "
+        "the wnids, sorted; the manifest records their words.txt names. The JPEGs are copied as they are. "
+        "Nothing is downloaded.",
+    )
+    n.add_argument("archive", help="tiny-imagenet-200.zip or the extracted tiny-imagenet-200 folder")
+    n.add_argument("out", help="output directory (OUT/train and OUT/val are created)")
+    n.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG images (default 95)")
+    n.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    n.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    n.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
+    n.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    n.set_defaults(func=_tiny_imagenet)
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add ``shards`` with its subcommands."""
     p = sub.add_parser("shards", help="write, verify and inspect WebDataset shard sets")
@@ -163,6 +265,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="'relative/path,label' lines (label: class name or integer index) instead of class dirs",
     )
     w.add_argument("--classes-from", metavar="MANIFEST", help="reuse another shard set's class mapping")
+    w.add_argument(
+        "--classes",
+        metavar="FILE",
+        help="write only the classes listed in FILE (one name a line, e.g. configs/imagenet100.txt); "
+        "a name that is not a class of SRC is an error",
+    )
     w.add_argument("--split", help="shard name prefix (default: OUT's directory name)")
     w.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
     w.add_argument(
@@ -221,6 +329,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     c.set_defaults(func=_cifar)
+    _register_archives(ss)
 
     i = ss.add_parser(
         "info",

@@ -45,12 +45,24 @@ def _train(args: argparse.Namespace) -> int:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     from unmix.pipeline.shards import ShardSetError, check_shard_set
+    from unmix.training.config import train_sets
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
-        if cfg.data.source != "synthetic":  # synthetic images need no shards
-            check_shard_set(cfg.data.train, key="data.train")
+        several = isinstance(cfg.data.train, list)
+        manifests = [  # every set of the union when data.train is a list; synthetic images need none
+            check_shard_set(path, key=f"data.train[{i}]" if several else "data.train")
+            for i, path in enumerate(train_sets(cfg) if cfg.data.source != "synthetic" else [])
+        ]
     except ShardSetError as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
+        return 2
+    if cfg.eval.knn_every_epochs and cfg.data.val and not any(m.labeled for m in manifests):
+        print(
+            "unmix train: error: data.train: no shard set has labels (manifest labeled: false), so the kNN "
+            "monitor (eval.knn_every_epochs) has no memory bank; add a labelled set or set "
+            "eval.knn_every_epochs=0",
+            file=sys.stderr,
+        )
         return 2
     from unmix.training.atomic import WriteError, check_writable
     from unmix.training.checkpoint import ResumeError

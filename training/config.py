@@ -44,7 +44,9 @@ MAX_YAML_NODES = 100_000
 
 @dataclass
 class DataConfig:
-    train: str = ""  # shard directory (or manifest.json) of the training split
+    # shard directory (or manifest.json) of the training split, or a list of them read as one training set
+    # (same crop and recipe; e.g. STL-10's [train, unlabeled]); only the labelled ones feed the kNN bank
+    train: str | list[str] = ""
     val: str = ""  # shard directory of the validation split (the kNN monitor's queries; "" = no monitor)
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
@@ -326,6 +328,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if isinstance(value, dict):
             return value
         raise ConfigError(f"{key}: invalid value {value!r}; expected a mapping")
+    if tp == list[str]:
+        if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+            return list(value)
+        raise ConfigError(f"{key}: invalid value {value!r}; expected a non-empty list of non-empty strings")
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
 
@@ -511,6 +517,7 @@ def resolve(cfg: Config) -> Config:
             f"optim.warmup_epochs: invalid value {cfg.optim.warmup_epochs!r}; must be <= optim.epochs "
             f"({cfg.optim.epochs})"
         )
+    _check_train_sets(cfg.data.train)
     if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
         raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
     return cfg
@@ -579,6 +586,23 @@ def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") 
                     f"{', '.join(sorted(sub))}"
                 )
             value[subname] = scalar(f"{key}.{subname}", subvalue)
+
+
+def train_sets(cfg: Config) -> list[str]:
+    """``data.train`` as a list of shard directories (one, or the several read as one training set)."""
+    return list(cfg.data.train) if isinstance(cfg.data.train, list) else [cfg.data.train]
+
+
+def _check_train_sets(train: str | list[str]) -> None:
+    if not isinstance(train, list):
+        return
+    seen: dict[str, int] = {}
+    for i, path in enumerate(train):
+        norm = str(Path(path))
+        norm = str(Path(norm).parent) if Path(norm).name == "manifest.json" else norm
+        if norm in seen:
+            raise ConfigError(f"data.train[{i}]: {path} is data.train[{seen[norm]}] again (listed twice)")
+        seen[norm] = i
 
 
 def check_world(cfg: Config, world_size: int) -> int:

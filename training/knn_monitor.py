@@ -17,6 +17,10 @@ against the manifest), as in ``unmix knn``. The monitor never touches the traini
 torch RNG or any parameter or BatchNorm statistic (eval mode, no gradient), and it keeps no state, so a
 resumed run repeats an uninterrupted one bitwise. It runs every ``eval.knn_every_epochs`` epochs and
 after the last; it is off when that is 0 or ``data.val`` is empty.
+
+With ``data.train`` a list of shard sets, the memory bank is the labelled ones among them, read as one
+(STL-10's ``[train, unlabeled]``: the 5,000 labelled training images, as in the data set's protocol); they
+must share ``data.val``'s classes.
 """
 
 from __future__ import annotations
@@ -52,6 +56,20 @@ class KnnMonitor:
         if cfg.eval.knn_every_epochs and not cfg.data.val and rank == 0:
             print("[unmix] kNN monitor off: eval.knn_every_epochs is set, data.val is empty", file=sys.stderr)
 
+    def bank_sets(self) -> str | list[str]:
+        """The kNN memory bank: ``data.train``, or the labelled sets of a ``data.train`` list."""
+        from unmix.pipeline.shards import read_manifest
+
+        if not isinstance(self.cfg.data.train, list):
+            return self.cfg.data.train
+        labelled = [p for p in self.cfg.data.train if read_manifest(p).labeled]
+        if not labelled:
+            raise ValueError(
+                "data.train: none of its shard sets has labels, so the kNN monitor has no memory bank; "
+                "add a labelled set or set eval.knn_every_epochs=0"
+            )
+        return labelled if len(labelled) > 1 else labelled[0]
+
     @property
     def enabled(self) -> bool:
         return self.every > 0
@@ -81,7 +99,7 @@ class KnnMonitor:
             if make is None:
                 from unmix.pipeline.loaders import build_eval_loader as make
             self._loaders[split] = make(
-                self.cfg.data.train if split == "train" else self.cfg.data.val,
+                self.bank_sets() if split == "train" else self.cfg.data.val,
                 batch_size=self.batch_size,
                 split="val",  # the evaluation transform for the bank too (the authors' memory_loader)
                 crop=self.cfg.data.crop,
@@ -112,7 +130,16 @@ class KnnMonitor:
         """kNN top-1/top-5 (%) of ``backbone`` (put in eval mode, restored after) on ``data.val``."""
         from unmix.pipeline.shards import read_manifest
 
-        train, val = read_manifest(self.cfg.data.train), read_manifest(self.cfg.data.val)
+        val = read_manifest(self.cfg.data.val)
+        bank = self.bank_sets()
+        bank = bank if isinstance(bank, list) else [bank]
+        train = read_manifest(bank[0])
+        for path in bank:
+            if read_manifest(path).classes != val.classes:
+                raise ValueError(
+                    f"{path}: its classes differ from data.val's ({self.cfg.data.val}); the kNN bank and the "
+                    "queries must share one class list"
+                )
         was_training = backbone.training
         backbone.eval()  # BatchNorm: running statistics, which therefore do not move
         try:
