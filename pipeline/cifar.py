@@ -20,13 +20,16 @@ about 0.5 grey levels on average and at most 4 (measured on uniform noise, JPEG'
 checks these bounds), far below the augmentation's colour jitter. Shards come to ~3-5 KB per image.
 
 The archives are untrusted input, and pickle can run arbitrary code: they are unpickled with an
-unpickler that resolves only the globals numpy needs to rebuild an array (and ``_codecs.encode``, which
-protocol-2 pickles use for byte strings); anything else is refused with an error naming the member.
+unpickler that resolves only the globals a pickled array names (numpy's ``_reconstruct``, ``ndarray``,
+``dtype``, and ``_codecs.encode``, which protocol-2 pickles use for byte strings), each to a checking
+stand-in rather than numpy's own (which take any arguments: uninitialised or gigabyte allocations,
+mutated builtin dtypes): an array must be an integer dtype with exactly the bytes its shape needs, copied
+from the pickle. Every member's size is capped before it is read (:data:`MAX_BATCH_BYTES`,
+:data:`MAX_META_BYTES`). Anything else is refused with an error naming the member.
 """
 
 from __future__ import annotations
 
-import codecs
 import io
 import pickle
 import tarfile
@@ -92,47 +95,141 @@ LAYOUTS = (CIFAR10, CIFAR100)
 
 # ------------------------------------------------------------------------------------------ unpickling
 
+#: Largest archive member read (before reading it): the official CIFAR-100 ``train`` is 161 MB, a
+#: CIFAR-10 batch 31 MB, a meta file under 2 KB.
+MAX_BATCH_BYTES = 256 * 2**20
+MAX_META_BYTES = 2**20
+MAX_MEMBERS = 64  # tar members listed before the archive is refused (a header bomb costs memory)
+#: The dtypes an array in an archive may have: uint8 images and integer labels (no objects, no records).
+ARRAY_DTYPES = frozenset(f"{k}{n}" for k in "iu" for n in (1, 2, 4, 8))
 
-def _numpy_globals() -> dict[tuple[str, str], Any]:
-    """The only globals an archive may name: numpy's array reconstruction (1.x and 2.x module paths)."""
-    try:
-        from numpy._core import multiarray  # numpy >= 2
-    except ImportError:  # pragma: no cover - numpy 1.x
-        from numpy.core import multiarray
-    reconstruct = multiarray._reconstruct
-    return {
-        (
-            "numpy.core.multiarray",
-            "_reconstruct",
-        ): reconstruct,  # the official archives' name
-        ("numpy._core.multiarray", "_reconstruct"): reconstruct,
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): codecs.encode,  # protocol <= 2 pickles bytes as _codecs.encode(str, "latin1")
-    }
+
+def _text(x: Any) -> Any:
+    return x.decode("latin1") if isinstance(x, bytes) else x
+
+
+class _DType:
+    """What ``numpy.dtype(name, align, copy)`` gives inside an archive: a plain integer dtype, nothing else.
+
+    The real constructor returns numpy's shared builtin dtype objects, and the pickle's BUILD then calls
+    ``__setstate__`` on them with any state it likes (fields holding objects, another item size): that
+    corrupts every array of that dtype in the process and reads memory at chosen addresses. Here the
+    state is only checked (a byte order, no fields, no subarray) and never applied.
+    """
+
+    def __init__(self, name: Any, align: Any = False, copy: Any = True):
+        name = _text(name)
+        if not isinstance(name, str) or name not in ARRAY_DTYPES:
+            raise pickle.UnpicklingError(f"refusing dtype {name!r} (only integer dtypes: images and labels)")
+        self.dtype = np.dtype(name)
+
+    def __setstate__(self, state: Any) -> None:
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4)):
+            raise pickle.UnpicklingError(f"unexpected dtype state {str(state)[:80]}")
+        order = _text(state[1])
+        if order not in ("|", "<", ">", "=") or any(x is not None for x in state[2:5]):
+            raise pickle.UnpicklingError(f"refusing dtype state {str(state)[:80]} (byte order, no fields)")
+        if order in "<>":
+            self.dtype = self.dtype.newbyteorder(order)
+
+
+class _Array:
+    """What ``_reconstruct(ndarray, (0,), b"b")`` gives: an array that exists only once BUILD has given it
+    a shape, an integer dtype and exactly ``prod(shape) * itemsize`` bytes of data (copied from the pickle,
+    so never larger than the member, never uninitialised memory)."""
+
+    def __init__(self) -> None:
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if self.array is not None:
+            raise pickle.UnpicklingError("array state given twice")
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError(f"unexpected array state {type(state).__name__}")
+        _, shape, dtype, fortran, raw = state
+        if not isinstance(dtype, _DType):
+            raise pickle.UnpicklingError(f"array dtype is a {type(dtype).__name__}, not a numpy dtype")
+        if not (
+            isinstance(shape, tuple) and len(shape) <= 4 and all(type(n) is int and 0 <= n for n in shape)
+        ):
+            raise pickle.UnpicklingError(f"bad array shape {str(shape)[:80]}")
+        if not isinstance(raw, bytes):
+            raise pickle.UnpicklingError(f"array data is a {type(raw).__name__}, not bytes")
+        size = dtype.dtype.itemsize
+        for n in shape:
+            size *= n
+        if size != len(raw):
+            raise pickle.UnpicklingError(
+                f"array {shape} {dtype.dtype} needs {size} bytes, the pickle holds {len(raw)}"
+            )
+        order = "F" if fortran else "C"
+        self.array = np.frombuffer(raw, dtype.dtype).reshape(shape, order=order).copy()
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    """``numpy.core.multiarray._reconstruct`` as pickles of arrays call it, and only so."""
+    if cls is not _NDARRAY or shape != (0,) or _text(typecode) != "b":
+        raise pickle.UnpicklingError("_reconstruct may only start a plain ndarray (ndarray, (0,), b'b')")
+    return _Array()
+
+
+def _ndarray(*args: Any, **kwargs: Any) -> Any:
+    """``numpy.ndarray`` called directly would hand out uninitialised (or arbitrarily large) memory."""
+    raise pickle.UnpicklingError("refusing to call numpy.ndarray (arrays come only through _reconstruct)")
+
+
+_NDARRAY = _ndarray
+
+
+def _encode(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode(str, "latin1")``, which protocol-2 pickles use for byte strings, and only that."""
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("_codecs.encode is allowed only as encode(str, 'latin1')")
+    return text.encode("latin1")
+
+
+_ALLOWED: dict[tuple[str, str], Any] = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the official archives' name (numpy 1.x)
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # numpy 2.x
+    ("numpy", "ndarray"): _NDARRAY,
+    ("numpy", "dtype"): _DType,
+    ("_codecs", "encode"): _encode,
+}
 
 
 class _ArrayUnpickler(pickle.Unpickler):
-    """An unpickler that can rebuild numpy arrays, lists, dicts, strings and numbers, and nothing else."""
-
-    allowed = _numpy_globals()
+    """An unpickler that can rebuild integer numpy arrays, lists, dicts, strings and numbers, and nothing
+    else: every global it may name is a checking stand-in (:data:`_ALLOWED`), never numpy's own."""
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return self.allowed[(module, name)]
+            return _ALLOWED[(module, name)]
         except KeyError:
             raise pickle.UnpicklingError(f"refusing to load global {module}.{name}") from None
+
+
+def _arrays(value: Any) -> Any:
+    """Replace the built stand-ins by their arrays (in the dict's values and lists)."""
+    if isinstance(value, _Array):
+        if value.array is None:
+            raise pickle.UnpicklingError("an array was started but never given its data")
+        return value.array
+    if isinstance(value, list):
+        return [_arrays(v) if isinstance(v, _Array) else v for v in value]
+    return value
 
 
 def safe_load(data: bytes, where: str) -> dict[str, Any]:
     """Unpickle one archive member (Python 2 pickles: ``encoding="bytes"``) into a dict with str keys."""
     try:
         obj = _ArrayUnpickler(io.BytesIO(data), encoding="bytes").load()
-    except Exception as exc:  # any unpickling failure: truncated member, foreign objects, ...
+        if not isinstance(obj, dict):
+            raise CifarError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
+        return {(_text(k) if isinstance(k, bytes) else str(k)): _arrays(v) for k, v in obj.items()}
+    except CifarError:
+        raise
+    except Exception as exc:  # any unpickling failure: truncated member, foreign objects, bad arrays ...
         raise CifarError(f"{where}: cannot unpickle ({type(exc).__name__}: {exc})") from None
-    if not isinstance(obj, dict):
-        raise CifarError(f"{where}: expected a pickled dict, got {type(obj).__name__}")
-    return {k.decode("latin1") if isinstance(k, bytes) else str(k): v for k, v in obj.items()}
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -151,7 +248,13 @@ class _Members:
         elif path.is_file():
             try:
                 self._tar = tarfile.open(path, "r:*")
-                infos = self._tar.getmembers()
+                infos = []
+                for info in self._tar:  # headers only; a CIFAR archive has 8 (CIFAR-10) or 5 members
+                    infos.append(info)
+                    if len(infos) > MAX_MEMBERS:
+                        raise CifarError(
+                            f"{path}: more than {MAX_MEMBERS} members; not a CIFAR python archive"
+                        )
             except (tarfile.TarError, OSError, EOFError) as exc:
                 raise CifarError(f"{path}: not a readable tar archive ({exc})") from None
             self.layout = _detect_members({i.name for i in infos}, path)
@@ -169,13 +272,27 @@ class _Members:
     def _missing(self, name: str) -> CifarError:
         return CifarError(f"{self.where(name)}: missing ({self.layout.name} needs {_expected(self.layout)})")
 
+    def _cap(self, name: str, size: int) -> int:
+        """The most bytes member ``name`` may have; a larger one is refused before it is read."""
+        cap = MAX_META_BYTES if name == self.layout.meta else MAX_BATCH_BYTES
+        if size > cap:
+            raise CifarError(
+                f"{self.where(name)}: {size} bytes, more than any {self.layout.name} member can hold "
+                f"({cap} bytes); not a CIFAR archive"
+            )
+        return cap
+
     def _read_file(self, name: str) -> bytes:
         p = self.root / name
         if not p.is_file():
             raise CifarError(
                 f"{self.where(name)}: missing ({self.layout.name} needs {_expected(self.layout)})"
             )
-        return p.read_bytes()
+        cap = self._cap(name, p.stat().st_size)
+        with open(p, "rb") as f:
+            data = f.read(cap + 1)
+        self._cap(name, len(data))  # grew since the stat
+        return data
 
     def _read_member(self, name: str) -> bytes:
         info = self._names.get(f"{self.layout.folder}/{name}")
@@ -183,9 +300,10 @@ class _Members:
             raise CifarError(
                 f"{self.where(name)}: missing ({self.layout.name} needs {_expected(self.layout)})"
             )
+        cap = self._cap(name, info.size)  # the size the tar header declares, before anything is read
         f = self._tar.extractfile(info)  # read in memory: nothing is extracted to disk
         try:
-            return f.read()
+            return f.read(cap + 1)
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise CifarError(f"{self.where(name)}: cannot read ({exc})") from None
 

@@ -60,6 +60,7 @@ import torch
 from unmix.pipeline import mixing
 from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
 from unmix.pipeline.devices import local_cuda_index
+from unmix.pipeline.labels import parse_labels
 from unmix.pipeline.mixing import UnmixConfig
 
 DEVICES = ("cpu", "gpu")
@@ -78,22 +79,20 @@ class ShardFiles:
     labeled: bool = True  # every set has labels (.cls); an unlabeled set serves pretraining only
     #: several sets: the index of each tar's set in the list given (for sample keys), else empty
     tar_sets: tuple[int, ...] = ()
+    num_classes: int | None = None  # labels must be below it (None: not checked)
 
 
 #: What the loaders take as shards: one set (directory or manifest.json), several, or resolved files.
 Shards = str | os.PathLike | list | tuple | ShardFiles
 
 
-def _one_set(shards: str | os.PathLike) -> tuple[list[str], list[str], int, bool]:
-    from unmix.pipeline.shards import read_manifest
+def _one_set(shards: str | os.PathLike) -> tuple[list[str], list[str], int, bool, int]:
+    """One set's tars, indices, total, labeled and number of classes, after the cheap checks every reader
+    needs (:func:`unmix.pipeline.shards.check_shard_set`: sizes, each ``.idx``'s sha256)."""
+    from unmix.pipeline.shards import check_shard_set
 
-    m = read_manifest(shards)
-    tars = [str(s.path) for s in m.shards]
-    indexes = [str(s.index_path) for s in m.shards]
-    for t, i in zip(tars, indexes, strict=True):
-        if not Path(i).is_file():
-            raise FileNotFoundError(f"{i}: index of {t} is missing (write it with `wds2idx {t} {i}`)")
-    return tars, indexes, int(m.total), m.labeled
+    m = check_shard_set(shards)
+    return m.tar_paths, m.index_paths, int(m.total), m.labeled, m.num_classes
 
 
 def shard_files(shards: Shards) -> ShardFiles:
@@ -107,8 +106,8 @@ def shard_files(shards: Shards) -> ShardFiles:
     if isinstance(shards, ShardFiles):
         return shards
     if not isinstance(shards, (list, tuple)):
-        tars, indexes, total, labeled = _one_set(shards)
-        return ShardFiles(tars, indexes, total, str(shards), labeled)
+        tars, indexes, total, labeled, num_classes = _one_set(shards)
+        return ShardFiles(tars, indexes, total, str(shards), labeled, num_classes=num_classes)
     if not shards:
         raise ValueError("no shard sets given (an empty list)")
     resolved = [Path(str(x)).resolve() for x in shards]
@@ -117,8 +116,9 @@ def shard_files(shards: Shards) -> ShardFiles:
             raise ValueError(f"shard set {shards[j]} is listed twice")
     sets = [_one_set(x) for x in shards]
     order = sorted(
-        ((i + 0.5) / len(tars), j, i) for j, (tars, _, _, _) in enumerate(sets) for i in range(len(tars))
+        ((i + 0.5) / len(tars), j, i) for j, (tars, *_) in enumerate(sets) for i in range(len(tars))
     )
+    class_counts = {s[4] for s in sets}
     return ShardFiles(
         tars=[sets[j][0][i] for _, j, i in order],
         indexes=[sets[j][1][i] for _, j, i in order],
@@ -126,6 +126,8 @@ def shard_files(shards: Shards) -> ShardFiles:
         source=" + ".join(str(x) for x in shards),
         labeled=all(s[3] for s in sets),
         tar_sets=tuple(j for _, j, _ in order),
+        # labels are range-checked when the sets agree on the number of classes (they share a mapping)
+        num_classes=class_counts.pop() if len(class_counts) == 1 else None,
     )
 
 
@@ -201,22 +203,6 @@ def _source_info(jpegs):
     return fn.pad(fn.get_property(jpegs, key="source_info"), fill_value=0)
 
 
-def parse_labels(cls_bytes: torch.Tensor) -> torch.Tensor:
-    """ASCII class ids, one row per sample padded with zeros ([B, L] uint8) -> int64 labels [B].
-
-    Vectorised over the batch (a loop over the few digit columns only); non-digit bytes (padding,
-    whitespace) are skipped.
-    """
-    b = cls_bytes.to(torch.int64)
-    digit = (b >= 48) & (b <= 57)
-    if not bool(digit.any(dim=1).all()):
-        raise ValueError("a .cls entry holds no decimal class id")
-    labels = torch.zeros(b.shape[0], dtype=torch.int64, device=b.device)
-    for j in range(b.shape[1]):
-        labels = torch.where(digit[:, j], labels * 10 + (b[:, j] - 48), labels)
-    return labels
-
-
 class DaliLoader:
     """An epoch-at-a-time iterable over a DALI pipeline, yielding dicts of owned torch tensors.
 
@@ -236,7 +222,11 @@ class DaliLoader:
         state: Mapping | None = None,
         channels_last: bool = False,
         tar_set: Mapping[str, int] | None = None,
+        num_classes: int | None = None,
+        with_keys: bool = True,
     ) -> None:
+        self.num_classes = num_classes  # labels are parsed strictly and checked against it
+        self.with_keys = with_keys
         self._make_pipeline = make_pipeline  # make_pipeline(checkpoint=...) -> unbuilt DALI pipeline
         self._output_map = output_map
         self._policy = last_batch_policy
@@ -286,10 +276,11 @@ class DaliLoader:
                 batch[k] = t.to(self.dtype) if t.dtype != self.dtype else self._owned(t)
             elif k == "lam":
                 batch[k] = self._to_target(t.reshape(-1).to(torch.float32, copy=True))
-            elif k == "cls":
-                batch["label"] = self._to_target(parse_labels(t))
+            elif k == "cls":  # a bad .cls is an error naming its shard and key (the graph emits "key")
+                batch["label"] = self._to_target(parse_labels(t, self.num_classes, raw.get("key")))
             elif k == "key":
-                batch[k] = [sample_key(bytes(row).rstrip(b"\0"), self.tar_set) for row in t.cpu().numpy()]
+                if self.with_keys:
+                    batch[k] = [sample_key(bytes(row).rstrip(b"\0"), self.tar_set) for row in t.cpu().numpy()]
             elif k == "partner":
                 batch[k] = self._to_target(t.reshape(-1).to(torch.int64, copy=True))
             else:  # pragma: no cover - output_map is ours
@@ -371,8 +362,12 @@ def pretrain_outputs(unmix: UnmixConfig | Mapping | bool | None = None, with_key
 
 
 def eval_outputs(with_keys: bool = False) -> list[str]:
-    """Names of :func:`eval_pipeline`'s outputs, in order (``cls`` becomes ``label`` in the loader)."""
-    return ["image", "cls"] + (["key"] if with_keys else [])
+    """Names of :func:`eval_pipeline`'s outputs, in order (``cls`` becomes ``label`` in the loader).
+
+    ``key`` always: a label that does not parse is reported with its sample's shard and key; the loader
+    hands keys out only when asked (``with_keys``).
+    """
+    return ["image", "cls", "key"]
 
 
 def _pipeline_args(
@@ -490,8 +485,7 @@ def eval_pipeline(
         jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
         images = _decode(jpegs, device)
         view = eval_train_view if split == "train" else eval_val_view
-        keys = (_source_info(jpegs),) if with_keys else ()
-        return (view(images, crop, layout), fn.pad(cls, fill_value=0)) + keys
+        return view(images, crop, layout), fn.pad(cls, fill_value=0), _source_info(jpegs)
 
     return graph(**_pipeline_args(batch_size, num_threads, device_id, seed, shard_id, prefetch, checkpoint))
 
@@ -643,4 +637,6 @@ def build_eval_loader(
         state,
         channels_last,
         _tar_set(files),
+        num_classes=files.num_classes,
+        with_keys=with_keys,
     )

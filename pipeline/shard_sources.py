@@ -9,12 +9,20 @@ lines starting with ``#`` ignored; the label is the text after the *last* comma)
 name; with a known mapping an integer that is not a class name is accepted as an index and range-checked.
 Without a mapping, if every label is an integer the labels are indices and the classes are named
 ``"0" .. str(max)``; otherwise the labels are names, sorted into indices.
+
+Symbolic links in a tree: a class directory ``SRC/<class>`` may be a link to anywhere (a subset of a
+larger tree made of links, e.g. ImageNet-100), and image files may be links. A directory link *inside* a
+class is followed only when it stays within ``SRC`` or that class's directory and leads to a directory
+not walked yet: a link back to an ancestor (``loop -> .``), to a directory already walked, or out of the
+tree is not followed, and is counted and named (:attr:`Source.links_skipped`). One file reached by two
+paths is one image: twice in one class it is kept once (:attr:`Source.aliases`); in two classes it is an
+error naming both paths, since an image has one label.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -45,6 +53,8 @@ class Source:
     root: Path
     items: list[SourceItem]
     classes: list[str]
+    links_skipped: list[str] = field(default_factory=list)  # "rel/path (why)": directory links not followed
+    aliases: int = 0  # files reached twice in the same class, kept once
 
 
 def memory_source(name: str, images: list[tuple[str, bytes, int]], classes: list[str]) -> Source:
@@ -64,15 +74,87 @@ def _is_image(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
+def _under(path: str, top: str) -> bool:
+    """``path`` is ``top`` or inside it (both real, absolute paths)."""
+    return path == top or path.startswith(top.rstrip(os.sep) + os.sep)
+
+
+class _TreeWalk:
+    """The images of an ImageFolder tree, walked link-aware (see the module docstring)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.root_real = os.path.realpath(root)
+        self.seen: dict[str, tuple[str, int]] = {}  # real path -> (relative path, label)
+        self.skipped: list[str] = []
+        self.aliases = 0
+
+    def _skip(self, path: str, why: str) -> None:
+        self.skipped.append(f"{os.path.relpath(path, self.root)} ({why})")
+
+    def class_images(self, class_dir: Path, label: int) -> list[SourceItem]:
+        top_real = os.path.realpath(class_dir)
+        visited = {top_real}
+        found: list[SourceItem] = []
+        stack = [(str(class_dir), top_real)]
+        while stack:
+            path, real = stack.pop()
+            with os.scandir(path) as it:
+                entries = sorted(it, key=lambda e: e.name)
+            subdirs = []
+            for e in entries:
+                if e.name.startswith("."):
+                    continue
+                if e.is_dir():  # follows a link
+                    target = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                    if e.is_symlink():
+                        if target in visited or _under(real, target):
+                            self._skip(
+                                e.path,
+                                f"link to {'an enclosing' if _under(real, target) else 'a walked'} "
+                                "directory: a loop or an alias",
+                            )
+                            continue
+                        if not (_under(target, self.root_real) or _under(target, top_real)):
+                            self._skip(e.path, f"link out of the tree, to {target}")
+                            continue
+                    visited.add(target)
+                    subdirs.append((e.path, target))
+                elif _is_image(e.name) and e.is_file():
+                    file_real = os.path.realpath(e.path) if e.is_symlink() else os.path.join(real, e.name)
+                    rel = os.path.relpath(e.path, self.root)
+                    first = self.seen.get(file_real)
+                    if first is not None:
+                        if first[1] != label:
+                            raise SourceError(
+                                f"{self.root / first[0]} and {self.root / rel} are one file ({file_real}) "
+                                "in two classes: an image has one label (remove the link)"
+                            )
+                        self.aliases += 1
+                        continue
+                    self.seen[file_real] = (rel, label)
+                    found.append(SourceItem(rel, e.path, label, os.path.getsize(e.path)))
+            stack.extend(reversed(subdirs))
+        return found
+
+
 def scan_tree(root: Path, classes: list[str] | None = None, keep: list[str] | None = None) -> Source:
-    """Read an ImageFolder tree ``root/<class>/**/<image>``.
+    """Read an ImageFolder tree ``root/<class>/**/<image>`` (links: see the module docstring).
 
     ``keep``: only these class directories are read (the others are not walked); a name that is not a
     class directory of ``root`` is refused. Without ``classes`` the kept names, sorted, are the classes.
     """
     if not root.is_dir():
         raise SourceError(f"source {root} is not a directory")
-    class_dirs = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    walk = _TreeWalk(root)
+    class_dirs = []
+    for e in sorted(os.scandir(root), key=lambda e: e.name):
+        if not e.is_dir() or e.name.startswith("."):
+            continue
+        if e.is_symlink() and _under(walk.root_real, os.path.realpath(e.path)):
+            walk._skip(e.path, "link to the tree itself or a directory above it: a loop")
+            continue
+        class_dirs.append(e.name)
     if not class_dirs:
         raise SourceError(f"source {root} has no class directories (expected {root}/<class>/<image>)")
     if keep is not None:
@@ -84,18 +166,12 @@ def scan_tree(root: Path, classes: list[str] | None = None, keep: list[str] | No
     for c in class_dirs:
         if c not in index:
             raise SourceError(f"class directory {root / c} is not one of the {len(classes)} known classes")
-        found = []
-        for dirpath, dirnames, filenames in os.walk(root / c, followlinks=True):
-            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-            for f in filenames:
-                if _is_image(f):
-                    p = os.path.join(dirpath, f)
-                    found.append(SourceItem(os.path.relpath(p, root), p, index[c], os.path.getsize(p)))
+        found = walk.class_images(root / c, index[c])
         if not found:
             raise SourceError(f"class directory {root / c} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
         items.extend(found)
     items.sort(key=lambda it: it.rel)
-    return Source(root, items, list(classes))
+    return Source(root, items, list(classes), walk.skipped, walk.aliases)
 
 
 def _kept_dirs(root: Path, class_dirs: list[str], keep: list[str]) -> list[str]:

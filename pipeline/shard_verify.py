@@ -1,9 +1,13 @@
 """``unmix shards verify``: check a shard set against its manifest.
 
-Checks, per shard: the tar exists with the manifest's size and sha256; its ``.idx`` exists and equals the
-index re-derived from the tar (what ``wds2idx`` would write); every sample has ``.jpg`` and ``.cls``
-(only ``.jpg`` in a set whose manifest says ``labeled: false``); ``.cls`` is an integer class index in
-range; keys are unique across the set; the sample count matches.
+Checks, per shard: the tar exists with the manifest's size and sha256; its ``.idx`` exists, has the
+manifest's sha256 (when recorded) and equals the index re-derived from the tar (what ``wds2idx`` would
+write); every sample has ``.jpg`` and ``.cls`` (only ``.jpg`` in a set whose manifest says
+``labeled: false``); ``.cls`` is a class index in range (parsed as strictly as the loaders do:
+:mod:`pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
+sample count matches. Every name in the manifest is a file beside it (``read_manifest`` refuses ``../``
+and absolute paths). ``fix=True`` records the index checksums and the label range in a manifest written
+before unmix recorded them, once everything else checks out.
 Every ``.jpg`` must be a structurally sound JPEG (the writer's check: markers, tables, frame and scan
 headers, end-of-image). Then every image is decoded with DALI (``device="cpu"``: CPU decoder,
 ``device_id=None``; ``device="gpu"``: nvJPEG ``"mixed"`` decoder when CUDA is available, else the CPU
@@ -17,6 +21,7 @@ import multiprocessing as mp
 import signal
 import tarfile
 from collections.abc import Iterator
+from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -25,14 +30,17 @@ import numpy as np
 
 from unmix.pipeline.dali_index import Member, format_index, parse_index, split_name
 from unmix.pipeline.image_prep import scan_jpeg, sniff_format
+from unmix.pipeline.labels import parse_label
 from unmix.pipeline.shards import (
     MANIFEST,
+    Manifest,
     ManifestError,
     Problem,
     ShardInfo,
     available_cpus,
     read_manifest,
     sha256_file,
+    write_manifest,
 )
 
 DECODE_BATCH = 64
@@ -53,9 +61,10 @@ def _index_diff(expected: str, actual: str) -> str:
 
 
 def _check_shard(
-    s: ShardInfo, num_classes: int, seen: dict[str, str], problems: list[Problem], labeled: bool = True
+    s: ShardInfo, m: Manifest, seen: dict[str, str], problems: list[Problem], labels: list[int]
 ) -> list[tuple[str, bytes]]:
-    """Structural checks of one shard; returns its (key, jpeg bytes) for decoding."""
+    """Structural checks of one shard; returns its (key, jpeg bytes) for decoding; appends its labels."""
+    num_classes = m.num_classes
     if not s.path.is_file():
         problems.append(Problem(s.name, None, f"tar {s.path} is missing"))
         return []
@@ -91,12 +100,16 @@ def _check_shard(
 
     if not s.index_path.is_file():
         problems.append(Problem(s.name, None, f"index {s.index_path} is missing"))
-    elif members:
+    else:
         actual = s.index_path.read_text(errors="replace")
-        expected = format_index(members)
-        if actual != expected:
+        expected = format_index(members) if members else None
+        if expected is not None and actual != expected:
             problems.append(
                 Problem(s.name, None, f"index {s.index_path.name} {_index_diff(expected, actual)}")
+            )
+        elif s.index_sha256 is not None and sha256_file(s.index_path) != s.index_sha256:
+            problems.append(
+                Problem(s.name, None, f"index {s.index_path.name}: sha256 does not match the manifest")
             )
 
     if len(order) != s.count:
@@ -107,17 +120,23 @@ def _check_shard(
         if key in seen:
             problems.append(Problem(s.name, key, f"key also used in {seen[key]}"))
         seen[key] = s.name
-        for ext in ("jpg", "cls") if labeled else ("jpg",):
+        for ext in ("jpg", "cls") if m.labeled else ("jpg",):
             if ext not in parts:
                 problems.append(Problem(s.name, key, f"no .{ext} member"))
-        if "cls" in parts and not labeled:
+        if "cls" in parts and not m.labeled:
             problems.append(Problem(s.name, key, "a .cls member in a set the manifest says has no labels"))
         elif "cls" in parts:
-            text = parts["cls"].decode("ascii", errors="replace").strip()
-            if not text.lstrip("-").isdigit():
-                problems.append(Problem(s.name, key, f".cls is {text!r}, not a class index"))
-            elif not 0 <= int(text) < num_classes:
-                problems.append(Problem(s.name, key, f"label {text} out of range (0..{num_classes - 1})"))
+            try:
+                label = parse_label(parts["cls"], num_classes)
+            except ValueError as e:
+                problems.append(Problem(s.name, key, str(e)))
+            else:
+                labels.append(label)
+                lo, hi = m.label_range or (0, num_classes - 1)
+                if not lo <= label <= hi:
+                    problems.append(
+                        Problem(s.name, key, f"label {label} outside the manifest's label_range {lo}..{hi}")
+                    )
         if "jpg" in parts:
             out.append((key, parts["jpg"]))
     return out
@@ -271,11 +290,15 @@ def _batches(items: list[tuple[str, bytes]], n: int) -> Iterator[list[tuple[str,
         yield items[i : i + n]
 
 
-def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") -> list[Problem]:
+def verify_shards(
+    path: str | Path, decode: bool = True, device: str = "cpu", fix: bool = False
+) -> list[Problem]:
     """Check the shard set at ``path`` (directory or manifest.json); returns every problem found.
 
     ``decode``: also decode every image with DALI; ``device``: ``"cpu"`` or ``"gpu"`` (GPU decoding when
-    CUDA is available, CPU otherwise).
+    CUDA is available, CPU otherwise). ``fix``: when nothing is wrong, record what an older manifest lacks
+    (each ``.idx``'s sha256, the label range) in it; the tars' checksums, which it always had, vouch for
+    the data the new records describe.
     """
     if device not in ("cpu", "gpu"):
         raise ValueError(f"device must be 'cpu' or 'gpu', got {device!r}")
@@ -285,12 +308,13 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
         return [Problem(str(path), None, str(e))]
     problems: list[Problem] = []
     seen: dict[str, str] = {}
+    labels: list[int] = []
     gpu = device == "gpu" and _cuda_available()
     decoder = DecodeWorker(gpu, min(8, available_cpus()), DECODE_BATCH) if decode else None
     total = 0
     try:
         for s in m.shards:
-            images = _check_shard(s, m.num_classes, seen, problems, labeled=m.labeled)
+            images = _check_shard(s, m, seen, problems, labels)
             total += len(images)
             images = [(k, b) for k, b in images if _jpeg_ok(s.name, k, b, problems)]
             if decoder is not None:
@@ -301,4 +325,8 @@ def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") ->
             decoder.close()
     if total != m.total and not problems:
         problems.append(Problem(MANIFEST, None, f"{total} images in the shards, manifest total {m.total}"))
+    if fix and not problems:
+        shards = [replace(s, index_sha256=sha256_file(s.index_path)) for s in m.shards]
+        label_range = (min(labels), max(labels)) if labels else None  # None: a set without labels
+        write_manifest(replace(m, shards=shards, label_range=label_range))
     return problems

@@ -5,18 +5,22 @@ A shard set is a directory::
     OUT/<split>-000000.tar   samples <key>.jpg (JPEG bytes) + <key>.cls (class index as ASCII)
     OUT/<split>-000000.idx   DALI's index of that tar (the format ``wds2idx`` writes)
     ...
-    OUT/manifest.json        written last: classes, per-shard name/count/bytes/sha256, totals, provenance
+    OUT/manifest.json        written last: classes, per-shard name/count/bytes/sha256 and the .idx's
+                             sha256, the label range, totals, provenance
 
-``read_manifest`` is the one thing readers need. Samples are shuffled globally at write time (DALI only
-shuffles inside a buffer); a sample's key is the zero-padded index of its source file in the sorted
-source list, so every sample can be traced back to its file.
+``read_manifest`` is the one thing readers need; it accepts only plain file names beside the manifest
+(no ``../``, no absolute paths), and :func:`check_shard_set` is the cheap check every reader runs first
+(tar sizes, ``.idx`` sha256: DALI trusts an index's offsets). Samples are shuffled globally at write
+time (DALI only shuffles inside a buffer); a sample's key is the zero-padded index of its source file in
+the sorted source list, so every sample can be traced back to its file.
 
 Crash safety: each tar and index is written as ``*.partial`` and renamed when complete; a finished shard
 is recorded in ``OUT/.unmix-done.jsonl`` with its sha256; ``manifest.json`` appears (atomically) only
 when every shard is done. ``OUT/.unmix-job.json`` describes the job (the sorted file list with labels
 and sizes, seed, sizing, encoding options), so re-running the same job after an interruption keeps the
 recorded shards whose checksums still match and rewrites the rest; the shard assignment depends only on
-that description, so the result is byte-identical to an uninterrupted run.
+that description, so the result is byte-identical to an uninterrupted run. ``overwrite`` replaces
+another job's set by deleting only the files that job wrote (its manifest's and progress log's lists).
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ class ShardInfo:
     count: int
     bytes: int
     sha256: str
+    index_sha256: str | None = None  # None: a manifest written before unmix recorded it
 
 
 @dataclass(frozen=True)
@@ -112,6 +117,7 @@ class Manifest:
     skipped_files: list[str] = field(default_factory=list)
     encoded: dict[str, int] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    label_range: tuple[int, int] | None = None  # smallest and largest label written; None: not recorded
     #: False for a set written without labels (STL-10's unlabeled split): its samples hold no ``.cls``
     #: member; pretraining reads it, the evaluation loaders refuse it. ``classes`` then names the classes of
     #: the data set it belongs to, for reference.
@@ -188,11 +194,9 @@ def read_manifest(path: str | Path) -> Manifest:
         d = json.loads(mpath.read_text())
     except (OSError, ValueError) as e:
         raise ManifestError(f"cannot read shard manifest {mpath}: {e}") from e
-    if not isinstance(d, dict):
-        raise ManifestError(
-            f"malformed shard manifest {mpath}: expected a JSON object, not {type(d).__name__}"
-        )
     try:
+        if not isinstance(d, dict):
+            raise ManifestError(f"malformed shard manifest {mpath}: a JSON {type(d).__name__}, not an object")
         if d.get("format") != "unmix-webdataset":
             raise ManifestError(f"{mpath} is not an unmix shard manifest (format={d.get('format')!r})")
         if int(d["version"]) > FORMAT_VERSION:
@@ -200,21 +204,35 @@ def read_manifest(path: str | Path) -> Manifest:
                 f"{mpath} has format version {d['version']}; this unmix reads <= {FORMAT_VERSION}"
             )
         root = mpath.parent.resolve()
+        if not isinstance(d["shards"], list) or not all(isinstance(s, dict) for s in d["shards"]):
+            raise ManifestError(f"malformed shard manifest {mpath}: 'shards' must be a list of objects")
         shards = [
             ShardInfo(
-                name=s["name"],
+                name=_own_name(mpath, f"shards[{i}].name", s["name"], ".tar"),
                 path=root / s["name"],
-                index_path=root / s["index"],
+                index_path=root / _own_name(mpath, f"shards[{i}].index", s["index"], ".idx"),
                 count=int(s["count"]),
                 bytes=int(s["bytes"]),
                 sha256=str(s["sha256"]),
+                index_sha256=str(s["index_sha256"]) if s.get("index_sha256") is not None else None,
             )
-            for s in d["shards"]
+            for i, s in enumerate(d["shards"])
         ]
+        if not isinstance(d["classes"], list) or not all(isinstance(c, str) for c in d["classes"]):
+            raise ManifestError(f"malformed shard manifest {mpath}: 'classes' must be a list of names")
+        label_range = None
+        if d.get("label_range") is not None:
+            lo, hi = (int(v) for v in d["label_range"])
+            if not 0 <= lo <= hi < len(d["classes"]):
+                raise ManifestError(
+                    f"malformed shard manifest {mpath}: label_range {[lo, hi]} is not within "
+                    f"0..{len(d['classes']) - 1} (its {len(d['classes'])} classes)"
+                )
+            label_range = (lo, hi)
         return Manifest(
             root=root,
             split=str(d["split"]),
-            classes=[str(c) for c in d["classes"]],
+            classes=list(d["classes"]),
             shards=shards,
             total=int(d["total"]),
             seed=int(d["seed"]),
@@ -222,16 +240,36 @@ def read_manifest(path: str | Path) -> Manifest:
             skipped=int(d["skipped"]),
             version=int(d["version"]),
             tool_version=str(d["tool_version"]),
-            skipped_files=list(d.get("skipped_files", [])),
-            encoded=dict(d.get("encoded", {})),
+            skipped_files=[str(f) for f in d.get("skipped_files", [])],
+            encoded={str(k): int(v) for k, v in dict(d.get("encoded", {})).items()},
             options=dict(d.get("options", {})),
+            label_range=label_range,
             labeled=_manifest_bool(d.get("labeled", True), mpath, "labeled"),
             class_names=[str(c) for c in d.get("class_names", [])],
         )
     except ManifestError:
         raise
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         raise ManifestError(f"malformed shard manifest {mpath}: {type(e).__name__}: {e}") from e
+
+
+_OWN_NAME = re.compile(r"[^/\\\x00-\x1f\x7f]+")  # one path component, no control characters
+
+
+def _own_name(mpath: Path, key: str, name: Any, suffix: str) -> str:
+    """``name`` if it is a plain file name in the manifest's directory ending in ``suffix``; a manifest may
+    not point at data elsewhere (``../``, absolute paths, sub-directories)."""
+    if (
+        not isinstance(name, str)
+        or not _OWN_NAME.fullmatch(name)
+        or name in (".", "..")
+        or not name.endswith(suffix)
+    ):
+        raise ManifestError(
+            f"{mpath}: {key} {name!r} is not a {suffix} file name in the manifest's directory "
+            "(no paths: a manifest describes only the files beside it)"
+        )
+    return name
 
 
 def _manifest_bool(value: Any, mpath: Path, key: str) -> bool:
@@ -241,8 +279,9 @@ def _manifest_bool(value: Any, mpath: Path, key: str) -> bool:
 
 
 def shard_set_problems(m: Manifest) -> list[Problem]:
-    """Cheap checks of a shard set against its manifest: every tar present with the manifest's size and
-    every ``.idx`` present (no checksums, no decoding: that is :func:`verify_shards`)."""
+    """Cheap checks of a shard set against its manifest: every tar present with the manifest's size, every
+    ``.idx`` present and, where the manifest records it, with its sha256 (DALI trusts an index's offsets:
+    a tampered one crashes the reader). No tar checksums, no decoding: that is :func:`verify_shards`."""
     problems = []
     verify = f"run `unmix shards verify {m.root}`"
     for s in m.shards:
@@ -268,7 +307,29 @@ def shard_set_problems(m: Manifest) -> list[Problem]:
                     "`unmix shards write`, or re-create it with DALI's wds2idx)",
                 )
             )
+        elif s.index_sha256 is not None and sha256_file(s.index_path) != s.index_sha256:
+            problems.append(
+                Problem(
+                    s.name,
+                    None,
+                    f"index {s.index_path} does not match its manifest (sha256 differs: changed or "
+                    f"damaged; DALI would read wrong offsets); {verify}",
+                )
+            )
     return problems
+
+
+_NOTICED: set[Path] = set()
+
+
+def legacy_notice(m: Manifest) -> str | None:
+    """The one-line notice for a manifest written before unmix recorded ``.idx`` checksums, else None."""
+    if all(s.index_sha256 is not None for s in m.shards):
+        return None
+    return (
+        f"note: {m.root / MANIFEST} records no .idx checksums (written by an older unmix): the indices are "
+        f"checked for presence only; `unmix shards verify --fix {m.root}` checks the set and records them"
+    )
 
 
 def check_shard_set(path: str | Path, key: str | None = None) -> Manifest:
@@ -276,7 +337,9 @@ def check_shard_set(path: str | Path, key: str | None = None) -> Manifest:
 
     Raises :class:`ShardSetError` with a one-line message naming the path (prefixed with ``key``, e.g.
     ``data.train``, when given) and what is wrong: the directory missing or a file, the manifest missing or
-    unreadable, a tar missing or of another size than the manifest says, an index missing.
+    unreadable, a tar missing or of another size than the manifest says, an index missing or (where the
+    manifest records it) with another sha256. A manifest without index checksums is accepted with a
+    one-line notice on stderr (:func:`legacy_notice`).
     """
     p = Path(path)
     where = f"{key}={path}" if key else str(path)
@@ -295,6 +358,10 @@ def check_shard_set(path: str | Path, key: str | None = None) -> Manifest:
     if problems:
         more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
         raise ShardSetError(f"{where}: {problems[0].message}{more}")
+    notice = legacy_notice(m)
+    if notice and m.root not in _NOTICED and os.environ.get("RANK", "0") == "0":  # once per set, rank 0
+        _NOTICED.add(m.root)
+        print(f"unmix: {notice}", file=sys.stderr)
     return m
 
 
@@ -314,6 +381,7 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
         "skipped_files": m.skipped_files,
         "encoded": m.encoded,
         "options": m.options,
+        "label_range": list(m.label_range) if m.label_range is not None else None,
         "labeled": m.labeled,
         **({"class_names": m.class_names} if m.class_names else {}),
         "shards": [
@@ -323,10 +391,16 @@ def _manifest_dict(m: Manifest) -> dict[str, Any]:
                 "count": s.count,
                 "bytes": s.bytes,
                 "sha256": s.sha256,
+                "index_sha256": s.index_sha256,
             }
             for s in m.shards
         ],
     }
+
+
+def write_manifest(m: Manifest) -> None:
+    """Write ``m`` as ``m.root/manifest.json`` (atomically: a reader sees the old or the new file)."""
+    _atomic_write_text(m.root / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
 
 
 def _atomic_write_text(path: Path, text: str, sync: bool = True) -> None:
@@ -385,9 +459,43 @@ def _job_description(
     }
 
 
-_OWN_FILE = re.compile(
-    r".+-\d{6}\.(tar|idx)(\.partial)?$|^manifest\.json(\.partial)?$|^\.unmix-(job|done)\.jsonl?(\.partial)?$"
-)
+_BOOKKEEPING = (MANIFEST, JOB_FILE, DONE_FILE)
+
+
+def _json_or_none(path: Path | str) -> Any:
+    """The JSON value of a file (a ``Path``) or of a text (a ``str``); None when unreadable."""
+    try:
+        return json.loads(path.read_text() if isinstance(path, Path) else path)
+    except (OSError, ValueError):
+        return None
+
+
+def _replaced_files(out: Path) -> set[str]:
+    """Names of the files in ``out`` that the shard job there wrote: its manifest's shards and indices,
+    the shards its progress log records, their ``.partial`` files, and its bookkeeping files. Nothing
+    else in ``out`` (another split's shards, a user's files) is the job's to replace."""
+    old_job = _json_or_none(out / JOB_FILE)
+    if not isinstance(old_job, dict):
+        return set()  # no job of ours here: nothing is ours to delete
+    names: set[str] = set()
+    manifest = _json_or_none(out / MANIFEST)
+    if isinstance(manifest, dict) and manifest.get("format") == "unmix-webdataset":
+        for s in manifest.get("shards") or []:
+            if isinstance(s, dict):
+                names.update(str(s.get(k)) for k in ("name", "index"))
+    done = out / DONE_FILE
+    if done.is_file():
+        for line in done.read_text(errors="replace").splitlines():
+            rec = _json_or_none(line)
+            if isinstance(rec, dict) and isinstance(rec.get("name"), str):
+                names.update((rec["name"], str(Path(rec["name"]).with_suffix(".idx"))))
+    split = old_job.get("split")
+    if isinstance(split, str) and re.fullmatch(r"[A-Za-z0-9_]+", split):
+        partial = re.compile(rf"{split}-\d{{6}}\.(tar|idx)\.partial")
+        names.update(e.name for e in os.scandir(out) if partial.fullmatch(e.name))
+    names = {n for n in names if _OWN_NAME.fullmatch(n) and n not in (".", "..")}  # never a path
+    names.update(_BOOKKEEPING)
+    return names | {n + ".partial" for n in names}
 
 
 def _skipped_so_far(out: Path) -> list[str]:
@@ -402,8 +510,11 @@ def _skipped_so_far(out: Path) -> list[str]:
     return sorted(set(skipped))
 
 
-def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
+def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool, names: list[str]) -> bool:
     """Create/claim ``out``; return True when it holds this very job (resume), False for a fresh start.
+
+    ``names``: the shard tars this job writes. ``overwrite`` deletes only the files the job it replaces
+    wrote (:func:`_replaced_files`), and refuses when this job would replace any other file in ``out``.
 
     ``job["skip_bad"]`` (present only when true) is part of the identity with one allowance: a job written
     without it skipped nothing, so ``--skip-bad`` may resume or accept it; the other way round is refused
@@ -439,8 +550,17 @@ def _prepare_out(out: Path, job: dict[str, Any], overwrite: bool) -> bool:
             f"output directory {out} is not empty and holds {what}; "
             "use another directory or --overwrite (deletes its shards and manifest)"
         )
+    replaced = _replaced_files(out)
+    ours = set(_BOOKKEEPING) | {n for t in names for n in (t, str(Path(t).with_suffix(".idx")))}
+    ours |= {n + ".partial" for n in ours}
+    clash = sorted(e.name for e in entries if e.name in ours and e.name not in replaced)
+    if clash:
+        raise ShardWriteError(
+            f"{out / clash[0]} exists and was not written by the shard job {out} holds; --overwrite "
+            f"replaces only that job's files ({len(clash)} file(s) in the way: move them or use another OUT)"
+        )
     for e in entries:
-        if e.is_file() and _OWN_FILE.match(e.name):
+        if e.name in replaced and not e.is_dir(follow_symlinks=False):
             os.unlink(e.path)
     _atomic_write_text(job_path, json.dumps(job, indent=1, sort_keys=True) + "\n")
     return False
@@ -777,8 +897,9 @@ def write_shards(
         source = src
     else:
         src = Path(src)
-        if out.resolve().is_relative_to(src.resolve()) and list_file is None:
-            raise ValueError(f"output directory {out} must not be inside the source tree {src}")
+        if out.resolve().is_relative_to(src.resolve()):  # every mode: --list too
+            same = " (it is the source directory)" if out.resolve() == src.resolve() else ""
+            raise ValueError(f"output directory {out} must not be inside the source tree {src}{same}")
         classes = read_manifest(classes_from).classes if classes_from is not None else None
         keep = read_class_file(keep_classes) if keep_classes is not None else None
         if list_file is not None:
@@ -789,6 +910,13 @@ def write_shards(
             source = scan_tree(src, classes, keep)
     if class_names is not None and len(class_names) != len(source.classes):
         raise ValueError(f"class_names: {len(class_names)} names for {len(source.classes)} classes")
+    if source.links_skipped or source.aliases:  # said even with progress off: the set differs from the tree
+        first = f": {source.links_skipped[0]}" if source.links_skipped else ""
+        print(
+            f"unmix shards write: note: {len(source.links_skipped)} directory link(s) in {source.root} not "
+            f"followed{first}; {source.aliases} file(s) reached twice in one class kept once",
+            file=sys.stderr,
+        )
     split = split or _default_split(out)
     if not re.fullmatch(r"[A-Za-z0-9_]+", split):
         raise ValueError(f"split {split!r} must be letters, digits and '_' (it prefixes shard names)")
@@ -800,9 +928,9 @@ def write_shards(
         job["skip_bad"] = True
     if not labeled:  # likewise: a labelled set and an unlabeled one of the same images are different jobs
         job["labeled"] = False
-    resuming = _prepare_out(out, job, overwrite)
     plan = _plan_shards(source.items, seed, samples_per_shard, shard_bytes)
     names = [f"{split}-{i:06d}.tar" for i in range(len(plan))]
+    resuming = _prepare_out(out, job, overwrite, names)
     options = {
         "samples_per_shard": samples_per_shard,
         "shard_bytes": shard_bytes,
@@ -810,6 +938,8 @@ def write_shards(
         "max_side": max_side,
         "list_file": str(Path(list_file).resolve()) if list_file else None,
         "classes_from": str(_manifest_path(classes_from).resolve()) if classes_from else None,
+        "links_not_followed": source.links_skipped[:20],
+        "aliases_kept_once": source.aliases,
         **({"classes_file": str(Path(keep_classes).resolve())} if keep_classes is not None else {}),
     }
     if resuming and (out / MANIFEST).exists():
@@ -904,7 +1034,15 @@ def write_shards(
 
     out_res = out.resolve()
     shards = [
-        ShardInfo(n, out_res / n, out_res / Path(n).with_suffix(".idx"), r["count"], r["bytes"], r["sha256"])
+        ShardInfo(
+            n,
+            out_res / n,
+            out_res / Path(n).with_suffix(".idx"),
+            r["count"],
+            r["bytes"],
+            r["sha256"],
+            r["index_sha256"],
+        )
         for n in names
         if (r := records[n])["count"] > 0
     ]
@@ -912,6 +1050,8 @@ def write_shards(
     for r in records.values():
         encoded.update(r["actions"])
     skipped_files = sorted(f for r in records.values() for f in r["skipped"])
+    skipped_set = set(skipped_files)
+    labels = [it.label for it in source.items if it.rel not in skipped_set]
     m = Manifest(
         root=out_res,
         split=split,
@@ -926,6 +1066,7 @@ def write_shards(
         skipped_files=skipped_files,
         encoded=dict(sorted(encoded.items())),
         options=options,
+        label_range=(min(labels), max(labels)) if labels and labeled else None,
         labeled=labeled,
         class_names=list(class_names or []),
     )
@@ -935,7 +1076,7 @@ def write_shards(
         )
     # Everything durable before the manifest says the set is complete.
     _fsync_paths([p for s in shards for p in (s.path, s.index_path)] + [out_res])
-    _atomic_write_text(out / MANIFEST, json.dumps(_manifest_dict(m), indent=1) + "\n")
+    write_manifest(m)
     if progress:
         dt = time.perf_counter() - t0
         reenc = sum(v for k, v in encoded_now.items() if k != "copied")
@@ -950,11 +1091,13 @@ def write_shards(
     return m
 
 
-def verify_shards(path: str | Path, decode: bool = True, device: str = "cpu") -> list[Problem]:
+def verify_shards(
+    path: str | Path, decode: bool = True, device: str = "cpu", fix: bool = False
+) -> list[Problem]:
     """Check a shard set against its manifest; returns the problems found (empty = all good).
 
     See :func:`pipeline.shard_verify.verify_shards`.
     """
     from unmix.pipeline.shard_verify import verify_shards as _verify
 
-    return _verify(path, decode=decode, device=device)
+    return _verify(path, decode=decode, device=device, fix=fix)

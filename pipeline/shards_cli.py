@@ -1,10 +1,17 @@
-"""``unmix shards write|verify|sample|info|cifar|stl10|tiny-imagenet`` and ``unmix bench shards``."""
+"""``unmix shards write|verify|sample|info|cifar|stl10|tiny-imagenet`` and ``unmix bench shards``.
+
+Exit status: 0 done, 1 a shard set with problems (``verify``, ``info``), 2 bad input (a refused OUT, an
+unreadable image without ``--skip-bad``, a malformed manifest or archive): one line naming the file.
+Text that comes from a shard set (manifest strings, member names) is printed with control characters
+escaped (:func:`printable`), so a crafted manifest cannot drive the terminal.
+"""
 
 from __future__ import annotations
 
 import argparse
 import re
 import sys
+import unicodedata
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
@@ -15,6 +22,23 @@ def parse_size(text: str) -> int:
     if not m or m.group(2) not in _UNITS:
         raise argparse.ArgumentTypeError(f"bad size {text!r} (examples: 500MB, 1G, 256MiB, 1000000)")
     return int(float(m.group(1)) * _UNITS[m.group(2)])
+
+
+def printable(text: object) -> str:
+    """``text`` with control and format characters (terminal escapes, bidi overrides) written as
+    ``\\xNN`` / ``\\uNNNN``, so that it prints as the characters it holds."""
+    text = str(text)
+    if text.isprintable():
+        return text
+    return "".join(
+        ch if ch == " " or unicodedata.category(ch)[0] not in "CZ" else ascii(ch)[1:-1] for ch in text
+    )
+
+
+def _error(command: str, exc: BaseException) -> int:
+    """The one-line error of a refused input; exit status 2."""
+    print(f"unmix shards {command}: error: {printable(exc)}", file=sys.stderr)
+    return 2
 
 
 def _write(args: argparse.Namespace) -> int:
@@ -39,8 +63,7 @@ def _write(args: argparse.Namespace) -> int:
             keep_classes=args.classes,
         )
     except (SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        print(f"unmix shards write: error: {e}", file=sys.stderr)
-        return 1
+        return _error("write", e)
     except KeyboardInterrupt:
         print(
             "\nunmix shards write: interrupted; finished shards are kept, "
@@ -52,21 +75,23 @@ def _write(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards import ManifestError, read_manifest, verify_shards
+    from unmix.pipeline.shards import ManifestError, legacy_notice, read_manifest, verify_shards
 
     try:
         m = read_manifest(args.dir)
     except ManifestError as e:
-        print(f"unmix shards verify: error: {e}", file=sys.stderr)
-        return 1
-    problems = verify_shards(args.dir, decode=not args.no_decode, device=args.device)
+        return _error("verify", e)
+    problems = verify_shards(args.dir, decode=not args.no_decode, device=args.device, fix=args.fix)
     for p in problems:
-        print(p)
+        print(printable(p))
     if problems:
-        print(f"{args.dir}: {len(problems)} problem(s)", file=sys.stderr)
+        print(f"{printable(args.dir)}: {len(problems)} problem(s)", file=sys.stderr)
         return 1
     what = "checksums, indices, labels" + ("" if args.no_decode else " and decoding")
-    print(f"{args.dir}: OK, {m.total} samples in {len(m.shards)} shards ({what} checked)")
+    fixed = ""
+    if args.fix and legacy_notice(m):
+        fixed = "; index checksums and label range recorded in the manifest"
+    print(f"{printable(args.dir)}: OK, {m.total} samples in {len(m.shards)} shards ({what} checked{fixed})")
     return 0
 
 
@@ -90,31 +115,38 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards import ManifestError, read_manifest, shard_set_problems
+    from unmix.pipeline.shards import ManifestError, legacy_notice, read_manifest, shard_set_problems
 
     try:
         m = read_manifest(args.dir)
     except ManifestError as e:
-        print(f"unmix shards info: error: {e}", file=sys.stderr)
-        return 1
+        return _error("info", e)
+    root = printable(m.root)
+    labels = f", labels {m.label_range[0]}..{m.label_range[1]}" if m.label_range else ""
     print(
-        f"{m.root}: split {m.split}, {m.total} samples, {m.num_classes} classes, {len(m.shards)} shards, "
-        f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}"
+        printable(
+            f"{m.root}: split {m.split}, {m.total} samples, {m.num_classes} classes, {len(m.shards)} shards, "
+            f"{m.bytes / 1e6:.1f} MB, seed {m.seed}, {m.skipped} skipped, encoded {m.encoded}{labels}"
+        )
     )
-    print(f"source: {m.source}")
+    print(f"source: {printable(m.source)}")
     if not m.labeled:
         print("labels: none (the manifest says labeled: false): pretraining only")
-    problems = shard_set_problems(m)  # presence and sizes only; checksums and decoding: `shards verify`
+    problems = shard_set_problems(m)  # presence, sizes, index checksums; tar checksums: `shards verify`
     for p in problems:
-        print(f"unmix shards info: {p}", file=sys.stderr)
+        print(f"unmix shards info: {printable(p)}", file=sys.stderr)
     if problems:
         print(
-            f"unmix shards info: error: {m.root} is damaged: {len(problems)} problem(s) "
-            f"(run `unmix shards verify {m.root}` for a full check)",
+            f"unmix shards info: error: {root} is damaged: {len(problems)} problem(s) "
+            f"(run `unmix shards verify {root}` for a full check)",
             file=sys.stderr,
         )
         return 1
-    print("files: every tar present with its manifest size, every index present (checksums: `shards verify`)")
+    notice = legacy_notice(m)
+    if notice:
+        print(f"unmix shards info: {printable(notice)}", file=sys.stderr)
+    what = "every index present" + ("" if notice else " with its sha256")
+    print(f"files: every tar present with its manifest size, {what} (tar checksums: `shards verify`)")
     return 0
 
 
@@ -134,8 +166,7 @@ def _cifar(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (CifarError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        print(f"unmix shards cifar: error: {e}", file=sys.stderr)
-        return 1
+        return _error("cifar", e)
     for note in cifar.notes():
         print(f"unmix shards cifar: note: {note}", file=sys.stderr)
     print(
@@ -162,8 +193,7 @@ def _stl10(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (Stl10Error, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        print(f"unmix shards stl10: error: {e}", file=sys.stderr)
-        return 1
+        return _error("stl10", e)
     for note in stl.notes():
         print(f"unmix shards stl10: note: {note}", file=sys.stderr)
     print(
@@ -195,8 +225,7 @@ def _tiny_imagenet(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
     except (TinyImageNetError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        print(f"unmix shards tiny-imagenet: error: {e}", file=sys.stderr)
-        return 1
+        return _error("tiny-imagenet", e)
     for note in tiny.notes():
         print(f"unmix shards tiny-imagenet: note: {note}", file=sys.stderr)
     print(
@@ -290,9 +319,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     w.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
     w.set_defaults(func=_write)
 
-    v = ss.add_parser("verify", help="check a shard set against its manifest (exit 1 on any problem)")
+    v = ss.add_parser(
+        "verify", help="check a shard set against its manifest (exit 1 on any problem, 2 on a bad manifest)"
+    )
     v.add_argument("dir", help="shard directory (or its manifest.json)")
     v.add_argument("--no-decode", action="store_true", help="skip decoding every image")
+    v.add_argument(
+        "--fix",
+        action="store_true",
+        help="when all is well, record what a manifest of an older unmix lacks (.idx sha256, label range)",
+    )
     v.add_argument(
         "--device",
         choices=["cpu", "gpu"],

@@ -18,6 +18,11 @@ Choices, and why:
 - ``JobCompType=jobcomp/filetxt``: a permanent record of every finished job (and requeue) in
   ``log/jobcomp.txt``, because there is no accounting database and ``squeue`` forgets finished jobs.
 - Free TCP ports are picked at start, so two clusters (two test sessions) do not collide.
+- It runs as root, so the directory is claimed with care (:func:`claim_dir`): a ``--dir`` that is a
+  symbolic link, is not owned by the caller, or that others may write to is refused; a new one is created
+  0700; every file is written fresh (an existing one, link or not, is unlinked first, never written
+  through), and every start writes a new munge key, mode 0400 (an old key, perhaps world-readable, is
+  never reused: ``munged --force`` would accept it).
 
 Usage::
 
@@ -37,6 +42,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -93,11 +99,61 @@ def ensure_hosts(names: list[str], hosts_file: Path = Path("/etc/hosts")) -> Non
         ) from e
 
 
+class ClusterDirError(ValueError):
+    """``--dir`` is not a directory this launcher may use as root; the message names it and why."""
+
+
+def claim_dir(path: str | Path, create: bool) -> Path:
+    """``path`` as an absolute directory that is the caller's alone, created 0700 when missing (``create``).
+
+    Refused (:class:`ClusterDirError`): a symbolic link (root would write wherever it points), a
+    directory owned by another user or writable by group/others (they could plant links in it), anything
+    that is not a directory.
+    """
+    p = Path(path).absolute()
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        if not create:
+            raise ClusterDirError(f"--dir {p} does not exist") from None
+        p.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(p, 0o700)  # fails if something appeared meanwhile
+        st = os.lstat(p)
+    if stat.S_ISLNK(st.st_mode):
+        raise ClusterDirError(f"--dir {p} is a symbolic link (to {os.readlink(p)}); give a real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ClusterDirError(f"--dir {p} is not a directory")
+    if st.st_uid != os.geteuid():
+        raise ClusterDirError(
+            f"--dir {p} is owned by uid {st.st_uid}, not by the caller (uid {os.geteuid()})"
+        )
+    if st.st_mode & 0o022:
+        raise ClusterDirError(
+            f"--dir {p} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o}); use a private "
+            "directory (mode 0700)"
+        )
+    os.chmod(p, 0o700)
+    return p
+
+
+def _write_private(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` as a new file with ``mode``: whatever was there (a file, a planted link) is unlinked,
+    and the new file is created exclusively without following links."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.chmod(path, mode)  # the umask may have narrowed it
+
+
 class LocalCluster:
     """One controller and ``nodes`` slurmd daemons (``node1``..``nodeN``) rooted in ``root``."""
 
     def __init__(self, root: str | Path, nodes: int = 2, cpus: int = 2, kill_wait: int = 10) -> None:
-        self.root = Path(root).resolve()
+        self.root = Path(root).absolute()  # not resolved: a link as --dir is refused, never followed
         self.node_names = [f"node{i + 1}" for i in range(nodes)]
         self.cpus = cpus
         self.kill_wait = kill_wait
@@ -124,10 +180,13 @@ class LocalCluster:
 
     # ---- configuration -----------------------------------------------------------------------------
     def write_config(self) -> None:
-        """Write slurm.conf, cgroup.conf and a fresh munge key into the cluster directory."""
-        r = self.root
-        for sub in ("state", "log", "run", "munge", *(f"spool/{n}" for n in self.node_names)):
-            (r / sub).mkdir(parents=True, exist_ok=True)
+        """Write slurm.conf, cgroup.conf and a new munge key (mode 0400) into the cluster directory, which
+        :func:`claim_dir` checks first (created 0700 when missing)."""
+        r = claim_dir(self.root, create=True)
+        for sub in ("state", "log", "run", "munge", "spool", *(f"spool/{n}" for n in self.node_names)):
+            if (r / sub).is_symlink():
+                raise ClusterDirError(f"{r / sub} is a symbolic link; remove it (or use a new --dir)")
+            (r / sub).mkdir(mode=0o700, exist_ok=True)
         os.chmod(r / "munge", 0o700)
         ctld_port, *node_ports = _free_ports(1 + len(self.node_names))
         host = socket.gethostname().split(".")[0]
@@ -135,8 +194,7 @@ class LocalCluster:
             f"NodeName={n} NodeAddr=127.0.0.1 Port={p} CPUs={self.cpus} RealMemory=1000 State=UNKNOWN"
             for n, p in zip(self.node_names, node_ports, strict=True)
         )
-        self.conf.write_text(
-            f"""# Written by slurm/localcluster.py: a private test cluster, not for production.
+        conf = f"""# Written by slurm/localcluster.py: a private test cluster, not for production.
 ClusterName=unmixlocal
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
@@ -176,12 +234,11 @@ SlurmdTimeout=60
 {nodes}
 PartitionName=local Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINITE State=UP
 """
+        _write_private(self.conf, conf.encode(), 0o644)
+        _write_private(
+            r / "cgroup.conf", b"# No cgroups in a sandbox: proctrack/linuxproc and task/none.\n", 0o644
         )
-        (r / "cgroup.conf").write_text("# No cgroups in a sandbox: proctrack/linuxproc and task/none.\n")
-        key = r / "munge" / "munge.key"
-        if not key.exists():
-            key.write_bytes(os.urandom(1024))
-            os.chmod(key, 0o600)
+        _write_private(r / "munge" / "munge.key", os.urandom(1024), 0o400)  # new on every start
 
     # ---- lifecycle ---------------------------------------------------------------------------------
     def _daemon_env(self) -> dict[str, str]:
@@ -205,6 +262,8 @@ PartitionName=local Nodes={",".join(self.node_names)} Default=YES MaxTime=INFINI
         r = self.root
         self._start(
             _which("munged"),
+            # --force only for the socket: munged wants its directory open to all users, this one is
+            # private (root's daemons and jobs are its only clients). The key is new and 0400 every start.
             "--force",
             f"--key-file={r}/munge/munge.key",
             f"--socket={self.munge_socket}",
@@ -303,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--cpus", type=int, default=2, help="CPUs declared per node (may oversubscribe)")
     args = parser.parse_args(argv)
+    try:  # before anything else: this runs as root
+        claim_dir(args.dir, create=args.action == "start")
+    except (ClusterDirError, OSError) as e:
+        print(f"localcluster.py: error: {e}", file=sys.stderr)
+        return 2
     missing = slurm_installed()
     if missing:
         print(f"missing: {', '.join(missing)} (apt-get install slurm-wlm munge)", file=sys.stderr)

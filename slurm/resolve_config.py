@@ -48,6 +48,13 @@ def main(argv: list[str]) -> int:
         if os.environ.get("MLFLOW_TRACKING_URI")
         else "default",
     }
+    for key, value in values.items():  # one line each: a line break in a value would forge another key
+        if any(c in str(value) for c in "\n\r\0"):
+            print(
+                f"{argv[0]}: {key} {str(value)!r} holds a line break, which the Slurm scripts cannot pass on",
+                file=sys.stderr,
+            )
+            return 2
     for key, value in values.items():
         print(f"{key}={value}")
     return 0

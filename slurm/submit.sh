@@ -131,6 +131,10 @@ crop=$(value data.crop)
 [[ -n "$data_train" ]] || die "data.train is empty in $config (set it or pass data.train=DIR)"
 [[ -n "$data_val" ]] || die "data.val is empty in $config (the evaluation needs it; pass data.val=DIR)"
 config=$(cd "$(dirname "$config")" && pwd)/$(basename "$config")
+# Slurm expands %-patterns in --output (%x, %j) and a backslash turns that off for the whole name: a '%'
+# of the directory is written '%%'; a backslash cannot be kept, so it is refused.
+[[ $output_dir != *\\* ]] || die "output_dir '$output_dir' holds a backslash, which Slurm log paths cannot hold"
+log_dir=${output_dir//%/%%}
 
 # ---- resources -------------------------------------------------------------------------------------
 if [[ $cpu -eq 1 ]]; then
@@ -148,7 +152,7 @@ common=()
 common+=(${gres[@]+"${gres[@]}"} ${passthrough[@]+"${passthrough[@]}"})
 
 pretrain=(sbatch --parsable --nodes="$nodes" --ntasks-per-node="$tasks" --signal="B:USR1@$signal_seconds"
-  --output="$output_dir/slurm-%x-%j.out" ${time_limit:+"--time=$time_limit"} "${common[@]}"
+  --output="$log_dir/slurm-%x-%j.out" ${time_limit:+"--time=$time_limit"} "${common[@]}"
   "$here/pretrain.sbatch" "$config" ${device_overrides[@]+"${device_overrides[@]}"}
   ${overrides[@]+"${overrides[@]}"})
 # Defaults for the evaluation come first so the user's UNMIX_LINEAR_ARGS/UNMIX_KNN_ARGS win.
@@ -156,7 +160,7 @@ eval_defaults=(${eval_device[@]+"${eval_device[@]}"} "data.crop=$crop")
 linear_args="${eval_defaults[*]}${UNMIX_LINEAR_ARGS:+ $UNMIX_LINEAR_ARGS}"
 knn_args="${eval_defaults[*]}${UNMIX_KNN_ARGS:+ $UNMIX_KNN_ARGS}"
 evaluate=(sbatch --parsable --nodes="$eval_nodes" --ntasks-per-node="$tasks" --kill-on-invalid-dep=yes
-  --output="$output_dir/slurm-%x-%j.out" ${eval_time:+"--time=$eval_time"} "${common[@]}"
+  --output="$log_dir/slurm-%x-%j.out" ${eval_time:+"--time=$eval_time"} "${common[@]}"
   "$here/linear.sbatch" "$output_dir" "$data_train" "$data_val")
 
 if [[ $dry_run -eq 1 ]]; then

@@ -69,4 +69,6 @@ for seed in $seeds; do
       "unmix.enabled=$enabled" "seed=$seed" "output_dir=$base/unmix-$unmix-seed$seed"
   done
 done
-echo "compare when done: unmix compare --tracking-uri '$uri' --experiment '$experiment'"
+# Every piece quoted for the shell (printf %q): names and paths come from the config, and pasting the
+# command must never run a piece of them.
+printf 'compare when done: unmix compare --tracking-uri %q --experiment %q\n' "$uri" "$experiment"

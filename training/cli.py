@@ -64,6 +64,7 @@ def _train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from unmix.pipeline.labels import LabelError
     from unmix.training.atomic import WriteError, check_writable
     from unmix.training.checkpoint import ResumeError
     from unmix.training.loop import NonFiniteLossError, train
@@ -71,7 +72,7 @@ def _train(args: argparse.Namespace) -> int:
     try:
         check_writable(cfg.output_dir, "output_dir")
         return train(cfg, force_config=args.force_config)
-    except (ConfigError, ResumeError, WriteError) as exc:
+    except (ConfigError, ResumeError, LabelError, WriteError) as exc:  # LabelError: a bad .cls (kNN monitor)
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

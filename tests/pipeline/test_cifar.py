@@ -111,7 +111,7 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
     assert main(["shards", "cifar", str(path), str(tmp_path / "out"), "-q", "--quality", "90"]) == 0
     assert "train 20 images" in capsys.readouterr().out
     assert "quality 90" in read_manifest(tmp_path / "out" / "val").source
-    assert main(["shards", "cifar", str(tmp_path / "nothing.tar.gz"), str(tmp_path / "o2"), "-q"]) == 1
+    assert main(["shards", "cifar", str(tmp_path / "nothing.tar.gz"), str(tmp_path / "o2"), "-q"]) == 2
     assert "nothing.tar.gz: no such file" in capsys.readouterr().err
 
 

@@ -68,7 +68,7 @@ def test_refuses_a_class_not_in_the_tree(tmp_path, capsys):
     k = _class_file(tmp_path / "k.txt", ["n01440764", "n09999999"])
     with pytest.raises(SourceError, match="class 'n09999999' to keep is not a class directory of"):
         write_shards(src, tmp_path / "out", keep_classes=k, progress=False)
-    assert main(["shards", "write", str(src), str(tmp_path / "o"), "--classes", str(k), "-q"]) == 1
+    assert main(["shards", "write", str(src), str(tmp_path / "o"), "--classes", str(k), "-q"]) == 2
     assert "n09999999" in capsys.readouterr().err
     assert not (tmp_path / "o" / "manifest.json").exists()
 

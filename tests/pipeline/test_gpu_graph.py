@@ -183,12 +183,12 @@ def test_report_of_serialized_bytes_and_names(sample_val):
     pipe = eval_pipeline(sample_val, 8, "val", CROP, "gpu", num_threads=1, device_id=None)
     data = pipe.serialize()
     ops, outputs = parse_pipeline(data)
-    assert [p.device for p in outputs] == ["gpu", "cpu"]
+    assert [p.device for p in outputs] == ["gpu", "cpu", "cpu"]  # image, label, key (names a bad label)
     assert sum(op.schema in DECODER_SCHEMAS for op in ops) == 1
-    report = device_report(data, ["image", "label"])
-    assert report.ok and [p.name for p, _ in report.outputs] == ["image", "label"]
+    report = device_report(data, ["image", "label", "key"])
+    assert report.ok and [p.name for p, _ in report.outputs] == ["image", "label", "key"]
     assert "GPU graph: ok" in str(report) and "image (gpu, image)" in str(report)
-    with pytest.raises(ValueError, match="3 output names for 2"):
-        device_report(data, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="4 output names for 3"):
+        device_report(data, ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="wire type"):
         parse_pipeline(b"\x0f")

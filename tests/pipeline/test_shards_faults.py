@@ -73,7 +73,7 @@ def test_info_checks_presence_and_sizes(shard_set: Path, capsys):
 def test_write_into_an_existing_file_is_named(tmp_path: Path, capsys):
     src = _tree(tmp_path / "src")
     (tmp_path / "out").write_text("not a directory")
-    assert main(["shards", "write", str(src), str(tmp_path / "out"), "-q"]) == 1
+    assert main(["shards", "write", str(src), str(tmp_path / "out"), "-q"]) == 2  # bad input
     err = capsys.readouterr().err
     assert f"output {tmp_path / 'out'} exists and is not a directory" in err and "Errno" not in err
 

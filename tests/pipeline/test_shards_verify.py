@@ -52,6 +52,7 @@ def rewrite_shard(root: Path, shard: str, mutate) -> None:
         if s["name"] == shard:
             s["bytes"] = tar_path.stat().st_size
             s["sha256"] = hashlib.sha256(tar_path.read_bytes()).hexdigest()
+            s["index_sha256"] = hashlib.sha256(tar_path.with_suffix(".idx").read_bytes()).hexdigest()
     mpath.write_text(json.dumps(d))
 
 
@@ -203,7 +204,7 @@ def test_cli_exit_status(sample_val: Path, shard_copy: Path, capsys):
     read_manifest(shard_copy).shards[0].index_path.unlink()
     assert main(["shards", "verify", str(shard_copy)]) == 1
     assert "val-000000.tar: index" in capsys.readouterr().out
-    assert main(["shards", "verify", str(shard_copy / "nowhere")]) == 1
+    assert main(["shards", "verify", str(shard_copy / "nowhere")]) == 2  # no manifest: bad input
 
 
 @pytest.mark.gpu

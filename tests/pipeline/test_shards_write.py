@@ -414,7 +414,7 @@ def test_cli_write_and_info(tree: Path, tmp_path: Path, capsys):
     assert read_manifest(out).split == "val"
     assert main(["shards", "info", str(out)]) == 0
     assert "18 samples" in capsys.readouterr().out
-    assert main(["shards", "write", str(tmp_path / "missing"), str(tmp_path / "o"), "-q"]) == 1
+    assert main(["shards", "write", str(tmp_path / "missing"), str(tmp_path / "o"), "-q"]) == 2
     assert "missing is not a directory" in capsys.readouterr().err
 
 

@@ -140,7 +140,7 @@ def test_damaged_archives_name_the_member(tmp_path, damage, member, message):
     with pytest.raises(Stl10Error) as e:
         read_stl10(path)
     assert f"stl10_binary/{member}" in str(e.value) and message in str(e.value)
-    assert main(["shards", "stl10", str(path), str(tmp_path / "o"), "-q"]) == 1
+    assert main(["shards", "stl10", str(path), str(tmp_path / "o"), "-q"]) == 2
 
 
 def test_truncated_tar_names_the_member(tmp_path):

@@ -154,7 +154,7 @@ def test_damaged_archives_name_the_member(tmp_path, edit, member, message):
     with pytest.raises(TinyImageNetError) as e:
         read_tiny_imagenet(path)
     assert f"tiny-imagenet-200/{member}" in str(e.value) and message in str(e.value)
-    assert main(["shards", "tiny-imagenet", str(path), str(tmp_path / "o"), "-q"]) == 1
+    assert main(["shards", "tiny-imagenet", str(path), str(tmp_path / "o"), "-q"]) == 2
 
 
 def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):

@@ -161,10 +161,15 @@ def test_sweep_submits_unmix_off_and_on_per_seed(tmp_path):
         runs.add((enabled, seed))
     assert runs == {(f"unmix.enabled={e}", f"seed={s}") for e in ("true", "false") for s in (0, 1)}
     # Every run's default MLflow store is the sweep directory's: one store, one experiment to compare.
-    assert out.stdout.strip().splitlines()[-1] == (
-        f"compare when done: unmix compare --tracking-uri 'sqlite:///{tmp_path}/runs/exp/mlflow.db' "
-        "--experiment 'sweep-test'"
-    )
+    last = out.stdout.strip().splitlines()[-1]
+    assert last.startswith("compare when done: ") and shlex.split(last.split(": ", 1)[1]) == [
+        "unmix",
+        "compare",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/runs/exp/mlflow.db",
+        "--experiment",
+        "sweep-test",
+    ]
 
 
 def test_sweep_with_the_paper_cifar_config(tmp_path):
@@ -181,4 +186,4 @@ def test_sweep_with_the_paper_cifar_config(tmp_path):
     }
     assert all("UNMIX_KNN_ARGS=data.crop=32" in c for c in evals)
     assert all(str(tmp_path / "shards" / "cifar10" / "val") in c for c in evals)
-    assert out.stdout.strip().splitlines()[-1].endswith("--experiment 'unmix-cifar10'")
+    assert shlex.split(out.stdout.strip().splitlines()[-1])[-2:] == ["--experiment", "unmix-cifar10"]
