@@ -23,7 +23,9 @@ format; DALI ships no Python bindings for it) and follows the image data through
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -39,7 +41,7 @@ DECODER_SCHEMAS = (
 _PIPE_OP, _PIPE_OUTPUTS = 5, 7  # PipelineDef.op, PipelineDef.pipe_outputs
 _OP_NAME, _OP_INPUT, _OP_OUTPUT, _OP_ARGS, _OP_INST = 1, 2, 3, 4, 5  # OpDef
 _IO_NAME, _IO_DEVICE, _IO_IS_ARG, _IO_ARG_NAME = 1, 2, 3, 4  # InputOutput
-_ARG_NAME, _ARG_INTS, _ARG_STRINGS, _ARG_EXTRA = 1, 4, 5, 7  # Argument
+_ARG_NAME, _ARG_FLOATS, _ARG_INTS, _ARG_STRINGS, _ARG_BOOLS, _ARG_EXTRA = 1, 3, 4, 5, 6, 7  # Argument
 
 
 def _varint(buf: bytes, i: int) -> tuple[int, int]:
@@ -93,6 +95,7 @@ class OpInfo:
     outputs: tuple[Port, ...]
     shape_elements: int | None = None  # product of a ``shape`` argument, if the operator has one
     image: bool = False  # reads image data (set by device_report)
+    arguments: dict[str, Any] = field(default_factory=dict, compare=False)  # scalar arguments by name
 
 
 def _port(buf: bytes) -> Port:
@@ -101,11 +104,26 @@ def _port(buf: bytes) -> Port:
     return Port(f[_IO_NAME].decode(), f[_IO_DEVICE].decode(), arg.decode() if f.get(_IO_IS_ARG) else None)
 
 
+def _scalar(arg: list[tuple[int, Any]]) -> Any:
+    """The value of a scalar ``Argument`` (float, int, string or bool); None for a list (extra_args)."""
+    for number, value in arg:
+        if number == _ARG_FLOATS:
+            return struct.unpack("<f", value)[0]
+        if number == _ARG_INTS:
+            return value - (1 << 64) if value >= 1 << 63 else value
+        if number == _ARG_STRINGS:
+            return value.decode()
+        if number == _ARG_BOOLS:
+            return bool(value)
+    return None
+
+
 def _op(buf: bytes) -> OpInfo:
     schema = inst = ""
     device = "cpu"
     shape_elements = None
     inputs, outputs = [], []
+    arguments: dict[str, Any] = {}
     for number, value in _fields(buf):
         if number == _OP_NAME:
             schema = value.decode()
@@ -118,6 +136,7 @@ def _op(buf: bytes) -> OpInfo:
         elif number == _OP_ARGS:
             arg = _fields(value)
             name = dict(arg).get(_ARG_NAME, b"").decode()
+            arguments[name] = _scalar(arg)
             if name == "device":
                 device = next(v.decode() for k, v in arg if k == _ARG_STRINGS)
             elif name == "shape":
@@ -125,7 +144,7 @@ def _op(buf: bytes) -> OpInfo:
                 ints += [v for k, sub in arg if k == _ARG_EXTRA for kk, v in _fields(sub) if kk == _ARG_INTS]
                 ints = [v - (1 << 64) if v >= 1 << 63 else v for v in ints]  # int64 as two's complement
                 shape_elements = math.prod(ints) if ints and min(ints) >= 0 else None
-    return OpInfo(schema, inst, device, tuple(inputs), tuple(outputs), shape_elements)
+    return OpInfo(schema, inst, device, tuple(inputs), tuple(outputs), shape_elements, arguments=arguments)
 
 
 def parse_pipeline(serialized: bytes) -> tuple[list[OpInfo], list[Port]]:
@@ -237,7 +256,7 @@ def device_report(
             transfers.update(
                 p.name for p in data_in if p.device == "gpu" and produced_on.get(p.name) == "cpu"
             )
-        ops.append(OpInfo(op.schema, op.name, op.device, op.inputs, op.outputs, op.shape_elements, image))
+        ops.append(dataclasses.replace(op, image=image))
     decoders = [op for op in ops if op.schema in DECODER_SCHEMAS]
     if not decoders:
         problems.append("no image decoder in the graph")

@@ -59,6 +59,7 @@ import torch
 
 from unmix.pipeline import mixing
 from unmix.pipeline.augment import Recipe, eval_train_view, eval_val_view, get_recipe, two_views
+from unmix.pipeline.decoding import DecoderOptions
 from unmix.pipeline.devices import local_cuda_index
 from unmix.pipeline.labels import parse_labels
 from unmix.pipeline.mixing import UnmixConfig
@@ -157,10 +158,16 @@ def pipeline_seed(seed: int, shard_id: int) -> int:
 
 
 def _read(
-    files: ShardFiles, shard_id: int, num_shards: int, shuffle: bool, shuffle_buffer: int, labels: bool = True
+    files: ShardFiles,
+    shard_id: int,
+    num_shards: int,
+    shuffle: bool,
+    shuffle_buffer: int,
+    labels: bool = True,
+    options: DecoderOptions | None = None,
 ):
     """The webdataset reader: ``(jpegs, cls)``, or ``jpegs`` alone with ``labels=False`` (pretraining,
-    which also reads sets without labels)."""
+    which also reads sets without labels); ``options``: ``dont_use_mmap`` (:class:`DecoderOptions`)."""
     from nvidia.dali import fn
 
     return fn.readers.webdataset(
@@ -174,13 +181,19 @@ def _read(
         num_shards=num_shards,
         pad_last_batch=True,
         name="reader",
+        **(options or DecoderOptions()).reader_args(),
     )
 
 
-def _decode(jpegs, device: str):
+def _decode(jpegs, device: str, options: DecoderOptions | None = None):
     from nvidia.dali import fn, types
 
-    return fn.decoders.image(jpegs, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+    return fn.decoders.image(
+        jpegs,
+        device="mixed" if device == "gpu" else "cpu",
+        output_type=types.RGB,
+        **(options or DecoderOptions()).decoder_args(device),
+    )
 
 
 def sample_key(source_info: bytes, tar_set: Mapping[str, int] | None = None) -> str:
@@ -410,6 +423,7 @@ def pretrain_pipeline(
     channels_last: bool = False,
     device_id: int | None | str = AUTO,
     checkpoint: str | None = None,
+    decoder: DecoderOptions | Mapping | None = None,
 ):
     """The pretraining DALI pipeline of :func:`build_pretrain_loader`: defined, not built.
 
@@ -433,11 +447,12 @@ def pretrain_pipeline(
             f"fewer than batch_size={batch_size} (pretraining drops incomplete batches)"
         )
     layout = _layout(channels_last)
+    options = DecoderOptions.resolve(decoder)
 
     @pipeline_def(enable_conditionals=True)
     def graph():
-        jpegs = _read(files, shard_id, num_shards, True, shuffle_buffer, labels=False)
-        images = _decode(jpegs, device)
+        jpegs = _read(files, shard_id, num_shards, True, shuffle_buffer, labels=False, options=options)
+        images = _decode(jpegs, device, options)
         view1, view2 = two_views(images, rec, crop, layout)
         out = {"view1": view1, "view2": view2}
         if cfg.enabled:
@@ -466,6 +481,7 @@ def eval_pipeline(
     channels_last: bool = False,
     device_id: int | None | str = AUTO,
     checkpoint: str | None = None,
+    decoder: DecoderOptions | Mapping | None = None,
 ):
     """The evaluation DALI pipeline of :func:`build_eval_loader`: defined, not built.
 
@@ -479,11 +495,12 @@ def eval_pipeline(
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
     device_id = _resolve_device_id(device, device_id)
     layout = _layout(channels_last)
+    options = DecoderOptions.resolve(decoder)
 
     @pipeline_def
     def graph():
-        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer)
-        images = _decode(jpegs, device)
+        jpegs, cls = _read(files, shard_id, num_shards, split == "train", shuffle_buffer, options=options)
+        images = _decode(jpegs, device, options)
         view = eval_train_view if split == "train" else eval_val_view
         return view(images, crop, layout), fn.pad(cls, fill_value=0), _source_info(jpegs)
 
@@ -507,6 +524,7 @@ def build_pretrain_loader(
     with_keys: bool = False,
     state: Mapping | None = None,
     channels_last: bool = False,
+    decoder: DecoderOptions | Mapping | None = None,
 ) -> DaliLoader:
     """Self-supervised pretraining loader: two augmented views, plus the Un-Mix mixture when enabled.
 
@@ -518,7 +536,9 @@ def build_pretrain_loader(
     holds only the two views. ``len(loader) == (total // num_shards) // batch_size`` on every rank.
     ``with_keys=True`` adds ``"key"``: the list of the batch's WebDataset sample keys (for debugging).
     ``state``: a :meth:`DaliLoader.state_dict` to resume from. ``channels_last=True``: the images come
-    with channels_last strides (same shape and values; no copy). The graph is :func:`pretrain_pipeline`.
+    with channels_last strides (same shape and values; no copy). ``decoder``: reader and nvJPEG settings
+    (:class:`~unmix.pipeline.decoding.DecoderOptions`, or a dict of its fields; default: its defaults).
+    The graph is :func:`pretrain_pipeline`.
     """
     files = shard_files(shards)
     shard_id, num_shards = _dist_defaults(shard_id, num_shards)
@@ -541,6 +561,7 @@ def build_pretrain_loader(
         with_keys=with_keys,
         channels_last=channels_last,
         device_id=_resolve_device_id(device, AUTO),
+        decoder=DecoderOptions.resolve(decoder),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 
@@ -584,6 +605,7 @@ def build_eval_loader(
     with_keys: bool = False,
     state: Mapping | None = None,
     channels_last: bool = False,
+    decoder: DecoderOptions | Mapping | None = None,
 ) -> DaliLoader:
     """Linear-evaluation / kNN loader yielding ``{"image": [B, 3, crop, crop], "label": [B] int64}``.
 
@@ -614,6 +636,7 @@ def build_eval_loader(
         with_keys=with_keys,
         channels_last=channels_last,
         device_id=_resolve_device_id(device, AUTO),
+        decoder=DecoderOptions.resolve(decoder),
     )
     from nvidia.dali.plugin.base_iterator import LastBatchPolicy
 

@@ -9,7 +9,10 @@ Per batch of N normalised views x (float32 CHW, or HWC for channels_last output)
   ``m = lam * x + (1 - lam) * partner``; otherwise CutMix: one box for the whole batch, side
   ``floor(sqrt(1 - lam) * W)`` x ``floor(sqrt(1 - lam) * H)``, centre uniform on the pixel grid, clipped to
   the image; pixels inside the box come from the partner and lam is recomputed as
-  ``1 - box_area / image_area`` (the authors' ``rand_bbox``).
+  ``1 - box_area / image_area`` (the authors' ``rand_bbox``). One departure: a side that would be empty
+  (``sqrt(1 - lam) * W < 2``, frequent at small alpha or small crops) is 1 px, ``[c, c + 1)``, so the box
+  is never empty (DALI's GPU ``fn.multi_paste`` does not close a zero-size region: the partner would
+  leak over much of the image while lam says 1); lam is recomputed from that box like any other.
 
 Cost: the mode is one per batch, so a batch-level conditional (a per-sample predicate that is identical
 across the batch) runs exactly one of the two branches; each costs about one pass over the mixture.
@@ -85,7 +88,8 @@ def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3, layout:
     canvas) with the box pasted from ``partner``. An HWC image is pasted as it is (one region holds every
     channel); a CHW sample is viewed as a [channels * H, W, 1] image (a reshape, no copy) and the box is
     pasted once per channel plane, at rows ``c * H + y1``. A pure copy, exact, and about 4x cheaper on the
-    CPU than blending with a 0/1 mask. An empty box pastes nothing.
+    CPU than blending with a 0/1 mask. ``box`` must not be empty: the CPU operator pastes nothing for an
+    empty region, the GPU one does not close it (see :func:`unmix`).
     """
     if layout not in ("CHW", "HWC"):
         raise ValueError(f"layout must be 'CHW' or 'HWC', got {layout!r}")
@@ -106,6 +110,29 @@ def paste_box(x, partner, box, size: tuple[int, int], channels: int = 3, layout:
         canvas, *([source] * channels), in_anchors=anchors, out_anchors=anchors, shapes=shapes
     )
     return fn.reshape(pasted, shape=[channels, H, W], layout="CHW")
+
+
+def cutmix_box(lam, cx, cy, size: tuple[int, int]):
+    """The CutMix box of side ``sqrt(1 - lam)`` around the centre ``(cx, cy)`` (DALI per-sample float
+    scalars), clipped to ``size`` = (H, W) and never empty; returns ``(x1, y1, x2, y2, lam_box)``.
+
+    The authors' ``rand_bbox``: half sides ``floor(floor(W * sqrt(1 - lam)) / 2)``, the box
+    ``[c - half, c + half)`` clipped to the image. A half side of 0 (``W * sqrt(1 - lam) < 2``) gives the
+    1-px side ``[c, c + 1)`` instead of an empty one: DALI's GPU ``fn.multi_paste`` does not close a
+    zero-width or zero-height region (the partner leaks over much of the image while lam says 1), the CPU
+    one pastes nothing. ``lam_box = 1 - box_area / image_area``. The same rule as
+    :func:`unmix.pipeline.torch_mixing.cutmix_box`.
+    """
+    H, W = size
+    cut = dmath.sqrt(1.0 - lam)
+    half_w = dmath.floor(dmath.floor(W * cut) / 2.0)
+    half_h = dmath.floor(dmath.floor(H * cut) / 2.0)
+    x1 = dmath.clamp(cx - half_w, 0.0, float(W))
+    x2 = dmath.clamp(cx + dmath.max(half_w, 1.0), 0.0, float(W))
+    y1 = dmath.clamp(cy - half_h, 0.0, float(H))
+    y2 = dmath.clamp(cy + dmath.max(half_h, 1.0), 0.0, float(H))
+    lam_box = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
+    return x1, y1, x2, y2, lam_box
 
 
 def unmix(
@@ -141,14 +168,7 @@ def unmix(
         lam_d = _to(lam, device)
         mixed = x * lam_d + partner * (1.0 - lam_d)
     else:
-        cut = dmath.sqrt(1.0 - lam)
-        half_w = dmath.floor(dmath.floor(W * cut) / 2.0)
-        half_h = dmath.floor(dmath.floor(H * cut) / 2.0)
-        x1 = dmath.clamp(cx - half_w, 0.0, float(W))
-        x2 = dmath.clamp(cx + half_w, 0.0, float(W))
-        y1 = dmath.clamp(cy - half_h, 0.0, float(H))
-        y2 = dmath.clamp(cy + half_h, 0.0, float(H))
-        lam_out = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
+        x1, y1, x2, y2, lam_out = cutmix_box(lam, cx, cy, size)
         mixed = paste_box(x, partner, (x1, y1, x2, y2), size, layout=layout)
     lam_out = fn.cast(lam_out, dtype=types.FLOAT)
     return mixed, lam_out, partner_index

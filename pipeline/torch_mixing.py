@@ -4,7 +4,8 @@ For code that mixes batches outside DALI: the synthetic training source (``data.
 the torchvision baseline of ``unmix bench pipeline``. The partner is the batch reversed; one lam ~
 Beta(alpha, alpha) per batch; with probability ``p_mixup`` a global mixture ``lam * x + (1 - lam) *
 x.flip(0)``, otherwise one CutMix box for the batch (side ``floor(sqrt(1 - lam) * W)``, centre uniform on
-the pixel grid, clipped) copied from the partner, lam recomputed as the unpasted fraction.
+the pixel grid, clipped, never empty: a side below 2 px becomes 1 px) copied from the partner, lam
+recomputed as the unpasted fraction.
 """
 
 from __future__ import annotations
@@ -26,6 +27,18 @@ class MixDraw:
     box: tuple[int, int, int, int] | None  # CutMix region taken from the partner (x2, y2 exclusive)
 
 
+def cutmix_box(lam: float, cx: int, cy: int, size: tuple[int, int]) -> tuple[int, int, int, int, float]:
+    """The CutMix box ``(x1, y1, x2, y2)`` (x2, y2 exclusive) of side ``sqrt(1 - lam)`` around ``(cx, cy)``,
+    clipped to ``size`` = (H, W) and never empty (a half side of 0 gives the 1-px side ``[c, c + 1)``),
+    and ``lam_box = 1 - box_area / image_area``: :func:`unmix.pipeline.mixing.cutmix_box`'s rule."""
+    H, W = size
+    cut = math.sqrt(1.0 - lam)
+    half_w, half_h = math.floor(math.floor(W * cut) / 2), math.floor(math.floor(H * cut) / 2)
+    x1, x2 = min(max(cx - half_w, 0), W), min(max(cx + max(half_w, 1), 0), W)
+    y1, y2 = min(max(cy - half_h, 0), H), min(max(cy + max(half_h, 1), 0), H)
+    return x1, y1, x2, y2, 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
+
+
 def draw_mix(rng: np.random.Generator, size: tuple[int, int], p_mixup: float, alpha: float) -> MixDraw:
     """Draw the batch's mode, lam and box with the pipeline's rule (``mixing.unmix``, per batch)."""
     H, W = size
@@ -34,11 +47,7 @@ def draw_mix(rng: np.random.Generator, size: tuple[int, int], p_mixup: float, al
     cy = min(math.floor(rng.random() * H), H - 1)
     if rng.random() < p_mixup:
         return MixDraw("mixup", float(np.float32(lam)), None)
-    cut = math.sqrt(1.0 - lam)
-    half_w, half_h = math.floor(math.floor(W * cut) / 2), math.floor(math.floor(H * cut) / 2)
-    x1, x2 = min(max(cx - half_w, 0), W), min(max(cx + half_w, 0), W)
-    y1, y2 = min(max(cy - half_h, 0), H), min(max(cy + half_h, 0), H)
-    lam_box = 1.0 - (x2 - x1) * (y2 - y1) / float(W * H)
+    x1, y1, x2, y2, lam_box = cutmix_box(lam, cx, cy, size)
     return MixDraw("cutmix", float(np.float32(lam_box)), (x1, y1, x2, y2))
 
 

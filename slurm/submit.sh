@@ -10,7 +10,8 @@
 #   --cpu                 CPU processes instead of GPUs (small runs, tests): no GPUs requested,
 #                         data.device=cpu for training and device=cpu for the evaluation
 #   --tasks-per-node T    tasks per node (default G, or 1 with --cpu)
-#   --cpus-per-task C     CPUs per task, used as DALI threads (default: the site's default)
+#   --cpus-per-task C     CPUs per task, used as DALI threads (default on GPU runs: the partition's CPUs
+#                         per node / tasks per node, from sinfo; else the job's CPUs per node / tasks)
 #   --partition P         partition of both jobs (default: the site's default)
 #   --time T              time limit of the pretraining (default: the partition's)
 #   --eval-time T         time limit of the evaluation (default: the partition's)
@@ -145,6 +146,18 @@ else
   tasks=${tasks:-$gpus}
   gres=("--gpus-per-node=$gpus")
   eval_device=()
+  if [[ -z "$cpus_per_task" ]] && command -v sinfo >/dev/null 2>&1; then
+    # default: the node's CPUs / its tasks (one per GPU); sinfo's %c is the partition's CPUs per node
+    # ("48+" when nodes differ: the smallest)
+    node_cpus=$(sinfo -h ${partition:+--partition="$partition"} -o %c 2>/dev/null | head -n 1) || node_cpus=""
+    node_cpus=${node_cpus%%[!0-9]*}
+    if [[ -n "$node_cpus" ]]; then
+      cpus_per_task=$((node_cpus / tasks))
+      ((cpus_per_task >= ${UNMIX_MIN_CPUS:-4})) || die "the partition's nodes have $node_cpus CPUs for" \
+        "$tasks task(s): fewer than ${UNMIX_MIN_CPUS:-4} per GPU task starves DALI; use fewer tasks per node" \
+        "or set UNMIX_MIN_CPUS"
+    fi
+  fi
 fi
 common=()
 [[ -n "$partition" ]] && common+=("--partition=$partition")

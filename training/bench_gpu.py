@@ -14,6 +14,11 @@ CPU side (also the whole of ``--dry-run``, which CI runs):
 - ``gpu graph definitions``: the loaders' ``device="gpu"`` DALI graphs checked by
   ``unmix.pipeline.graph_check`` (reported as not available when this build lacks that module).
 
+The node (``--nproc N`` ranks, default all visible GPUs; ``--dry-run``: 2 CPU ranks on gloo, a tiny model),
+launched by the command itself (:mod:`unmix.training.bench_node`): Shuffle-BN across ranks against an
+unshuffled reference, SyncBN, the MoCo key gather + enqueue, ZeRO-1/2 steps, a checkpoint written and
+resumed, and images/s per GPU, data-wait fraction and peak memory per GPU for MoCo v2 and BYOL + Un-Mix.
+
 CUDA (one process, a one-process NCCL group, ``data.source=synthetic`` on the device):
 - ``train <method> unmix=<off|on>``: ResNet-50, crop 224, bf16: images/s, peak memory
   (``torch.cuda.max_memory_allocated``), loss finite, EMA target and queue still fp32;
@@ -25,7 +30,8 @@ CUDA (one process, a one-process NCCL group, ``data.source=synthetic`` on the de
 DALI on the GPU (when ``nvidia.dali`` imports), on ``unmix shards sample photos`` data or ``--data``:
 - ``dali loader <recipe>``: batches/s of the pretraining loader with Un-Mix at crop 224;
 - ``dali mixing exact (gpu)``: every batch's mixture is exactly view1 mixed with its reversed partner
-  (mixup formula or a CutMix box copy, lam recomputed), including many zero-area boxes (lam ~ 1);
+  (mixup formula or a CutMix box copy, lam recomputed), including boxes with a 1-px side (lam ~ 1),
+  never an empty one;
 - ``dali cpu vs gpu distribution``: per-channel means/stds of the CPU and GPU loaders' views (same
   seed; the random streams differ, so distributions are compared, within 4 standard errors);
 - ``data wait (dali -> step)``: the fraction of wall time the real step waits for the real loader
@@ -257,7 +263,9 @@ def check_deepspeed_configs() -> tuple[str, dict]:
         )
         if got[0] != zero or not got[1] or got[2] != torch.bfloat16 or got[3] != 0.0:
             raise CheckError(f"ZeRO-{zero}: DeepSpeed read (stage, autocast, dtype, clipping) = {got}")
-    return "ZeRO 1 and 2, bf16 autocast, no clipping", {}
+        if ds.torch_autocast_lower_precision_safe_modules != []:
+            raise CheckError(f"ZeRO-{zero}: gradients of some modules would be reduced in bf16")
+    return "ZeRO 1 and 2, bf16 autocast, fp32 gradient reduction, no clipping", {}
 
 
 def check_gpu_graphs() -> tuple[str, dict] | Check:
@@ -392,8 +400,8 @@ def check_nccl() -> tuple[str, dict]:
     x = torch.randn(32, 3, 56, 56, generator=g, device=device).contiguous(memory_format=torch.channels_last)
     xb = x.to(torch.bfloat16)
     gathered = dist.gather_rows(xb, group)
-    if not torch.equal(gathered, xb) or not gathered.is_contiguous():
-        raise CheckError("gather_rows of channels_last bf16 images changed them")
+    if not torch.equal(gathered, xb) or not gathered.is_contiguous(memory_format=torch.channels_last):
+        raise CheckError("gather_rows of channels_last bf16 images changed them or their layout")
     torch.manual_seed(0)
     net = Network(nn.Sequential(nn.Conv2d(3, 8, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(8, 4))
     net = net.to(device).to(memory_format=torch.channels_last)
@@ -475,16 +483,18 @@ def check_dali_mixing(train: Path, batch: int, threads: int) -> tuple[str, dict]
         modes[mixture_mode(b["view1"], b["mixed"], b["lam"])] += 1
     if not all(modes.values()):
         raise CheckError(f"24 batches gave {modes}; both modes expected")
-    # alpha 0.05: lam near 0 or 1, so CutMix boxes are often empty or whole (fn.multi_paste edge cases)
+    # alpha 0.05: lam near 0 or 1, so CutMix boxes are often 1 px wide or whole (fn.multi_paste edge
+    # cases); an empty box would leak the partner on the GPU, and must never be emitted
     extreme = _loader(train, batch, "moco_v2", threads, unmix={"alpha": 0.05, "p_mixup": 0.0}, seed=1)
-    empty = 0
+    thin = 0
     for b in _take(extreme, 16):
-        mixture_mode(b["view1"], b["mixed"], b["lam"])
-        empty += int(float(b["lam"][0]) == 1.0)
+        if mixture_mode(b["view1"], b["mixed"], b["lam"]) != "cutmix" or float(b["lam"][0]) == 1.0:
+            raise CheckError(f"a CutMix batch (p_mixup 0) pasted nothing: lam {float(b['lam'][0])}")
+        thin += int(float(b["lam"][0]) >= 1 - 1 / 224)  # a box of at most 224 px: a 1-px side
     return (
         f"{sum(modes.values())} batches exact ({modes['mixup']} mixup, {modes['cutmix']} cutmix); "
-        f"16 extreme-lam CutMix batches exact ({empty} empty boxes)",
-        {**modes, "empty_boxes": empty},
+        f"16 extreme-lam CutMix batches exact ({thin} with a 1-px side, none empty)",
+        {**modes, "thin_boxes": thin},
     )
 
 
@@ -568,18 +578,82 @@ def check_gpu_tests(timeout_s: float, with_dali: bool) -> tuple[str, dict] | Che
     return f"{last}{scope}", {"summary": last}
 
 
+# ------------------------------------------------------------------------------- the node (--nproc)
+
+
+def run_node_checks(args: argparse.Namespace, report: Report) -> None:
+    """``--nproc N`` ranks on this node (:mod:`unmix.training.bench_node`), launched by this command; with
+    ``--dry-run`` 2 CPU ranks on gloo with a tiny model (the launcher and every check's code path)."""
+    from unmix.training import bench_node
+
+    nproc = getattr(args, "nproc", None)
+    nproc = bench_node.default_nproc(args.dry_run) if nproc is None else nproc
+    if nproc < 2:
+        report.run("node launcher", lambda: skip(f"--nproc {nproc}: no second rank to check against"))
+        return
+    try:
+        data = str(train_split(args.data)) if args.data else ""
+    except FileNotFoundError as exc:
+        message = str(exc)
+
+        def bad_data() -> tuple[str, dict]:
+            raise CheckError(message)
+
+        report.run("node launcher", bad_data)
+        return
+    spec = {
+        "dry_run": bool(args.dry_run),
+        "batch": 8 if args.dry_run else args.batch_size,
+        "steps": 2 if args.dry_run else args.steps,
+        "warmup": 1 if args.dry_run else args.warmup,
+        "data": data,
+        "threads": args.threads,
+    }
+    left = report.budget_s - (time.perf_counter() - report.start)
+    backend = "gloo, CPU" if args.dry_run else "nccl"
+    t0 = time.perf_counter()
+    rows, error = bench_node.launch(spec, nproc, max(left, 0.0) + bench_node.WORKER_GRACE_S)
+    seconds = time.perf_counter() - t0
+
+    def launcher() -> tuple[str, dict]:
+        if error:
+            raise CheckError(error)
+        return f"{nproc} ranks ({backend}) launched and finished in {seconds:.0f} s", {"nproc": nproc}
+
+    report.run("node launcher", launcher)
+    for row in rows:
+        report.run(row["name"], lambda row=row: _node_row(row))
+
+
+def _node_row(row: dict[str, Any]) -> tuple[str, dict] | Check:
+    if row["status"] == "skip":
+        return skip(row["detail"])
+    if row["status"] == "fail":
+        raise CheckError(row["detail"])
+    return row["figure"], {**row.get("values", {}), "seconds": row.get("seconds")}
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
 def environment() -> dict[str, Any]:
+    from unmix.training.versions import VersionError, dali_flavour, driver_version, installed
+
     cuda = torch.cuda.is_available()
+    try:
+        flavour = dali_flavour()
+    except VersionError:
+        flavour = None
     return {
         "host": platform.node(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,
+        "driver": driver_version(),
+        "deepspeed": installed("deepspeed"),
         "device": torch.cuda.get_device_name() if cuda else None,
         "device_count": torch.cuda.device_count() if cuda else 0,
         "dali": dali_version(),
+        "dali_wheel": flavour[0] if flavour else None,
     }
 
 
@@ -589,6 +663,7 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
     report.run("synthetic source (cpu)", check_synthetic_cpu)
     report.run("deepspeed config zero-1/zero-2", check_deepspeed_configs)
     report.run("gpu graph definitions", check_gpu_graphs)
+    run_node_checks(args, report)
     if args.dry_run:
         return
     b = args.batch_size
@@ -657,12 +732,18 @@ def main(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    from unmix.training.versions import VersionError, check, stack_line
+
+    try:
+        warnings = check(need_dali=False)  # a missing DALI is reported by the DALI checks (skipped)
+    except VersionError as exc:
+        print(f"unmix bench gpu: error: {exc}", file=sys.stderr)
+        return 2
     env = environment()
     mode = "dry run (no CUDA needed)" if args.dry_run else f"{env['device']} x{env['device_count']}"
-    print(
-        f"unmix bench gpu: {mode}; torch {env['torch']} (CUDA {env['cuda']}), "
-        f"DALI {env['dali'] or 'not installed'}"
-    )
+    print(f"unmix bench gpu: {stack_line()}; {mode}")  # first line: torch's CUDA, driver, DALI flavour
+    for line in warnings:
+        print(f"unmix bench gpu: warning: {line}")
     report = Report(args.budget_s)
     run_checks(args, report)
     print()

@@ -44,6 +44,15 @@ def _train(args: argparse.Namespace) -> int:
     except (ConfigError, FileNotFoundError) as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
+    from unmix.training.versions import VersionError, check
+
+    try:  # one line naming the package when an installed version is below what the code needs
+        warnings = check(need_dali=cfg.data.source == "dali")
+    except VersionError as exc:
+        print(f"unmix train: error: {exc}", file=sys.stderr)
+        return 2
+    for line in warnings if cfg.data.device == "gpu" else []:
+        print(f"unmix train: warning: {line}", file=sys.stderr)
     from unmix.pipeline.shards import ShardSetError, check_shard_set
     from unmix.training.config import train_sets
 
@@ -142,6 +151,13 @@ def _register_bench_gpu(bench_sub: argparse._SubParsersAction) -> None:
         help="checks not started within this many seconds fail as not run (default 480)",
     )
     p.add_argument("--no-tests", action="store_true", help="do not run `pytest -m gpu`")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        help="ranks of the node checks (Shuffle-BN, SyncBN, key gather, ZeRO, checkpoint, throughput per "
+        "GPU), launched by the command; default: all visible GPUs (--dry-run: 2 CPU ranks on gloo)",
+    )
     p.set_defaults(func=_bench_gpu)
 
 

@@ -54,6 +54,11 @@ class DataConfig:
     recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
+    # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
+    hw_decoder_load: float = 0.9  # share of each batch decoded by the GPU's hardware JPEG engines (gpu)
+    device_memory_padding: int = 211_025_920  # bytes nvJPEG's device buffers grow by (gpu)
+    host_memory_padding: int = 140_544_512  # bytes nvJPEG's pinned host buffers grow by (gpu)
+    dont_use_mmap: bool = False  # read() the tars instead of mmap: for network filesystems
 
 
 @dataclass
@@ -183,6 +188,9 @@ NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
     "data.crop": (0, 4096, True),
     "data.threads": (0, 1024, True),
     "data.synthetic_samples": (0, 10**10, True),
+    "data.hw_decoder_load": (0, 1, False),
+    "data.device_memory_padding": (0, 1 << 40, False),  # bytes
+    "data.host_memory_padding": (0, 1 << 40, False),  # bytes
     "model.width": (0, 1024, True),  # and a multiple of 8
     "method.moco.K": (0, 1 << 24, True),  # 256x ImageNet's 65536; the queue is K x dim fp32
     "method.moco.m": (0, 1, False),
@@ -260,6 +268,10 @@ DEEPSPEED_PASS_THROUGH: dict[str, frozenset[str] | None] = {
 RESUME_SAFE_KEYS = (
     "optim.epochs",  # raising it extends a finished run (the cosine schedules stretch to the new end)
     "data.threads",
+    "data.hw_decoder_load",  # decoding performance knobs (the reader and nvJPEG settings)
+    "data.device_memory_padding",
+    "data.host_memory_padding",
+    "data.dont_use_mmap",
     "data.val",
     "output_dir",
     "mlflow.tracking_uri",

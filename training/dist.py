@@ -5,10 +5,19 @@ and the ``deepspeed`` launcher set them; under ``srun`` only SLURM_* variables e
 :func:`map_slurm_env` derives them: MASTER_ADDR is the first node of ``SLURM_JOB_NODELIST`` and
 MASTER_PORT is derived from the job id (so two jobs sharing a node do not collide). A plain
 ``python``/``unmix train`` process gets a one-process group on a free local port.
+
+On CUDA, :func:`init` makes the process group itself before DeepSpeed sees it (``deepspeed.init_distributed``
+reuses an initialised group): DeepSpeed would pass ``device_id=cuda:$LOCAL_RANK``, an invalid ordinal
+wherever a task sees fewer GPUs than its local rank (``srun --gpus-per-task=1``, ``--gpu-bind``); the
+device here follows the project's one rule, :func:`unmix.pipeline.devices.local_cuda_index`
+(``LOCAL_RANK % visible``). Before NCCL starts, every rank publishes its GPU's UUID in the rendezvous
+store, and two ranks on one physical GPU (a binding that hands a task the same device as a neighbour)
+stop the run with a message naming both.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 import re
 import socket
@@ -93,7 +102,9 @@ def _free_port() -> int:
 def init(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise the process group (one process when no launcher set anything).
 
-    Returns ``(rank, world_size, local_rank)``.
+    With ``backend="nccl"`` (the default when CUDA is available) the current device is set by
+    :func:`unmix.pipeline.devices.local_cuda_index` and the group is created here, bound to it
+    (:func:`init_cuda_group`), before DeepSpeed. Returns ``(rank, world_size, local_rank)``.
     """
     map_slurm_env()
     if "RANK" not in os.environ:
@@ -107,8 +118,73 @@ def init(backend: str | None = None) -> tuple[int, int, int]:
         _skip_shm_comm_build()
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if backend == "nccl":
+            init_cuda_group()
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return dist.get_rank(), dist.get_world_size(), int(os.environ["LOCAL_RANK"])
+
+
+def init_cuda_group(timeout: datetime.timedelta | None = None) -> torch.device:
+    """The NCCL process group of this rank, on the device the project's rule gives it; returns the device.
+
+    Sets the current device to ``cuda:(LOCAL_RANK % visible)``, rendezvous through ``env://`` (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT), refuses two ranks on one physical GPU
+    (:func:`check_distinct_gpus`), then ``init_process_group("nccl", device_id=...)``. A one-rank group
+    gets no ``device_id`` (as DeepSpeed does: a bound device makes every later ``new_group`` an
+    ``ncclCommSplit`` with no peer to reach).
+    """
+    from unmix.pipeline.devices import local_cuda_index, local_rank_from_env
+
+    index = local_cuda_index(local_rank_from_env())
+    torch.cuda.set_device(index)
+    device = torch.device("cuda", index)
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    timeout = timeout or datetime.timedelta(minutes=30)
+    store, rank, world = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+    if world > 1:
+        check_distinct_gpus(store, rank, world, gpu_identity(index), timeout)
+    extra = {"device_id": device} if world > 1 else {}
+    dist.init_process_group("nccl", store=store, rank=rank, world_size=world, timeout=timeout, **extra)
+    return device
+
+
+def gpu_identity(index: int) -> str:
+    """``host:UUID`` of visible CUDA device ``index`` (the PCI bus id where the UUID is unavailable)."""
+    props = torch.cuda.get_device_properties(index)
+    uuid = getattr(props, "uuid", None)
+    if uuid is not None:
+        ident = f"GPU-{uuid}"
+    else:
+        ident = f"pci {props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}"
+    return f"{socket.gethostname()}:{ident}"
+
+
+def check_distinct_gpus(
+    store: dist.Store, rank: int, world: int, identity: str, timeout: datetime.timedelta | None = None
+) -> None:
+    """Raise RuntimeError naming both ranks when another rank computes on the same physical GPU.
+
+    Every rank writes ``identity`` (:func:`gpu_identity`) under its own key of the rendezvous ``store``
+    and reads all of them (one ``multi_get``). NCCL itself would fail later with "Duplicate GPU detected"
+    or hang; this says which ranks and which binding to fix.
+    """
+    store.set(f"unmix/gpu/{rank}", identity)
+    keys = [f"unmix/gpu/{r}" for r in range(world)]
+    if timeout is not None:
+        store.wait(keys, timeout)
+    else:
+        store.wait(keys)
+    seen: dict[str, int] = {}
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    for r, value in enumerate(store.multi_get(keys)):
+        ident = value.decode()
+        if ident in seen:  # every rank reads the same keys, so every rank stops with this message
+            raise RuntimeError(
+                f"ranks {seen[ident]} and {r} both compute on GPU {ident} (LOCAL_RANK % visible devices "
+                "maps them to one device): give each task its own GPU (srun --gpus-per-task=1, or as "
+                f"many tasks per node as GPUs); this rank's CUDA_VISIBLE_DEVICES={visible!r}"
+            )
+        seen.setdefault(ident, r)
 
 
 def _skip_shm_comm_build() -> None:
@@ -136,7 +212,8 @@ def rank() -> int:
 
 @torch.no_grad()
 def all_gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 (no gradient); identity on one process."""
+    """Concatenate ``x`` from every rank along dim 0 (no gradient), in ``x``'s memory format; identity on one
+    process."""
     if world_size() == 1:
         return x
     return gather_rows(x)
@@ -146,15 +223,28 @@ def all_gather(x: torch.Tensor) -> torch.Tensor:
 def gather_rows(x: torch.Tensor, group=None) -> torch.Tensor:
     """The collective behind :func:`all_gather`, also on a one-process group (``unmix bench gpu``).
 
-    Sent and received buffers are both plain contiguous (NCHW for images): ``torch.empty_like`` of a
-    channels_last CUDA tensor is channels_last, and NCCL builds of torch before the fix of pytorch
-    issue 163483 laid the received bytes out by the *outputs'* strides while the input was sent as
-    NCHW, scrambling every gathered image without an error. The result is NCHW contiguous.
+    The result has ``x``'s memory format: a channels_last batch of images (what the model takes on
+    CUDA) comes back channels_last, so the key encoder's convolutions run in the layout of the rest of
+    the step, without a copy. Sent and received buffers are both plain contiguous: a channels_last image
+    batch travels as its NHWC bytes (``permute`` views, no copy) and the gathered NHWC rows are viewed
+    back as NCHW with channels_last strides. ``torch.empty_like`` of a channels_last CUDA tensor is
+    channels_last, and NCCL builds of torch before the fix of pytorch issue 163483 laid the received
+    bytes out by the *outputs'* strides while the input was sent in another order, scrambling every
+    gathered image without an error: no receive buffer here has non-contiguous strides.
     """
+    if _is_channels_last(x):
+        nhwc = gather_rows(x.permute(0, 2, 3, 1), group)  # (W*N)xHxWxC, contiguous
+        return nhwc.permute(0, 3, 1, 2)  # (W*N)xCxHxW with channels_last strides: a view
     n = dist.get_world_size(group)
+    x = x.contiguous()
     out = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(n)]
-    dist.all_gather(out, x.contiguous(), group=group)
+    dist.all_gather(out, x, group=group)
     return torch.cat(out)
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    """A 4-D tensor laid out channels_last and not also plain contiguous (C = 1 or H = W = 1 are both)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def broadcast_(tensors: list[torch.Tensor], src: int = 0) -> None:

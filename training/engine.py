@@ -2,7 +2,9 @@
 
 Precision: ``bf16`` uses DeepSpeed's ``torch_autocast`` mode (bf16 compute, fp32 weights in the module):
 the weights the EMA target reads stay fp32, batch norm runs in fp32, and a client optimizer such as
-LARS sees whole parameter tensors at ZeRO 0. ``fp16`` uses DeepSpeed's fp16 mode with dynamic loss
+LARS sees whole parameter tensors at ZeRO 0. Gradients are reduced across ranks in fp32 under ZeRO 1/2
+too (DeepSpeed's default would reduce Conv/Linear gradients in bf16; see :func:`deepspeed_config`).
+``fp16`` uses DeepSpeed's fp16 mode with dynamic loss
 scaling (the module is cast to fp16, inputs are cast to match). ``fp32`` is plain.
 """
 
@@ -34,7 +36,12 @@ def deepspeed_config(cfg: Config, micro_batch: int) -> dict[str, Any]:
         "wall_clock_breakdown": False,
     }
     if cfg.deepspeed.precision == "bf16":
-        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
+        # DeepSpeed tags the parameters of Linear/Conv ("lower precision safe modules") to be reduced in
+        # bf16 under ZeRO 1/2: 8 mantissa bits for a sum over every rank. An empty list keeps the
+        # gradient reduction in fp32 (the parameters' dtype); compute stays bf16. A run that wants
+        # DeepSpeed's default (half the reduce traffic) sets deepspeed.config.torch_autocast
+        # .lower_precision_safe_modules to ["torch.nn.Linear", "torch.nn.Conv2d"].
+        ds["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     elif cfg.deepspeed.precision == "fp16":
         ds["fp16"] = {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}
     return merge(ds, copy.deepcopy(cfg.deepspeed.config))  # a copy: DeepSpeed may edit its config

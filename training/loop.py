@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import sys
@@ -69,10 +70,15 @@ def backend_for(cfg: Config) -> str:
 
 
 def pick_device(cfg: Config, local_rank: int) -> torch.device:
-    """The CPU, or the visible CUDA device of this local rank (see :mod:`unmix.pipeline.devices`)."""
+    """The CPU, or the visible CUDA device of this local rank (see :mod:`unmix.pipeline.devices`).
+
+    On CUDA also turns on ``torch.backends.cudnn.benchmark``: every step has the same shapes (fixed crops,
+    fixed micro-batch), so cuDNN's one-time search for the fastest convolution kernels pays off.
+    """
     if cfg.data.device == "gpu":
         if not torch.cuda.is_available():
             raise ConfigError("data.device: gpu, but no CUDA device is visible; set data.device=cpu")
+        torch.backends.cudnn.benchmark = True
         return local_cuda_device(local_rank)
     return torch.device("cpu")
 
@@ -102,7 +108,15 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
         num_threads=cfg.data.threads,
         # the model's layout straight from DALI (HWC viewed as NCHW): _to_device then copies nothing
         channels_last=_channels_last(cfg, torch.device("cuda" if cfg.data.device == "gpu" else "cpu")),
+        decoder=decoder_options(cfg),
     )
+
+
+def decoder_options(cfg: Config) -> dict:
+    """The reader / nvJPEG settings of the data section (``data.hw_decoder_load`` etc.), by name."""
+    from unmix.pipeline.decoding import DecoderOptions
+
+    return {f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(DecoderOptions)}
 
 
 def setup(cfg: Config, loader_factory=None) -> Run:

@@ -112,7 +112,7 @@ def shuffled_embed(encoder: Network, x: Tensor, generator: torch.Generator, grou
             return encoder.embed(x)
         idx_shuffle = _to(torch.randperm(x.shape[0], generator=generator), x)  # the authors' shuffle
         return encoder.embed(x[idx_shuffle])[torch.argsort(idx_shuffle)]  # k: NxC, input order
-    x_all = gather_images(x, group)  # x_all: (W*N)x3xHxW, NCHW; bf16 under bf16 autocast
+    x_all = gather_images(x, group)  # x_all: (W*N)x3xHxW in x's layout; bf16 under bf16 autocast
     idx_shuffle = _to(torch.randperm(x_all.shape[0], generator=generator), x)  # same on every rank
     idx_unshuffle = torch.argsort(idx_shuffle)
     mine = idx_shuffle.view(world, -1)[rank]

@@ -1,11 +1,14 @@
 """SIGUSR1/SIGTERM handling: finish the step, agree across ranks, checkpoint, exit with 75.
 
 The handler only records the signal; the loop polls :meth:`Preemption.agreed` after every step. With
-several ranks that poll all-reduces the flag over a CPU (gloo) group, so that every rank stops after
-the same step even when the signal reached only one of them; the all-reduce runs every
-``checkpoint.signal_check_every`` steps (and at every epoch end), not every step: it is a blocking
-host collective whose latency grows with the number of ranks (a gloo ring over W ranks takes 2(W-1)
-network hops), while a preemption notice (``--signal=USR1@90``) leaves tens of seconds. One process
+several ranks that poll all-reduces the flag over the run's own process group, so that every rank
+stops after the same step even when the signal reached only one of them: on GPU runs the NCCL group (a
+1-element CUDA tensor), on CPU runs the gloo group. No second group is created: a gloo group next to
+NCCL would bind to whatever the host name resolves to (often a loopback address) unless
+``GLOO_SOCKET_IFNAME`` names the right interface, and hang or fail across nodes. The all-reduce runs every
+``checkpoint.signal_check_every`` steps (and at every epoch end), not every step: reading its result
+waits for the queued GPU work and its latency grows with the number of ranks, while a preemption
+notice (``--signal=USR1@90``) leaves tens of seconds. One process
 needs no collective and sees its signal after the very next step. A second signal while the
 checkpoint is written only sets the flag again: it cannot interrupt the save (the checkpoint itself
 is also switched in atomically).
@@ -51,6 +54,20 @@ def record_early(signals: tuple[signal.Signals, ...] = SIGNALS) -> None:
         _Early.previous.setdefault(s, previous)
 
 
+def agreement_group():
+    """``(group, device)`` the ranks compare their signal flags over: the run's own group, with the flag
+    on the device its backend reduces (NCCL: the current CUDA device; gloo: the CPU)."""
+    import torch
+    import torch.distributed as dist
+
+    backend = dist.get_backend()
+    if backend == "nccl":
+        return dist.group.WORLD, torch.device("cuda", torch.cuda.current_device())
+    if backend == "gloo":
+        return dist.group.WORLD, "cpu"
+    raise RuntimeError(f"preemption: no signal agreement over a {backend!r} process group (nccl or gloo)")
+
+
 class Preemption:
     """Installs the handlers on construction; :meth:`restore` puts the previous ones back."""
 
@@ -66,10 +83,8 @@ class Preemption:
         self.signum: int | None = _Early.signum
         self._previous.update({s: h for s, h in _Early.previous.items() if s in self._previous})
         _Early.signum, _Early.previous = None, {}
-        self._group = None
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            # A gloo group: the flag is a CPU tensor, so polling it never syncs a GPU stream.
-            self._group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        self._several = dist.is_initialized() and dist.get_world_size() > 1
+        self._group, self._device = agreement_group() if self._several else (None, "cpu")
 
     def _handle(self, signum, frame) -> None:
         if self.signum is None:
@@ -86,13 +101,13 @@ class Preemption:
         (or ``step`` is None, or ``force``); between those steps this returns False without any
         communication. Every rank passes the same ``step`` and ``force``, so all agree on when to stop.
         """
-        if self._group is None:
+        if not self._several:
             return self.signum is not None
         if not force and step is not None and step % self.check_every:
             return False
         from unmix.training.dist import any_rank
 
-        return any_rank(self.signum is not None, group=self._group)
+        return any_rank(self.signum is not None, device=self._device, group=self._group)
 
     def restore(self) -> None:
         for s, h in self._previous.items():

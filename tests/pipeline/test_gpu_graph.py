@@ -192,3 +192,77 @@ def test_report_of_serialized_bytes_and_names(sample_val):
         device_report(data, ["a", "b", "c", "d"])
     with pytest.raises(ValueError, match="wire type"):
         parse_pipeline(b"\x0f")
+
+
+def _op_args(pipe, schema: str) -> tuple[str, dict]:
+    (op,) = [op for op in parse_pipeline(pipe.serialize())[0] if op.schema == schema]
+    return op.device, op.arguments
+
+
+def test_decoder_options_default_to_dalis_imagenet_example_in_the_gpu_graph(sample_val):
+    from unmix.pipeline.decoding import IMAGENET_DEVICE_PADDING, IMAGENET_HOST_PADDING
+
+    for pipe in (
+        pretrain_pipeline(sample_val, 8, "moco_v2", CROP, True, device="gpu", num_threads=1, device_id=None),
+        eval_pipeline(sample_val, 8, "val", CROP, device="gpu", num_threads=1, device_id=None),
+    ):
+        device, args = _op_args(pipe, "decoders__Image")
+        assert device == "mixed"
+        assert args["hw_decoder_load"] == pytest.approx(0.9)
+        assert args["device_memory_padding"] == IMAGENET_DEVICE_PADDING == 211_025_920
+        assert args["host_memory_padding"] == IMAGENET_HOST_PADDING == 140_544_512
+        assert _op_args(pipe, "readers__Webdataset")[1]["dont_use_mmap"] is False
+
+
+def test_data_keys_reach_the_serialized_gpu_graph(sample_val, monkeypatch):
+    """``data.hw_decoder_load`` etc. in the training config -> the loader -> the GPU graph's decoder and
+    reader arguments (read back from the serialized protobuf)."""
+    from unmix.training import loop
+    from unmix.training.config import load_config
+
+    seen = {}
+    monkeypatch.setattr(loaders, "build_pretrain_loader", lambda *a, **k: seen.update(k))
+    cfg = load_config(
+        None,
+        [
+            f"data.train={sample_val}",
+            "data.hw_decoder_load=0.25",
+            "data.device_memory_padding=1048576",
+            "data.host_memory_padding=0",
+            "data.dont_use_mmap=true",
+        ],
+    )
+    loop.build_loader(cfg, 8, 0, 1)
+    pipe = pretrain_pipeline(
+        sample_val, 8, "moco_v2", CROP, True, "gpu", num_threads=1, device_id=None, decoder=seen["decoder"]
+    )
+    _, args = _op_args(pipe, "decoders__Image")
+    assert args["hw_decoder_load"] == pytest.approx(0.25)
+    assert (args["device_memory_padding"], args["host_memory_padding"]) == (1_048_576, 0)
+    assert _op_args(pipe, "readers__Webdataset")[1]["dont_use_mmap"] is True
+
+
+def test_cpu_graph_runs_without_mmap_and_without_the_mixed_decoders_options(sample_val):
+    pipe = eval_pipeline(
+        sample_val, 4, "val", CROP, device="cpu", num_threads=1, decoder={"dont_use_mmap": True}
+    )
+    device, args = _op_args(pipe, "decoders__Image")
+    assert device == "cpu" and "hw_decoder_load" not in args and "device_memory_padding" not in args
+    assert _op_args(pipe, "readers__Webdataset")[1]["dont_use_mmap"] is True
+    pipe.build()
+    images = pipe.run()[0]
+    assert images.as_array().shape == (4, 3, CROP, CROP)
+
+
+def test_decoder_options_are_validated():
+    from unmix.pipeline.decoding import DecoderOptions
+    from unmix.training.config import ConfigError, load_config
+
+    with pytest.raises(ValueError, match="hw_decoder_load"):
+        DecoderOptions(hw_decoder_load=1.5)
+    with pytest.raises(ValueError, match="unknown decoder option"):
+        DecoderOptions.resolve({"hw_load": 0.5})
+    with pytest.raises(ConfigError, match=r"data.hw_decoder_load: invalid value 1.2; must be in \[0, 1\]"):
+        load_config(None, ["data.hw_decoder_load=1.2"])
+    with pytest.raises(ConfigError, match="data.host_memory_padding: invalid value -1"):
+        load_config(None, ["data.host_memory_padding=-1"])

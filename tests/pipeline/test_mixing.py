@@ -88,16 +88,86 @@ def test_cutmix_box_follows_the_authors_rand_bbox():
 
 def test_modes_occur_with_configured_frequency():
     p = 0.3
-    # an empty CutMix box (lam0 > 63/64 at 16x16) looks like mixup with lam = 1: leave those out
-    modes = [
-        _classify(*b)
-        for b in _mix_batches(UnmixConfig(p_mixup=p), 400, batch_size=2, hw=(16, 16))
-        if not np.array_equal(b[0], b[1])
-    ]
+    # no CutMix box is empty, so no CutMix batch looks like mixup with lam = 1
+    modes = [_classify(*b) for b in _mix_batches(UnmixConfig(p_mixup=p), 400, batch_size=2, hw=(16, 16))]
     assert None not in modes
     k, n = sum(m == "mixup" for m in modes), len(modes)
-    assert n > 350
     assert stats.binomtest(k, n, p).pvalue > 1e-3
+
+
+def _reference_box(lam0: float, cx: int, cy: int, H: int, W: int, dtype=np.float64):
+    """NumPy transcription of the authors' rand_bbox plus the never-empty rule (a half side of 0 -> 1 px),
+    in ``dtype`` (the DALI graph computes in float32, the torch mixing in float64)."""
+    cut = np.sqrt(dtype(1.0) - dtype(lam0))
+    half_w, half_h = int(np.floor(np.floor(dtype(W) * cut) / 2)), int(np.floor(np.floor(dtype(H) * cut) / 2))
+    x1, x2 = np.clip(cx - half_w, 0, W), np.clip(cx + max(half_w, 1), 0, W)
+    y1, y2 = np.clip(cy - half_h, 0, H), np.clip(cy + max(half_h, 1), 0, H)
+    return int(x1), int(y1), int(x2), int(y2), 1.0 - (x2 - x1) * (y2 - y1) / (H * W)
+
+
+def _box_cases(n: int = 64):
+    """(lam0, cx, cy, H, W): small crops and lam near 1 (empty boxes under the plain rule), edges, lam 0/1."""
+    rng = np.random.default_rng(5)
+    cases = []
+    for H, W in [(1, 1), (2, 2), (3, 5), (7, 4), (16, 16), (224, 224)]:
+        near_one = 1 - rng.uniform(0, 4 / (H * W), n // 2)
+        lams = np.concatenate([[0.0, 1.0], rng.beta(0.05, 0.05, n // 2), near_one])
+        for lam0 in np.clip(lams.astype(np.float32), 0, 1):
+            cases.append((float(lam0), int(rng.integers(W)), int(rng.integers(H)), H, W))
+            cases.append((float(lam0), W - 1, 0, H, W))  # the corners: clipping
+    return cases
+
+
+def test_cutmix_box_is_never_empty_and_matches_the_reference_in_both_implementations():
+    """The DALI graph's box (run through the CPU operators on the same inputs) and the torch mixing's
+    box both equal the NumPy reference, and no box is empty; lam is recomputed from the box."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    from unmix.pipeline import mixing
+    from unmix.pipeline.torch_mixing import cutmix_box
+
+    cases = _box_cases()
+    plain_empty = 0
+    by_size: dict[tuple[int, int], list] = {}
+    for c in cases:
+        by_size.setdefault(c[3:], []).append(c)
+        lam0, cx, cy, H, W = c
+        ref = _reference_box(lam0, cx, cy, H, W)
+        assert ref[2] > ref[0] and ref[3] > ref[1], c
+        assert cutmix_box(lam0, cx, cy, (H, W))[:4] == ref[:4], c
+        assert cutmix_box(lam0, cx, cy, (H, W))[4] == pytest.approx(ref[4], abs=1e-12)
+        plain_empty += np.floor(np.floor(min(H, W) * np.sqrt(1 - lam0)) / 2) == 0
+    assert plain_empty > len(cases) // 3  # the cases do exercise what was an empty box
+
+    for (H, W), group in by_size.items():
+        cols = [np.array([g[i] for g in group], dtype=np.float32) for i in range(3)]
+
+        @pipeline_def(batch_size=len(group), num_threads=1, device_id=None)
+        def pipe(cols, size):
+            lam, cx, cy = (fn.external_source(source=[c.reshape(-1, 1)], dtype=types.FLOAT) for c in cols)
+            box = mixing.cutmix_box(lam, cx, cy, size)
+            return tuple(fn.cast(v, dtype=types.FLOAT) for v in box)
+
+        p = pipe(cols, (H, W))
+        p.build()
+        got = np.stack([o.as_array().reshape(-1) for o in p.run()], axis=1)  # N x 5
+        for row, c in zip(got, group, strict=True):
+            ref = _reference_box(*c, dtype=np.float32)
+            assert tuple(int(v) for v in row[:4]) == ref[:4], (c, row)
+            assert row[4] == pytest.approx(ref[4], abs=1e-6), (c, row)
+
+
+@pytest.mark.parametrize("hw", [(4, 4), (6, 9), (16, 16)])
+@pytest.mark.parametrize("alpha", [0.05, 0.2])
+def test_graph_pastes_a_nonempty_box_at_small_crops_and_alphas(hw, alpha):
+    """The whole graph (CPU operators): every CutMix batch pastes at least one pixel, one rectangle,
+    and lam equals the unpasted fraction (lam < 1 always)."""
+    for x, mixed, lam, _ in _mix_batches(UnmixConfig(p_mixup=0.0, alpha=alpha), 40, hw=hw, seed=11):
+        pasted = (mixed != x)[0, 0]
+        box = _box(pasted)
+        assert box is not None, "an empty CutMix box"
+        assert pasted[box[0] : box[1], box[2] : box[3]].all()
+        assert lam[0] < 1 and lam[0] == pytest.approx(1 - pasted.mean(), abs=1e-6)
 
 
 @pytest.mark.parametrize("alpha", [1.0, 0.5])

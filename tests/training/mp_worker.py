@@ -75,6 +75,18 @@ def _shuffle_roundtrip() -> dict:
         }
 
 
+class _Probe(torch.nn.Module):
+    """Records whether its input is channels_last (the layout of the rest of the step on CUDA)."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.is_contiguous(memory_format=torch.channels_last))
+        return x
+
+
 def _gather_channels_last() -> dict:
     """Shuffle-BN's image gather on channels_last inputs (what the loop feeds on CUDA): every rank's
     images arrive intact and in rank order; under bf16 autocast they travel as bf16."""
@@ -97,9 +109,14 @@ def _gather_channels_last() -> dict:
         per_sample = Network(nn.Flatten(), nn.Linear(3 * 5 * 6, 5))
         k = shuffled_embed(per_sample, x / 1000, torch.Generator().manual_seed(2))
         k_local = per_sample.embed(x / 1000)
+        seen = []  # the memory format the key encoder receives from Shuffle-BN's gather
+        probe = nn.Sequential(_Probe(seen), nn.Flatten(), nn.Linear(3 * 5 * 6, 5))
+        shuffled_embed(Network(probe, nn.Identity()), x, torch.Generator().manual_seed(3))
     return {
+        "encoder_input_channels_last": seen == [True],
         "fp32_exact": bool(torch.equal(gathered, expected)),
-        "fp32_contiguous": gathered.is_contiguous(),
+        "fp32_channels_last": gathered.is_contiguous(memory_format=torch.channels_last),
+        "bf16_channels_last": low.is_contiguous(memory_format=torch.channels_last),
         "bf16_dtype": str(low.dtype),
         "bf16_exact": bool(torch.equal(low, expected.to(torch.bfloat16))),
         "autocast_order_kept": bool(torch.allclose(k.float(), k_local.float(), atol=1e-2, rtol=1e-2)),

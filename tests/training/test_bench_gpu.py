@@ -28,7 +28,27 @@ def test_dry_run_builds_everything_that_needs_no_gpu(tmp_path, capsys):
     assert graphs["graphs"] == 2 * (n_recipes * 4 + 2)  # layouts x (recipes x Un-Mix variants + eval splits)
     models = next(c for c in d["checks"] if c["name"] == "models (meta)")["values"]
     assert 27e6 < models["moco_v2"]["online_params"] < 29e6  # ResNet-50 + 2048-2048-128 head
-    assert "all checks passed" in capsys.readouterr().out
+    # the multi-rank launcher: 2 CPU ranks on gloo, every node check's code path
+    for name in (
+        "node launcher",
+        "node shuffle-bn",
+        "node moco key gather + enqueue",
+        "node zero-1 steps",
+        "node zero-2 steps",
+        "node checkpoint write + resume",
+        "node throughput moco_v2 + unmix",
+        "node throughput byol + unmix",
+    ):
+        assert status[name] == "pass", (name, d)
+    assert status["node syncbn"] == "skip"  # no CPU kernel in torch
+    tput = next(c for c in d["checks"] if c["name"] == "node throughput moco_v2 + unmix")["values"]
+    assert len(tput["per_rank"]) == 2 and tput["images_per_s_per_gpu_min"] > 0
+    assert 0 <= tput["data_wait_fraction_max"] < 1 and "peak_gib_max" in tput
+    out = capsys.readouterr().out
+    assert "all checks passed" in out
+    first = out.splitlines()[0]  # torch's CUDA, the driver and the DALI wheel (its CUDA flavour) first
+    assert first.startswith("unmix bench gpu: torch ") and "(CUDA " in first and "driver " in first
+    assert "nvidia-dali-cuda1" in first and d["environment"]["dali_wheel"] in first
 
 
 def test_a_failing_check_fails_the_command(tmp_path, monkeypatch):
@@ -37,7 +57,7 @@ def test_a_failing_check_fails_the_command(tmp_path, monkeypatch):
 
     monkeypatch.setattr(bench_gpu, "check_configs", broken)
     out = tmp_path / "gpu.json"
-    assert main(["bench", "gpu", "--dry-run", "--json", str(out)]) == 1
+    assert main(["bench", "gpu", "--dry-run", "--nproc", "1", "--json", str(out)]) == 1
     d = json.loads(out.read_text())
     (c,) = [c for c in d["checks"] if c["name"] == "configs"]
     assert c["status"] == "fail" and "measured something wrong" in c["detail"]
@@ -109,3 +129,16 @@ def test_cuda_checks_run_their_course_on_a_small_cpu_model(monkeypatch):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs ranks that die for want of a GPU")
+def test_node_launcher_reports_a_rank_that_fails(tmp_path):
+    """A rank that dies is a failed row naming the rank and its last output, not a hang or a pass."""
+    from unmix.training import bench_node
+
+    # dry_run None: the ranks ask for NCCL, and with no GPU visible they die before any check
+    rows, error = bench_node.launch({"dry_run": None}, 2, timeout_s=300)
+    assert rows == [] and error.startswith("rank 0 exited 1") and "no CUDA device is visible" in error
+    with pytest.raises(CheckError, match="rank 1: boom"):
+        bench_gpu._node_row({"name": "x", "status": "fail", "detail": "rank 1: boom"})
+    assert bench_gpu._node_row({"name": "x", "status": "skip", "detail": "why"}).status == "skip"

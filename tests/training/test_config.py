@@ -138,7 +138,7 @@ def test_deepspeed_config_from_ours():
     assert ds["gradient_accumulation_steps"] == 2 and ds["gradient_clipping"] == 0.0
     assert ds["zero_allow_untested_optimizer"] is True
     assert ds["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 1000}  # pass-through merges
-    assert ds["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}  # bf16 default
+    assert ds["torch_autocast"]["enabled"] and ds["torch_autocast"]["dtype"] == "bfloat16"  # bf16 default
     assert "fp16" in deepspeed_config(load_config(None, ["deepspeed.precision=fp16"]), 8)
 
 

@@ -58,9 +58,10 @@ def test_shuffle_bn_across_ranks(results):
 
 def test_gather_channels_last_intact_and_bf16_under_autocast(results):
     (r,) = [r for r in results if r["case"] == "gather_channels_last"]
-    assert r["fp32_exact"] and r["fp32_contiguous"], r
+    assert r["fp32_exact"] and r["fp32_channels_last"] and r["bf16_channels_last"], r  # the model's layout
     assert r["bf16_dtype"] == "torch.bfloat16" and r["bf16_exact"], r
     assert r["autocast_order_kept"], r
+    assert r["encoder_input_channels_last"], r  # the key encoder runs in the model's layout
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -79,10 +80,11 @@ def test_two_ranks(results, case):
         assert r["queue_identical"], r
 
 
-def test_gather_buffers_are_nchw_whatever_the_input_layout(monkeypatch):
-    """The NCCL failure of pytorch#163483 needs CUDA, but its cause is checkable here: the receive
+def test_gather_buffers_are_plain_contiguous_whatever_the_input_layout(monkeypatch):
+    """The NCCL failure of pytorch#163483 needs CUDA, but its cause is checkable here: the send and receive
     buffers handed to torch.distributed.all_gather must be plain contiguous even for channels_last
-    input (empty_like would make them channels_last, which old NCCL builds filled as NCHW bytes)."""
+    input (empty_like would make them channels_last, which old NCCL builds filled as NCHW bytes); the
+    result comes back in the input's layout (channels_last: the key encoder's layout)."""
     import torch
     import torch.distributed as tdist
 
@@ -100,4 +102,6 @@ def test_gather_buffers_are_nchw_whatever_the_input_layout(monkeypatch):
     x = torch.randn(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     y = dist.gather_rows(x)
     assert seen == [[True, True, True]]
-    assert y.is_contiguous() and torch.equal(y, torch.cat([x, x]))
+    assert y.is_contiguous(memory_format=torch.channels_last) and torch.equal(y, torch.cat([x, x]))
+    plain = torch.randn(2, 3, 4, 5)
+    assert dist.gather_rows(plain).is_contiguous() and seen[-1] == [True, True, True]

@@ -66,13 +66,19 @@ def test_draws_follow_the_rule():
     for d in draws:
         if d.mode == "cutmix":
             x1, y1, x2, y2 = d.box
-            assert 0 <= x1 <= x2 <= 20 and 0 <= y1 <= y2 <= 16
+            assert 0 <= x1 < x2 <= 20 and 0 <= y1 < y2 <= 16  # never an empty box
             assert d.lam == np.float32(1 - (x2 - x1) * (y2 - y1) / 320)
     assert all(d.mode == "mixup" for d in (draw_mix(rng, (8, 8), 1.0, 1.0) for _ in range(20)))
-    # lam -> 1: an empty box, nothing pasted
-    x = torch.randn(4, 3, 8, 8)
-    m, lam = mix(x, type(draws[0])("cutmix", 1.0, (3, 3, 3, 3)))
-    assert torch.equal(m, x) and torch.all(lam == 1)
+    # lam near 1 (alpha 0.05, a 6x6 crop): 1-px sides instead of empty boxes, lam below 1 and exact
+    x = torch.randn(4, 3, 6, 6)
+    tiny = [d for d in (draw_mix(rng, (6, 6), 0.0, 0.05) for _ in range(200)) if d.lam > 0.9]
+    assert len(tiny) > 20
+    for d in tiny:
+        x1, y1, x2, y2 = d.box
+        assert x2 - x1 >= 1 and y2 - y1 >= 1 and d.lam < 1
+        m, lam = mix(x, d)
+        pasted = (m != x).any(dim=(0, 1))
+        assert int(pasted.sum()) == (x2 - x1) * (y2 - y1) and float(lam[0]) == d.lam
 
 
 def test_deterministic_by_seed_and_shard():
