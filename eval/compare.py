@@ -14,8 +14,16 @@ the val-accuracy curves of the plot. Random-init evaluations (tag ``unmix.kind``
 ``random_init`` = ARCH) become one floor row per architecture; pixel evaluations (``unmix linear
 --pixels``: tag ``unmix.kind`` = ``pixels``) one "raw pixels" floor row.
 
-Rows whose (method, arch, epochs, batch) agree and whose Un-Mix flag differs are paired; the Un-Mix
-row shows the gain (on - off) in linear top-1 and kNN top-1.
+Seeds: runs whose configuration (the params the trainer logs) differs only in ``seed`` (and in keys that
+do not change the result: ``output_dir``, ``mlflow.*``, ``checkpoint.*``, ``log.*``, ``data.threads``,
+``model.channels_last``) form a group; each group shows n, mean and standard deviation. Two groups that
+differ only in the Un-Mix flag are paired: the Un-Mix gain is the mean of the seed-paired differences
+(on - off, same seed) with a 95 % Student-t interval, "within noise" when the interval holds 0. One seed
+pair gives a difference but no interval. Per run, the row of the Un-Mix run shows its difference to the
+run of the same seed without Un-Mix.
+
+Protocols: each linear top-1 says which protocol made it (tag ``unmix.protocol`` of the evaluation run:
+``logreg`` | ``moco`` | ``byol`` | ``knn``; older runs: param ``protocol`` or ``name``; else ``?``).
 """
 
 from __future__ import annotations
@@ -23,9 +31,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
+import statistics
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +44,14 @@ PRETRAIN_KIND = "pretrain"
 RANDOM_INIT_KIND = "random_init"
 PIXELS_KIND = "pixels"
 PRETRAIN_RUN_TAG = "unmix.pretrain_run_id"
+PROTOCOL_TAG = "unmix.protocol"
 PAIR_FIELDS = ("method", "arch", "epochs", "batch_size")
 FORMATS = ("table", "markdown", "csv", "json")
+# params that never change a run's result: runs differing only in these (and seed) are one setting
+NOT_SETTING = ("seed", "output_dir", "data.threads", "model.channels_last")
+NOT_SETTING_PREFIXES = ("mlflow.", "checkpoint.", "log.")
+UNMIX_PARAM = "unmix.enabled"
+GAIN_METRICS = ("linear_top1", "knn_top1")
 
 
 @dataclass
@@ -57,9 +73,34 @@ class Row:
     images_per_s: float | None
     duration_s: float | None
     status: str
-    paired_with: str | None = None
+    seed: int | None = None
+    protocol: str | None = None  # what made linear_top1: logreg | moco | byol | knn | ?
+    setting: str | None = None  # the group label (pretraining rows)
+    paired_with: str | None = None  # the run of the same seed with the other Un-Mix flag
     gain_linear_top1: float | None = None
     gain_knn_top1: float | None = None
+    setting_key: tuple = ()  # params that define the setting (not rendered)
+
+
+@dataclass
+class Group:
+    """Runs of one setting and one Un-Mix flag that differ only in seed (newest run per seed)."""
+
+    setting: str
+    method: str | None
+    unmix: str | None
+    arch: str | None
+    epochs: int | None
+    batch_size: int | None
+    n: int
+    seeds: list
+    run_ids: list
+    linear_top1_mean: float | None = None
+    linear_top1_std: float | None = None
+    linear_top1_n: int = 0
+    knn_top1_mean: float | None = None
+    knn_top1_std: float | None = None
+    knn_top1_n: int = 0
 
 
 def _flag(value: Any) -> str | None:
@@ -124,6 +165,37 @@ def _eval_metric(eval_runs: Iterable[Any], key: str) -> float | None:
     return None
 
 
+def protocol_of(run: Any) -> str:
+    """Which protocol an evaluation run used: tag ``unmix.protocol``, else param ``protocol``/``name``,
+    else ``?`` (runs from before the tag existed)."""
+    tags, params = run.data.tags, run.data.params
+    return tags.get(PROTOCOL_TAG) or params.get("protocol") or params.get("name") or "?"
+
+
+def _linear_protocol(eval_runs: Iterable[Any]) -> str | None:
+    """The protocol of the newest evaluation run carrying ``linear_top1``, else of the newest linear
+    evaluation (``unmix linear`` also logs its result onto the pretraining run); None: neither."""
+    eval_runs = list(eval_runs)
+    for er in eval_runs:  # newest first
+        if "linear_top1" in er.data.metrics:
+            return protocol_of(er)
+    for er in eval_runs:
+        if er.data.tags.get("unmix.eval") == "linear":
+            return protocol_of(er)
+    return None
+
+
+def setting_key(params: dict[str, str], method: str | None) -> tuple:
+    """The params that define what a run computes, less the seed, the Un-Mix flag and bookkeeping."""
+    keep = {
+        k: v
+        for k, v in params.items()
+        if k not in NOT_SETTING and k != UNMIX_PARAM and not k.startswith(NOT_SETTING_PREFIXES)
+    }
+    keep["method"] = method or ""
+    return tuple(sorted(keep.items()))
+
+
 def pretrain_row(run: Any, experiment: str, eval_runs: list[Any], now_ms: float) -> Row:
     """A pretraining run's row; accuracies missing on the run come from its newest eval runs."""
     tags, params, metrics = run.data.tags, run.data.params, run.data.metrics
@@ -131,22 +203,28 @@ def pretrain_row(run: Any, experiment: str, eval_runs: list[Any], now_ms: float)
     def metric(key: str) -> float | None:
         return metrics[key] if key in metrics else _eval_metric(eval_runs, key)
 
+    method = tags.get("method") or params.get("method")
+    linear_top1 = metric("linear_top1")
+
     return Row(
         run_id=run.info.run_id,
         name=run.info.run_name or tags.get("mlflow.runName", ""),
         experiment=experiment,
         kind=PRETRAIN_KIND,
-        method=tags.get("method") or params.get("method"),
-        unmix=_flag(tags.get("unmix", params.get("unmix.enabled"))),
+        method=method,
+        unmix=_flag(tags.get("unmix", params.get(UNMIX_PARAM))),
         arch=params.get("model.arch"),
         epochs=_int(params.get("optim.epochs")),
         batch_size=_int(params.get("optim.batch_size")),
-        linear_top1=metric("linear_top1"),
+        linear_top1=linear_top1,
         linear_top5=metric("linear_top5"),
         knn_top1=metric("knn_top1"),
         images_per_s=metrics.get("images_per_s"),
         duration_s=_duration(run, now_ms),
         status=run.info.status,
+        seed=_int(params.get("seed")),
+        protocol=None if linear_top1 is None else (_linear_protocol(eval_runs) or "?"),
+        setting_key=setting_key(params, method),
     )
 
 
@@ -182,45 +260,125 @@ def floor_rows(
                 images_per_s=None,
                 duration_s=None,
                 status=newest.info.status,
+                protocol=_linear_protocol(runs),
             )
         )
     return rows
 
 
-def pair_rows(rows: list[Row]) -> list[dict[str, Any]]:
-    """Pair pretraining rows that differ only in Un-Mix; sets the gain on the Un-Mix row; returns the pairs.
+def t_quantile(p: float, df: int) -> float:
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (Simpson integration of the
+    density, then bisection; accurate to ~1e-9 for the 95 % intervals here; needs no SciPy)."""
+    if not 0.5 <= p < 1 or df < 1:
+        raise ValueError(f"t_quantile: need 0.5 <= p < 1 and df >= 1 (got p={p}, df={df})")
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
 
-    With several runs for one key and flag, the first (newest) is used.
+    def cdf(t: float, n: int = 2000) -> float:  # 0.5 + the integral of the density over [0, t]
+        h = t / n
+        f = [c * (1 + (i * h) ** 2 / df) ** (-(df + 1) / 2) for i in range(n + 1)]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * sum(f[1:-1:2]) + 2 * sum(f[2:-1:2]))
+
+    lo, hi = 0.0, 1.0
+    while cdf(hi) < p:
+        lo, hi = hi, hi * 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if cdf(mid) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def paired_gain(diffs: list[float], level: float = 0.95) -> dict[str, Any]:
+    """Mean of seed-paired differences with its ``level`` Student-t interval and a verdict.
+
+    ``within noise`` when the interval holds 0; one pair: the difference, no interval.
     """
-    groups: dict[tuple, dict[str, Row]] = {}
+    n = len(diffs)
+    if n == 0:
+        return {"n": 0, "mean": None, "lo": None, "hi": None, "verdict": "no seed pairs"}
+    mean = statistics.fmean(diffs)
+    if n == 1:
+        return {"n": 1, "mean": mean, "lo": None, "hi": None, "verdict": "1 seed: no interval"}
+    half = t_quantile(0.5 + level / 2, n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    verdict = "within noise" if lo <= 0 <= hi else ("Un-Mix better" if lo > 0 else "Un-Mix worse")
+    return {"n": n, "mean": mean, "lo": lo, "hi": hi, "verdict": verdict}
+
+
+def _label(row: Row) -> str:
+    return f"{row.method} {row.arch} {row.epochs}ep b{row.batch_size}"
+
+
+def group_rows(rows: list[Row]) -> list[Group]:
+    """Groups of pretraining rows equal in setting and Un-Mix flag; the newest run per seed counts.
+
+    Sets each row's ``setting`` label (settings with equal labels but other params get ``#2``, ``#3``).
+    """
+    labels: dict[tuple, str] = {}
+    members: dict[tuple, dict[Any, Row]] = {}
     for row in rows:
-        if row.kind != PRETRAIN_KIND or row.unmix not in ("on", "off"):
+        if row.kind != PRETRAIN_KIND:
             continue
-        groups.setdefault(tuple(getattr(row, f) for f in PAIR_FIELDS), {}).setdefault(row.unmix, row)
+        if row.setting_key not in labels:
+            base = _label(row)
+            taken = sum(1 for v in labels.values() if v.split("#")[0] == base)
+            labels[row.setting_key] = base if taken == 0 else f"{base}#{taken + 1}"
+        row.setting = labels[row.setting_key]
+        members.setdefault((row.setting_key, row.unmix), {}).setdefault(row.seed, row)  # rows: newest first
+    groups = []
+    for (key, unmix), by_seed in members.items():
+        runs = sorted(by_seed.values(), key=lambda r: (r.seed is None, r.seed or 0))
+        first = runs[0]
+        g = Group(
+            labels[key], first.method, unmix, first.arch, first.epochs, first.batch_size, len(runs),
+            [r.seed for r in runs], [r.run_id for r in runs],
+        )  # fmt: skip
+        for m in GAIN_METRICS:
+            values = [getattr(r, m) for r in runs if getattr(r, m) is not None]
+            setattr(g, f"{m}_n", len(values))
+            if values:
+                setattr(g, f"{m}_mean", statistics.fmean(values))
+                setattr(g, f"{m}_std", statistics.stdev(values) if len(values) > 1 else None)
+        groups.append(g)
+    groups.sort(key=lambda g: (g.setting, g.unmix == "on"))
+    return groups
+
+
+def pair_rows(rows: list[Row]) -> list[dict[str, Any]]:
+    """Pair the Un-Mix off/on groups of each setting by seed; returns one dict per setting pair.
+
+    Each holds the seeds paired, the run ids, and per metric the mean of the on - off differences with
+    its 95 % interval and verdict (:func:`paired_gain`). Sets ``paired_with`` and the per-seed gains on
+    the rows. With several runs of one seed, the newest counts.
+    """
+    by_seed: dict[tuple, dict[str, dict[Any, Row]]] = {}
+    for row in rows:
+        if row.kind == PRETRAIN_KIND and row.unmix in ("on", "off"):
+            by_seed.setdefault(row.setting_key, {}).setdefault(row.unmix, {}).setdefault(row.seed, row)
     pairs = []
-    for key, g in groups.items():
+    for g in by_seed.values():
         if "on" not in g or "off" not in g:
             continue
-        on, off = g["on"], g["off"]
-        on.paired_with, off.paired_with = off.run_id, on.run_id
-        on.gain_linear_top1 = _diff(on.linear_top1, off.linear_top1)
-        on.gain_knn_top1 = _diff(on.knn_top1, off.knn_top1)
-        pairs.append(
-            {
-                **dict(zip(PAIR_FIELDS, key, strict=True)),
-                "off_run_id": off.run_id,
-                "on_run_id": on.run_id,
-                "linear_top1_off": off.linear_top1,
-                "linear_top1_on": on.linear_top1,
-                "gain_linear_top1": on.gain_linear_top1,
-                "linear_top5_off": off.linear_top5,
-                "linear_top5_on": on.linear_top5,
-                "gain_linear_top5": _diff(on.linear_top5, off.linear_top5),
-                "knn_top1_off": off.knn_top1,
-                "knn_top1_on": on.knn_top1,
-                "gain_knn_top1": on.gain_knn_top1,
-            }
-        )
+        seeds = sorted((s for s in g["on"] if s in g["off"]), key=lambda s: (s is None, s or 0))
+        if not seeds:
+            continue
+        for s in seeds:
+            on, off = g["on"][s], g["off"][s]
+            on.paired_with, off.paired_with = off.run_id, on.run_id
+            on.gain_linear_top1 = _diff(on.linear_top1, off.linear_top1)
+            on.gain_knn_top1 = _diff(on.knn_top1, off.knn_top1)
+        first = g["on"][seeds[0]]
+        pair: dict[str, Any] = {
+            "setting": first.setting or _label(first),
+            **{f: getattr(first, f) for f in PAIR_FIELDS},
+            "seeds": seeds,
+            "off_run_ids": [g["off"][s].run_id for s in seeds],
+            "on_run_ids": [g["on"][s].run_id for s in seeds],
+        }
+        for m in GAIN_METRICS:
+            diffs = [getattr(g["on"][s], f"gain_{m}") for s in seeds]
+            gain = paired_gain([d for d in diffs if d is not None])
+            pair.update({f"gain_{m}" if k == "mean" else f"gain_{m}_{k}": v for k, v in gain.items()})
+        pairs.append(pair)
     return pairs
 
 
@@ -233,6 +391,7 @@ class Comparison:
     rows: list[Row]
     pairs: list[dict[str, Any]]
     eval_runs: dict[str, list[Any]]  # pretraining run id -> its eval runs, newest first
+    groups: list[Group] = field(default_factory=list)
 
 
 def collect(
@@ -283,13 +442,14 @@ def collect(
         )
         for r in pretrain
     ]
-    # pairs next to each other (off before on), then the floor rows
-    rows.sort(key=lambda r: (r.method or "", r.arch or "", r.epochs or 0, r.batch_size or 0, r.unmix == "on"))
+    groups = group_rows(rows)  # labels the rows' settings (newest first: the newest run of a seed counts)
+    pairs = pair_rows(rows)
+    # one setting together, Un-Mix off before on, by seed; then the floor rows
+    rows.sort(key=lambda r: (r.setting or "", r.unmix == "on", r.seed is None, r.seed or 0))
     rows += floor_rows(random_runs, names, now_ms)
     pixel_runs = [r for r in everything if run_kind(r) == PIXELS_KIND]
     rows += floor_rows(pixel_runs, names, now_ms, kind=PIXELS_KIND)
-    pairs = pair_rows(rows)
-    return Comparison(rows=rows, pairs=pairs, eval_runs=evals)
+    return Comparison(rows=rows, pairs=pairs, eval_runs=evals, groups=groups)
 
 
 _COLUMNS = [  # (header, Row attribute, format)
@@ -300,7 +460,9 @@ _COLUMNS = [  # (header, Row attribute, format)
     ("arch", "arch", "s"),
     ("epochs", "epochs", "d"),
     ("batch", "batch_size", "d"),
+    ("seed", "seed", "d"),
     ("lin top1", "linear_top1", ".2f"),
+    ("protocol", "protocol", "s"),
     ("lin top5", "linear_top5", ".2f"),
     ("knn top1", "knn_top1", ".2f"),
     ("gain lin top1", "gain_linear_top1", "+.2f"),
@@ -324,30 +486,102 @@ def _cell(value: Any, fmt: str) -> str:
     return format(value, fmt)
 
 
-def render(comp: Comparison, fmt: str = "table") -> str:
-    """The comparison as an aligned text table, Markdown, CSV or JSON."""
-    if fmt == "json":
-        return json.dumps({"rows": [asdict(r) for r in comp.rows], "pairs": comp.pairs}, indent=2)
-    if fmt == "csv":
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=[f.name for f in fields(Row)], lineterminator="\n")
-        writer.writeheader()
-        for r in comp.rows:
-            writer.writerow(asdict(r))
-        return buf.getvalue()
+def _row_dict(row: Row) -> dict[str, Any]:
+    d = asdict(row)
+    d.pop("setting_key")
+    return d
+
+
+def _mean_std(mean: float | None, std: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.2f} ± {std:.2f}" if std is not None else f"{mean:.2f}"
+
+
+def _gain(pair: dict[str, Any], m: str) -> str:
+    mean, lo, hi = pair[f"gain_{m}"], pair[f"gain_{m}_lo"], pair[f"gain_{m}_hi"]
+    if mean is None:
+        return "-"
+    if lo is None:
+        return f"{mean:+.2f} ({pair[f'gain_{m}_verdict']})"
+    return f"{mean:+.2f} [{lo:+.2f}, {hi:+.2f}] {pair[f'gain_{m}_verdict']}"
+
+
+def _tables(comp: Comparison) -> list[tuple[str, list[str], list[list[str]]]]:
+    """(title, header, body) of the runs, the seed groups and the seed-paired Un-Mix gains."""
     header = [h for h, _, _ in _COLUMNS]
     body = [[_cell(getattr(r, attr), f) for _, attr, f in _COLUMNS] for r in comp.rows]
-    if fmt == "markdown":
-        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-        lines += ["| " + " | ".join(row) + " |" for row in body]
-        return "\n".join(lines) + "\n"
-    if fmt != "table":
-        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    out = [("runs", header, body)]
+    if comp.groups:
+        out.append(
+            (
+                "seed groups (mean ± std over seeds)",
+                ["setting", "unmix", "n", "seeds", "lin top1", "knn top1"],
+                [
+                    [
+                        g.setting,
+                        g.unmix or "-",
+                        str(g.n),
+                        ",".join("-" if s is None else str(s) for s in g.seeds),
+                        _mean_std(g.linear_top1_mean, g.linear_top1_std),
+                        _mean_std(g.knn_top1_mean, g.knn_top1_std),
+                    ]
+                    for g in comp.groups
+                ],
+            )
+        )
+    if comp.pairs:
+        out.append(
+            (
+                "Un-Mix gain: mean of seed-paired differences (on - off) [95 % t interval]",
+                ["setting", "seed pairs", "gain lin top1", "gain knn top1"],
+                [
+                    [p["setting"], str(len(p["seeds"])), _gain(p, "linear_top1"), _gain(p, "knn_top1")]
+                    for p in comp.pairs
+                ],
+            )
+        )
+    return out
+
+
+def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=False)]
-    lines = [
+    return [
         "  ".join(x.ljust(w) for x, w in zip(row, widths, strict=True)).rstrip() for row in [header, *body]
     ]
-    if not comp.rows:
+
+
+def render(comp: Comparison, fmt: str = "table") -> str:
+    """The comparison as aligned text tables, Markdown, CSV (the runs) or JSON (runs, groups, pairs)."""
+    if fmt == "json":
+        data = {
+            "rows": [_row_dict(r) for r in comp.rows],
+            "groups": [asdict(g) for g in comp.groups],
+            "pairs": comp.pairs,
+        }
+        return json.dumps(data, indent=2)
+    if fmt == "csv":
+        buf = io.StringIO()
+        names = [f.name for f in fields(Row) if f.name != "setting_key"]
+        writer = csv.DictWriter(buf, fieldnames=names, lineterminator="\n")
+        writer.writeheader()
+        for r in comp.rows:
+            writer.writerow(_row_dict(r))
+        return buf.getvalue()
+    if fmt not in ("table", "markdown"):
+        raise ValueError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
+    lines: list[str] = []
+    for i, (title, header, body) in enumerate(_tables(comp)):
+        if fmt == "markdown":
+            if i:
+                lines += ["", f"**{title}**", ""]
+            lines += ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+            lines += ["| " + " | ".join(row) + " |" for row in body]
+        else:
+            if i:
+                lines += ["", title]
+            lines += _aligned(header, body)
+    if fmt == "table" and not comp.rows:
         lines.append("(no runs tagged unmix.kind=pretrain, random_init or pixels)")
     return "\n".join(lines) + "\n"
 
@@ -365,8 +599,9 @@ def knn_curve(client: Any, run_id: str) -> tuple[list[int], list[float]]:
 
 
 def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) -> Path:
-    """PNG of the rows' runs: pretraining loss per step, linear-eval val top-1 per epoch, and the kNN
-    monitor's ``knn_top1`` per pretraining step (``eval.knn_every_epochs``)."""
+    """PNG of the rows' runs: pretraining loss per step, linear-eval val top-1 per epoch, the kNN
+    monitor's ``knn_top1`` per pretraining step (``eval.knn_every_epochs``), and the spread over seeds:
+    each group's runs (one dot per seed) with the group's mean ± std, kNN and linear top-1."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -374,7 +609,7 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=tracking_uri)
-    fig, (ax_loss, ax_eval, ax_knn) = plt.subplots(1, 3, figsize=(18, 4.5))
+    fig, (ax_loss, ax_eval, ax_knn, ax_seeds) = plt.subplots(1, 4, figsize=(24, 4.5))
     for row in comp.rows:
         if row.kind != PRETRAIN_KIND:
             continue
@@ -397,10 +632,11 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
     for row in comp.rows:
         if row.kind == RANDOM_INIT_KIND and row.linear_top1 is not None:
             ax_eval.axhline(row.linear_top1, linestyle="--", color="grey", label=f"random-init {row.arch}")
+    _plot_spread(ax_seeds, comp)
     ax_loss.set(title="pretraining loss", xlabel="step", ylabel="loss")
     ax_eval.set(title="linear evaluation", xlabel="epoch", ylabel="val top-1 (%)")
     ax_knn.set(title="kNN monitor (pretraining)", xlabel="step", ylabel="kNN top-1 (%)")
-    for ax in (ax_loss, ax_eval, ax_knn):
+    for ax in (ax_loss, ax_eval, ax_knn, ax_seeds):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
         else:
@@ -413,3 +649,20 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
         fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
+
+
+def _plot_spread(ax: Any, comp: Comparison) -> None:
+    """One column per seed group: a dot per run, a bar for mean ± std; kNN left, linear right."""
+    by_id = {r.run_id: r for r in comp.rows}
+    for x, g in enumerate(comp.groups):
+        for m, dx, color in (("knn_top1", -0.12, "tab:blue"), ("linear_top1", 0.12, "tab:orange")):
+            values = [getattr(by_id[i], m) for i in g.run_ids if getattr(by_id[i], m) is not None]
+            if not values:
+                continue
+            label = ("kNN top-1" if m == "knn_top1" else "linear top-1") if x == 0 else None
+            ax.scatter([x + dx] * len(values), values, color=color, s=14, label=label)
+            mean, std = getattr(g, f"{m}_mean"), getattr(g, f"{m}_std") or 0.0
+            ax.errorbar([x + dx + 0.05], [mean], yerr=[std], color=color, capsize=4, marker="_")
+    ax.set_xticks(range(len(comp.groups)))
+    ax.set_xticklabels([f"{g.setting}\nunmix {g.unmix} (n={g.n})" for g in comp.groups], fontsize=6)
+    ax.set(title="spread over seeds (mean ± std)", ylabel="top-1 (%)")

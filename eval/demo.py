@@ -3,10 +3,12 @@
 Steps (each a subprocess of this same ``unmix`` so a failure names its stage and logs stay apart):
 
 1. write the ``digits`` sample shards (``unmix shards sample digits``) unless already there;
-2. pretrain MoCo v2 without and with Un-Mix (``configs/demo.yaml``: a small backbone, a few epochs);
-3. linear evaluation of both backbones, of a random-init backbone and of the raw pixels (the floors),
-   plus kNN;
-4. the comparison table from MLflow and a plot (PNG).
+2. pretrain MoCo v2 without and with Un-Mix (``configs/demo.yaml``: a small backbone, a few epochs),
+   each with ``--seeds`` seeds (default 2);
+3. linear evaluation and kNN of every backbone, of a random-init backbone and of the raw pixels (the
+   floors, linear and kNN);
+4. the comparison table from MLflow (seed groups, the seed-paired Un-Mix gain with its 95 % interval)
+   and a plot (PNG); a summary that says what is and is not within noise.
 
 Everything lands under ``--workdir`` (default ``./demo``), with an MLflow SQLite store there.
 A re-run reuses the shards and resumes or skips finished pretraining runs (``unmix train`` resumes).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -42,15 +45,25 @@ def _unmix(args: list[str], log: Path, env: dict[str, str]) -> None:
         raise SystemExit(f"unmix demo: `unmix {args[0]}` failed with exit status {status}; log: {log}")
 
 
+SETTINGS = (("mocov2", "false"), ("mocov2_unmix", "true"))
+
+
 def run_demo(
     workdir: Path,
     device: str = "cpu",
     overrides: list[str] | None = None,
     linear_epochs: int = 30,
+    seeds: int = 2,
 ) -> dict:
-    """Run the whole demo in ``workdir``; returns the comparison rows (as ``unmix compare --format json``)."""
+    """Run the whole demo in ``workdir``; returns the results and the comparison (``unmix compare`` JSON).
+
+    Each setting (MoCo v2 without / with Un-Mix) is pretrained with ``seeds`` seeds (0, 1, ...): single
+    runs differ by more than the Un-Mix effect, so the summary reports means and the seed-paired gain.
+    """
     if not DEMO_CONFIG.is_file():
         raise SystemExit(f"unmix demo: {DEMO_CONFIG} not found (the demo runs from a checkout of unmix)")
+    if seeds < 1:
+        raise SystemExit(f"unmix demo: --seeds {seeds}: need at least 1")
     workdir = workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     data, runs, logs = workdir / "data", workdir / "runs", workdir / "logs"
@@ -72,76 +85,38 @@ def run_demo(
         *(overrides or []),
     ]
     backbones = {}
-    for name, unmix in (("mocov2", "false"), ("mocov2_unmix", "true")):
-        out = runs / name
-        _unmix(
-            ["train", str(DEMO_CONFIG), f"output_dir={out}", f"unmix.enabled={unmix}", *common],
-            logs / f"train_{name}.log",
-            env,
-        )
-        backbones[name] = out / "backbone.pt"
+    for seed in range(seeds):
+        for setting, unmix in SETTINGS:
+            name = f"{setting}_s{seed}"
+            out = runs / name
+            args = ["train", str(DEMO_CONFIG), f"output_dir={out}", f"unmix.enabled={unmix}", *common]
+            _unmix([*args, f"seed={seed}"], logs / f"train_{name}.log", env)
+            backbones[name] = out / "backbone.pt"
 
     linear = [f"epochs={linear_epochs}", f"device={device}", "features=cached"]
-    results = {}
+    results: dict[str, dict] = {}
     splits = ["--train", str(data / "train"), "--val", str(data / "val")]
+
+    def evaluate(name: str, source: list[str], crop: list[str]) -> None:
+        """Linear probe and kNN of one backbone (or floor): ``results[name] = {"linear":…, "knn":…}``."""
+        out = runs / name
+        out.mkdir(parents=True, exist_ok=True)
+        for kind, extra in (("linear", linear), ("knn", [f"device={device}"])):
+            js = out / f"{kind}.json"
+            _unmix(
+                [kind, *source, *splits, "--json", str(js), *extra, *crop], logs / f"{kind}_{name}.log", env
+            )
+            results.setdefault(name, {})[kind] = json.loads(js.read_text())
+
     for name, backbone in backbones.items():
-        js = runs / name / "linear.json"
-        _unmix(
-            ["linear", "--backbone", str(backbone), *splits, "--json", str(js), *linear],
-            logs / f"linear_{name}.log",
-            env,
-        )
-        _unmix(
-            [
-                "knn",
-                "--backbone",
-                str(backbone),
-                *splits,
-                "--json",
-                str(runs / name / "knn.json"),
-                f"device={device}",
-            ],
-            logs / f"knn_{name}.log",
-            env,
-        )
-        results[name] = json.loads(js.read_text())
+        evaluate(name, ["--backbone", str(backbone)], [])
     from unmix.training.config import load_config
 
     cfg = load_config(DEMO_CONFIG, overrides)  # the random-init floor: the pretrained architecture
-    js = runs / "random_init" / "linear.json"
-    js.parent.mkdir(parents=True, exist_ok=True)
-    random_init = [
-        "--random-init",
-        cfg.model.arch,
-        "--width",
-        str(cfg.model.width),
-        "--experiment",
-        EXPERIMENT,
-    ]
-    _unmix(
-        ["linear", *random_init, *splits, "--json", str(js), *linear, f"data.crop={cfg.data.crop}"],
-        logs / "linear_random_init.log",
-        env,
-    )
-    results["random_init"] = json.loads(js.read_text())
-    js = runs / "pixels" / "linear.json"
-    js.parent.mkdir(parents=True, exist_ok=True)
-    _unmix(
-        [
-            "linear",
-            "--pixels",
-            "--experiment",
-            EXPERIMENT,
-            *splits,
-            "--json",
-            str(js),
-            *linear,
-            f"data.crop={cfg.data.crop}",
-        ],
-        logs / "linear_pixels.log",
-        env,
-    )
-    results["pixels"] = json.loads(js.read_text())
+    crop = [f"data.crop={cfg.data.crop}"]
+    width = ["--width", str(cfg.model.width)]
+    evaluate("random_init", ["--random-init", cfg.model.arch, *width, "--experiment", EXPERIMENT], crop)
+    evaluate("pixels", ["--pixels", "--experiment", EXPERIMENT], crop)
 
     plot = workdir / "compare.png"
     _unmix(
@@ -153,16 +128,67 @@ def run_demo(
     with open(rows_json, "w") as fh:
         cmd = ["compare", "--experiment", EXPERIMENT, "--tracking-uri", tracking_uri, "--format", "json"]
         subprocess.run([sys.executable, "-m", "unmix", *cmd], stdout=fh, check=True, env=env)
+    comparison = json.loads(rows_json.read_text())
 
-    floor, pixels = results["random_init"]["top1"], results["pixels"]["top1"]
-    print(f"\nDemo finished in {time.time() - t0:.0f} s. Linear top-1 on the digits val set:")
-    for name, r in results.items():
-        vs = "" if name in ("random_init", "pixels") else f"  ({r['top1'] - floor:+.2f} vs random init)"
-        vs += "" if name == "pixels" else f"  ({r['top1'] - pixels:+.2f} vs raw pixels)"
-        print(f"  {name:<14} {r['top1']:6.2f} %{vs}")
+    print(f"\nDemo finished in {time.time() - t0:.0f} s.")
+    print(summary(results, comparison["pairs"], seeds))
     print(f"\nResults:   {workdir}\n  table:   {rows_json}\n  plot:    {plot}\n  logs:    {logs}")
     print(f"MLflow UI: mlflow ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000)")
-    return {"results": results, "compare": json.loads(rows_json.read_text())}
+    return {"results": results, "compare": comparison}
+
+
+def _mean_std(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:6.2f}        "
+    return f"{statistics.fmean(values):6.2f} ± {statistics.stdev(values):5.2f}"
+
+
+def summary(results: dict[str, dict], pairs: list[dict], seeds: int) -> str:
+    """The demo's closing lines: top-1 per setting over seeds, both floors, and what is within noise."""
+    lines = [f"Top-1 on the digits val set (%), mean ± std over {seeds} seed(s); floors: one run each:"]
+    lines.append(f"  {'':<16} {'linear':<15}  {'kNN':<15}")
+    floors = {name: results[name] for name in ("random_init", "pixels")}
+    for setting, _ in SETTINGS:
+        runs = [r for name, r in results.items() if name.rsplit("_s", 1)[0] == setting]
+        lin = [r["linear"]["top1"] for r in runs]
+        knn = [r["knn"]["top1"] for r in runs]
+        lines.append(f"  {setting:<16} {_mean_std(lin)}  {_mean_std(knn)}")
+    for name, r in floors.items():
+        label = "random init" if name == "random_init" else "raw pixels"
+        lines.append(f"  {label:<16} {r['linear']['top1']:6.2f}           {r['knn']['top1']:6.2f}")
+    for kind in ("linear", "kNN"):
+        best = max(f[kind.lower()]["top1"] for f in floors.values())
+        runs = [r[kind.lower()]["top1"] for name, r in results.items() if name not in floors]
+        above = sum(v > best for v in runs)
+        lines.append(
+            f"  {kind}: {above} of {len(runs)} pretrained run(s) above the better floor ({best:.2f} %)"
+        )
+    lines.append("")
+    for pair in pairs:
+        n = len(pair["seeds"])
+        for kind, key in (("linear", "linear_top1"), ("kNN", "knn_top1")):
+            mean, lo, hi = pair[f"gain_{key}"], pair[f"gain_{key}_lo"], pair[f"gain_{key}_hi"]
+            if mean is None:
+                continue
+            if lo is None:
+                lines.append(
+                    f"Un-Mix gain, {kind} top-1: {mean:+.2f} from 1 seed pair: no interval, not a result"
+                )
+                continue
+            verdict = pair[f"gain_{key}_verdict"]
+            lines.append(
+                f"Un-Mix gain, {kind} top-1: {mean:+.2f} points, 95 % interval [{lo:+.2f}, {hi:+.2f}] over "
+                f"{n} seed pairs: {verdict.upper() if verdict == 'within noise' else verdict}"
+            )
+        if 2 <= n <= 4:
+            from unmix.eval.compare import t_quantile
+
+            lines.append(
+                f"  (with {n} seed pairs the 95 % interval is ±{t_quantile(0.975, n - 1):.1f} standard "
+                "errors: "
+                "only an effect far larger than the paper's 1-3 points can leave it; `--seeds N` narrows it)"
+            )
+    return "\n".join(lines)
 
 
 def _default_device() -> str:
@@ -173,7 +199,13 @@ def _default_device() -> str:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     device = args.device or _default_device()
-    run_demo(Path(args.workdir), device=device, overrides=args.overrides, linear_epochs=args.linear_epochs)
+    run_demo(
+        Path(args.workdir),
+        device=device,
+        overrides=args.overrides,
+        linear_epochs=args.linear_epochs,
+        seeds=args.seeds,
+    )
     return 0
 
 
@@ -193,6 +225,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--linear-epochs", type=int, default=30, help="epochs of the linear head on cached features"
+    )
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=2,
+        help="seeds per setting (default 2: the least that shows the spread; more narrow the interval)",
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for the pretraining config")
     p.set_defaults(func=_cmd_demo)

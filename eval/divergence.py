@@ -10,7 +10,12 @@ guard fails when
   top-1 sits near chance (below ``min(2 x chance, chance + 10)`` %, chance = 100 / C); the reference is
   the first epoch's loss, or ``3 ln C`` when that is lower (``ln C`` is the loss of a uniform guess: a
   head three times worse than that on its own training data is not learning, while a head on features
-  that carry no information hovers at ``ln C`` and reports chance, which is then the true answer).
+  that carry no information hovers at ``ln C`` and reports chance, which is then the true answer);
+
+and after the last epoch, when the final training loss is above ``3 ln C`` whatever the val accuracy
+(:meth:`DivergenceGuard.check_final`): a mis-scaled probe (MoCo's lr 30 behind a BatchNorm: losses of
+hundreds with val top-1 well above chance) has logits hundreds apart, and its accuracy measures the
+optimiser's overshoot, not the features.
 
 Every rank sees the same all-reduced loss and accuracy, so every rank decides the same.
 """
@@ -28,6 +33,12 @@ class ProbeDivergedError(FloatingPointError):
 
 
 def _advice(proto: LinearProtocol) -> str:
+    if proto.head_norm == "bn" and proto.lr > 1.0:
+        return (
+            f"lr={proto.lr:g} per 256 is far too large for head_norm=bn, whose BatchNorm feeds the layer "
+            "unit-variance features: drop lr= (the default with head_norm=bn is 0.3) or, for the published "
+            "protocol on small-norm features, set head_norm=none"
+        )
     if proto.head_norm == "none":
         return (
             "the learning rate is too large for the scale of these features: set head_norm=bn (a BatchNorm "
@@ -64,6 +75,22 @@ class DivergenceGuard:
                 f"linear probe diverged: training loss not finite in epoch {epoch} "
                 f"(lr={self.proto.lr_at(epoch - 1):.4g}, head_norm={self.proto.head_norm}); "
                 f"{_advice(self.proto)}"
+            )
+
+    @property
+    def loss_ceiling(self) -> float:
+        """``3 ln C``: a final training loss above it is a mis-scaled probe."""
+        return 3 * math.log(max(self.num_classes, 2))
+
+    def check_final(self, train_loss: float, val_top1: float | None = None) -> None:
+        """Raise if the last epoch's training loss is above ``3 ln C``, whatever ``val_top1``."""
+        self.check_finite(len(self.losses) or 1, train_loss)
+        if train_loss > self.loss_ceiling:
+            val = f", val top-1 {val_top1:.2f} %" if val_top1 is not None else ""
+            raise ProbeDivergedError(
+                f"linear probe mis-scaled: final training loss {train_loss:.4g} is above 3 ln C = "
+                f"{self.loss_ceiling:.3g} (C = {self.num_classes}{val}; lr={self.proto.lr:g} per 256, "
+                f"head_norm={self.proto.head_norm}); {_advice(self.proto)}. No accuracy is reported."
             )
 
     def check(self, epoch: int, train_loss: float, val_top1: float | None = None) -> None:

@@ -21,7 +21,8 @@ from torch import nn
 from unmix.eval import distributed
 from unmix.eval.features import PixelFeatures, extract_features, freeze, state_fingerprint
 from unmix.eval.knn import knn_evaluate
-from unmix.eval.linear import linear_eval
+from unmix.eval.linear import cached_features, linear_eval
+from unmix.eval.logreg import logreg_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
 from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
 from unmix.training.atomic import check_writable, write_text
@@ -112,11 +113,13 @@ def _tracker(
     tracking_uri: str | None,
     experiment: str | None,
     params: dict[str, Any],
+    protocol: str,
 ) -> EvalTracker:
     pretrain_run_id = None if spec.floor_kind else meta.get("mlflow_run_id")
     tags = {
         "unmix.kind": spec.floor_kind or f"{kind}_eval",
         "unmix.eval": kind,
+        "unmix.protocol": protocol,  # logreg | moco | byol (linear), knn
         "unmix.backbone": spec.label,
     }
     if spec.random_init:
@@ -126,7 +129,8 @@ def _tracker(
     for key in ("method", "unmix"):
         if key in meta:
             tags[key] = str(meta[key]).lower() if key != "unmix" else ("on" if meta[key] else "off")
-    name = f"{kind}-{spec.random_init or ('pixels' if spec.pixels else meta.get('method', 'backbone'))}"
+    source = spec.random_init or ("pixels" if spec.pixels else meta.get("method", "backbone"))
+    name = f"{kind}-{protocol}-{source}" if kind == "linear" else f"{kind}-{source}"
     return EvalTracker(
         enabled=track and ctx.is_main,
         tracking_uri=resolve_tracking_uri(tracking_uri, meta, announce=track and ctx.is_main),
@@ -187,6 +191,10 @@ class EvalJob:
         }
         metrics = {f"{self.kind}_top1": top1, f"{self.kind}_top5": top5}
         self.tracker.log_metrics(metrics)
+        if self.kind == "linear":  # also under the protocol's name: several probes may report on one run
+            metrics.update(
+                {f"linear_{self.proto.protocol}_top1": top1, f"linear_{self.proto.protocol}_top5": top5}
+            )
         self.tracker.log_on_pretrain_run(metrics)
         self.tracker.finish()
         if self.ctx.is_main:
@@ -218,7 +226,8 @@ def eval_job(
         fingerprint = state_fingerprint(backbone)
         num_classes = num_classes_of(train_dir)
         run_params = {**params(proto), "train": train_dir, "val": val_dir}
-        tracker = _tracker(kind, spec, meta, ctx, track, tracking_uri, experiment, run_params)
+        protocol = proto.protocol if kind == "linear" else kind
+        tracker = _tracker(kind, spec, meta, ctx, track, tracking_uri, experiment, run_params, protocol)
         yield EvalJob(kind, spec, ctx, backbone, meta, proto, num_classes, tracker, fingerprint)
     except BaseException:
         if tracker is not None:
@@ -258,6 +267,8 @@ def run_linear(
                 )
 
         loader = make_loader or default_loader()
+        if proto.protocol == "logreg":
+            return _run_logreg(job, loader, train_dir, val_dir, json_path)
         result = linear_eval(
             job.backbone, job.num_classes, proto, job.ctx, loader, train_dir, val_dir, on_epoch
         )
@@ -272,10 +283,84 @@ def run_linear(
         if job.ctx.is_main:
             print(
                 f"linear top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
-                f"({result.val_samples} val images, {result.epochs} epochs, {spec.label})",
+                f"(protocol={proto.protocol}, head_norm={proto.head_norm}, {result.val_samples} val images, "
+                f"{result.epochs} epochs, {spec.label})",
                 flush=True,
             )
         return payload
+
+
+def _run_logreg(
+    job: EvalJob, make_loader: Callable[..., Any], train_dir: str, val_dir: str, json_path: str | None
+) -> dict[str, Any]:
+    """``protocol=logreg``: cached features, the L-BFGS reference probe (:mod:`unmix.eval.logreg`)."""
+    proto, ctx = job.proto, job.ctx
+    f_train, y_train, f_val, y_val = cached_features(
+        job.backbone, proto, ctx, make_loader, train_dir, val_dir
+    )
+    fits = 0
+
+    def on_fit(rec: dict[str, float]) -> None:
+        nonlocal fits
+        fits += 1
+        if "holdout_top1" in rec:
+            job.tracker.log_metrics(
+                {"logreg_l2": rec["l2"], "logreg_holdout_top1": rec["holdout_top1"]}, step=fits
+            )
+        if ctx.is_main:
+            what = (
+                f"held-out top-1 {rec['holdout_top1']:.2f}%"
+                if "holdout_top1" in rec
+                else "refit on all train"
+            )
+            print(
+                f"logreg l2 {rec['l2']:.0e}  {what}  ({int(rec['iterations'])} L-BFGS iterations, "
+                f"{rec['seconds']:.1f} s)",
+                flush=True,
+            )
+
+    grid = (proto.l2,) if proto.l2 is not None else proto.l2_grid
+    result = logreg_eval(
+        f_train,
+        y_train,
+        f_val,
+        y_val,
+        job.num_classes,
+        grid=grid,
+        holdout=proto.holdout,
+        seed=proto.seed,
+        max_iter=proto.max_iter,
+        on_fit=on_fit,
+    )
+    job.tracker.log_metrics(
+        {
+            "logreg_l2_chosen": result.l2,
+            "train_loss": result.train_loss,
+            "logreg_iterations": float(result.fit.iterations),
+            "logreg_converged": float(result.fit.converged),
+            "logreg_seconds": result.seconds,
+        }
+    )
+    extra = {
+        "protocol": "logreg",
+        "features": "cached",
+        "crop": proto.crop,
+        "l2": result.l2,
+        "train_loss": result.train_loss,
+        "iterations": result.fit.iterations,
+        "converged": result.fit.converged,
+        "search": result.search,
+    }
+    payload = job.report(result.top1, result.top5, val_dir, result.val_samples, extra, json_path)
+    if ctx.is_main:
+        note = "" if result.fit.converged else f", NOT converged in max_iter={proto.max_iter}"
+        print(
+            f"linear top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  (protocol=logreg, "
+            f"l2 {result.l2:.0e}, {result.fit.iterations} iterations{note}, "
+            f"{result.val_samples} val images, {job.spec.label})",
+            flush=True,
+        )
+    return payload
 
 
 def run_knn(

@@ -12,7 +12,9 @@ Per step (one rank's local batch, DDP averages the gradient over ranks)::
 
 Validation counts top-1/top-5 hits per rank and all-reduces (hits, total), so with the eval loader's
 exactly-once val sharding every sample is counted once. Training stops with
-:class:`~unmix.eval.divergence.ProbeDivergedError` when the probe diverges (:mod:`unmix.eval.divergence`).
+:class:`~unmix.eval.divergence.ProbeDivergedError` when the probe diverges or ends with a training loss
+above 3 ln C (:mod:`unmix.eval.divergence`). ``protocol=logreg`` does not train here: it is
+:mod:`unmix.eval.logreg`, on the features :func:`cached_features` extracts.
 """
 
 from __future__ import annotations
@@ -242,6 +244,7 @@ def train_linear_head(
         if on_epoch is not None:
             on_epoch(record)  # logged and printed first: the curve of a diverging probe stays visible
         guard.check(epoch + 1, train_loss, record.get("val_top1"))
+    guard.check_final(history[-1]["train_loss"], top1)
     return LinearResult(
         top1=top1,
         top5=top5,
@@ -260,6 +263,43 @@ def _wrap_ddp(head: nn.Module, ctx: DistContext) -> nn.Module:
     return DistributedDataParallel(head, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
 
 
+def _loader_factory(
+    proto: LinearProtocol, ctx: DistContext, make_loader: Callable[..., Any]
+) -> Callable[[str, str], Any]:
+    local_batch = max(1, proto.batch_size // ctx.world_size)
+
+    def loader(shards: str, split: str) -> Any:
+        return make_loader(
+            shards,
+            batch_size=local_batch,
+            split=split,
+            crop=proto.crop,
+            device=proto.device,
+            shard_id=ctx.rank,
+            num_shards=ctx.world_size,
+            seed=proto.seed,
+            num_threads=proto.num_threads,
+        )
+
+    return loader
+
+
+def cached_features(
+    backbone: nn.Module,
+    proto: LinearProtocol,
+    ctx: DistContext,
+    make_loader: Callable[..., Any],
+    train_dir: str,
+    val_dir: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """This rank's ``(f_train, y_train, f_val, y_val)``: both splits through the val transform, once."""
+    freeze(backbone).to(ctx.device)
+    loader = _loader_factory(proto, ctx, make_loader)
+    f_train, y_train = extract_features(backbone, loader(train_dir, "val"), ctx.device)
+    f_val, y_val = extract_features(backbone, loader(val_dir, "val"), ctx.device)
+    return f_train, y_train, f_val, y_val
+
+
 def linear_eval(
     backbone: nn.Module,
     num_classes: int,
@@ -270,35 +310,26 @@ def linear_eval(
     val_dir: str,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
 ) -> LinearResult:
-    """Linear evaluation of a frozen ``backbone`` on shards ``train_dir``/``val_dir``.
+    """Linear evaluation of a frozen ``backbone`` on shards ``train_dir``/``val_dir`` (moco, byol).
 
     ``make_loader(shards, batch_size, split, ...)`` is :func:`pipeline.build_eval_loader` (injected so
     tests can pass another loader). ``features=augmented`` runs the backbone on augmented train batches
     every epoch (the paper's protocol); ``features=cached`` extracts train and val features once with the
     val transform and trains on those.
     """
+    if not proto.is_sgd:
+        raise ValueError(f"linear_eval trains the SGD protocols; protocol={proto.protocol} is eval.logreg")
     freeze(backbone).to(ctx.device)
     local_batch = max(1, proto.batch_size // ctx.world_size)
-
-    def loader(shards: str, split: str, seed: int) -> Any:
-        return make_loader(
-            shards,
-            batch_size=local_batch,
-            split=split,
-            crop=proto.crop,
-            device=proto.device,
-            shard_id=ctx.rank,
-            num_shards=ctx.world_size,
-            seed=seed,
-            num_threads=proto.num_threads,
-        )
+    loader = _loader_factory(proto, ctx, make_loader)
 
     torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
     head = LinearClassifier(backbone.feature_dim, num_classes, proto.head_norm).to(ctx.device)
     model = _wrap_ddp(head, ctx)
     if proto.features == "cached":
-        f_train, y_train = extract_features(backbone, loader(train_dir, "val", proto.seed), ctx.device)
-        f_val, y_val = extract_features(backbone, loader(val_dir, "val", proto.seed), ctx.device)
+        f_train, y_train, f_val, y_val = cached_features(
+            backbone, proto, ctx, make_loader, train_dir, val_dir
+        )
         check_labels(y_train, num_classes, train_dir)
         check_labels(y_val, num_classes, val_dir)
         steps = all_reduce_max(math.ceil(f_train.shape[0] / local_batch), ctx.device)
@@ -313,8 +344,8 @@ def linear_eval(
                 for i in range(0, f_val.shape[0], local_batch)
             )
     else:
-        train_loader = loader(train_dir, "train", proto.seed)
-        val_loader = loader(val_dir, "val", proto.seed)
+        train_loader = loader(train_dir, "train")
+        val_loader = loader(val_dir, "val")
         # DDP needs the same number of steps on every rank: the smallest loader length bounds the epoch
         steps = -all_reduce_max(-len(train_loader), ctx.device)
 

@@ -22,6 +22,9 @@ from typing import Any, Literal, get_args, get_origin
 
 import yaml
 
+from unmix.pipeline.mix_config import UnmixConfig, for_trainer
+from unmix.training import methods
+
 # Backbones :func:`training.backbones.build_backbone` builds; here so that reading a config imports no torch.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 _BOTTLENECK_ARCHS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2")  # block expansion 4
@@ -51,7 +54,7 @@ class DataConfig:
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
-    recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
+    recipe: str = ""  # loader augmentation (pipeline/augment.py RECIPES); "" = the method's own
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
     # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
@@ -96,17 +99,19 @@ class ByolConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: Literal["moco_v2", "moco_v1", "byol"] = "moco_v2"
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    byol: ByolConfig = field(default_factory=ByolConfig)
+class SimclrConfig:
+    T: float = 0.1  # NT-Xent temperature (SimCLR ImageNet: 0.1; CIFAR-10: 0.5)
+    proj_hidden_dim: int | None = None  # hidden width of the projection MLP; None = the backbone's width
+    proj_dim: int = 128  # embedding dimension (SimCLR: 128)
+    sync_bn: bool = True  # SyncBatchNorm on several CUDA processes (SimCLR's global BN)
 
 
 @dataclass
-class UnmixConfig:
-    enabled: bool = False
-    p_mixup: float = 0.5  # probability that a step mixes globally (mixup) rather than by a box (CutMix)
-    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha), one per batch
+class MethodConfig:
+    name: str = "moco_v2"  # a name in training/methods.py METHODS: moco_v2, moco_v1, byol, simclr
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
 
 
 @dataclass
@@ -170,7 +175,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    unmix: UnmixConfig = field(default_factory=UnmixConfig)
+    # the pipeline's own settings object (pipeline/mix_config.py); off unless the config turns it on
+    unmix: UnmixConfig = field(default_factory=lambda: UnmixConfig(enabled=False))
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     output_dir: str = "runs/pretrain"
@@ -202,6 +208,9 @@ NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
     "method.byol.proj_dim": (0, 65536, True),
     "method.byol.pred_hidden_dim": (0, 65536, True),
     "method.byol.tau_base": (0, 1, False),
+    "method.simclr.T": (0, 100, True),
+    "method.simclr.proj_hidden_dim": (0, 65536, True),
+    "method.simclr.proj_dim": (0, 65536, True),
     "unmix.p_mixup": (0, 1, False),
     "unmix.alpha": (0, 1000, False),  # > 0 when unmix.enabled
     "optim.epochs": (0, 10**6, True),
@@ -347,8 +356,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses.
+
+    Keys the mapping leaves out take their values from ``base`` (the field's default in the parent:
+    ``unmix`` defaults to ``enabled: false`` although the pipeline's ``UnmixConfig()`` mixes), else
+    from ``cls``'s defaults. A ``ValueError`` of the dataclass itself becomes a :class:`ConfigError`.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -365,10 +379,19 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", _field_default(fields[name]))
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -497,16 +520,25 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError(
             f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8, at most 1024"
         )
-    moco = cfg.method.moco
-    v1 = cfg.method.name == "moco_v1"
-    if moco.T is None:
-        moco.T = 0.07 if v1 else 0.2
+    if cfg.method.name not in methods.METHODS:
+        raise ConfigError(
+            f"method.name: invalid value {cfg.method.name!r}; allowed: {', '.join(methods.names())}"
+        )
+    spec = methods.spec(cfg.method.name)
+    for key, value in spec.section_defaults.items():  # MoCo v1 / v2: T and the head
+        if getattr(methods.section(cfg), key) is None:
+            setattr(methods.section(cfg), key, value)
+    moco, simclr = cfg.method.moco, cfg.method.simclr
+    if moco.T is None:  # a MoCo section in a run of another method: MoCo v2's values
+        moco.T = methods.spec("moco_v2").section_defaults["T"]
     if moco.mlp is None:
-        moco.mlp = not v1
+        moco.mlp = methods.spec("moco_v2").section_defaults["mlp"]
     if moco.hidden_dim is None:
         moco.hidden_dim = feature_dim(cfg.model.arch, cfg.model.width)
+    if simclr.proj_hidden_dim is None:
+        simclr.proj_hidden_dim = feature_dim(cfg.model.arch, cfg.model.width)
     if not cfg.data.recipe:
-        cfg.data.recipe = cfg.method.name
+        cfg.data.recipe = spec.recipe
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters across ranks, so "
@@ -530,8 +562,15 @@ def resolve(cfg: Config) -> Config:
             f"({cfg.optim.epochs})"
         )
     _check_train_sets(cfg.data.train)
-    if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
-        raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
+    try:
+        for_trainer(cfg.unmix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.unmix.enabled and cfg.unmix.per_sample_lambda and cfg.data.source == "synthetic":
+        raise ConfigError(
+            "unmix.per_sample_lambda: data.source=synthetic draws one lam per batch; "
+            "use data.source=dali or unmix.per_sample_lambda=false"
+        )
     return cfg
 
 

@@ -32,10 +32,11 @@ def build_parser() -> argparse.ArgumentParser:
     training_cli.register(sub)
     eval_commands.register(sub)
     # `bench` last in the listing: the everyday commands come first in `unmix --help`.
-    bench = sub.add_parser("bench", help="benchmarks (shards, pipeline, train) and the GPU node check (gpu)")
+    bench = sub.add_parser("bench", help="benchmarks (shards, pipeline, train, probe) and the GPU node check")
     bench_sub = bench.add_subparsers(dest="bench", required=True, metavar="WHAT")
     pipeline_cli.register_bench(bench_sub)
     training_cli.register_bench(bench_sub)
+    eval_commands.register_bench(bench_sub)
     return parser
 
 

@@ -7,7 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from unmix.eval.features import PixelFeatures, extract_features, freeze
 from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+
+CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
 
 
 def _train_probe(f_tr, y_tr, f_va, y_va, proto, classes: int, head_norm: str = "none"):
@@ -30,3 +33,25 @@ def _train_probe(f_tr, y_tr, f_va, y_va, proto, classes: int, head_norm: str = "
 @pytest.fixture
 def train_probe() -> Callable:
     return _train_probe
+
+
+@pytest.fixture(scope="session")
+def digits_features(sample_train, sample_val):
+    """``{"random" | "pixels": (f_train, y_train, f_val, y_val)}``: digits features (val transform) of a
+    random-init ResNet-10 and of the raw pixels."""
+    from unmix.pipeline import build_eval_loader
+    from unmix.training.backbones import build_backbone
+
+    torch.manual_seed(0)
+    nets = {"random": freeze(build_backbone("resnet10", crop=CROP, width=32)), "pixels": PixelFeatures(CROP)}
+    out = {}
+    for name, net in nets.items():
+        freeze(net)
+        splits = []
+        for shards in (sample_train, sample_val):
+            loader = build_eval_loader(
+                str(shards), batch_size=256, split="val", crop=CROP, device="cpu", num_threads=1
+            )
+            splits.extend(extract_features(net, loader, torch.device("cpu")))
+        out[name] = tuple(splits)
+    return out

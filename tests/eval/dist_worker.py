@@ -1,7 +1,7 @@
 """One rank of the distributed evaluation test (run as a script by test_distributed_eval.py).
 
 Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=127.0.0.1 MASTER_PORT=p python dist_worker.py OUT_DIR FEATURES
-Writes OUT_DIR/rank<r>.json with the linear and kNN results of this rank.
+Writes OUT_DIR/rank<r>.json with the linear, kNN and logreg results of this rank.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ def main() -> None:
     from unmix.eval.features import extract_features, freeze
     from unmix.eval.knn import knn_evaluate
     from unmix.eval.linear import linear_eval
+    from unmix.eval.logreg import logreg_eval
     from unmix.eval.protocols import moco_protocol
 
     out, features = Path(sys.argv[1]), sys.argv[2]
@@ -80,6 +81,7 @@ def main() -> None:
     f_tr, y_tr = extract_features(net, make_loader("train", **kw), ctx.device)
     f_va, y_va = extract_features(net, make_loader("val", **kw), ctx.device)
     knn = knn_evaluate(f_va, y_va, f_tr, y_tr, 3, k=10, t=0.1, chunk=16)
+    lr = logreg_eval(f_tr, y_tr, f_va, y_va, 3, seed=0, chunk_rows=16)  # gradient sums all-reduced
     w = lin.head.fc.weight.detach()
     (out / f"rank{ctx.rank}.json").write_text(
         json.dumps(
@@ -91,6 +93,12 @@ def main() -> None:
                 "knn_top5": knn.top5,
                 "knn_total": knn.total,
                 "train_rows": int(f_tr.shape[0]),
+                "logreg_top1": lr.top1,
+                "logreg_top5": lr.top5,
+                "logreg_val_samples": lr.val_samples,
+                "logreg_l2": lr.l2,
+                "logreg_search": [r["holdout_top1"] for r in lr.search],
+                "logreg_weight": lr.head.weight.detach().flatten().tolist(),
             }
         )
     )

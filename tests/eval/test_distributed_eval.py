@@ -1,4 +1,5 @@
-"""Two CPU ranks (gloo): DDP keeps the head identical, val counted once, sharded kNN equals one process."""
+"""Two CPU ranks (gloo): DDP keeps the head identical, val counted once, sharded kNN and logreg equal one
+process."""
 
 from __future__ import annotations
 
@@ -88,3 +89,17 @@ def test_two_ranks(tmp_path, features):
         )
         single = knn_evaluate(f_va, y_va, f_tr, y_tr, 3, k=10, t=0.1)
         assert r0["knn_top1"] == pytest.approx(single.top1) and r1["knn_top5"] == pytest.approx(single.top5)
+
+        # logreg: gradient sums all-reduced, held-out split drawn on all ranks' labels in rank order ->
+        # the same search, the same l2 and the same probe as one process on all rows
+        from unmix.eval.logreg import logreg_eval
+
+        one = logreg_eval(f_tr, y_tr, f_va, y_va, 3, seed=0, chunk_rows=16)
+        for r in (r0, r1):
+            assert r["logreg_val_samples"] == 41
+            assert (r["logreg_top1"], r["logreg_top5"], r["logreg_l2"]) == (one.top1, one.top5, one.l2)
+            assert r["logreg_search"] == [s["holdout_top1"] for s in one.search]
+        assert r0["logreg_weight"] == r1["logreg_weight"]  # rank 0's probe, broadcast
+        torch.testing.assert_close(
+            torch.tensor(r0["logreg_weight"]), one.head.weight.detach().flatten(), rtol=1e-3, atol=1e-3
+        )

@@ -146,3 +146,35 @@ def test_unknown_override_is_a_clear_error(tmp_path, capsys):
     )
     assert status == 2
     assert "unknown key 'epochs'" in capsys.readouterr().err
+
+
+def test_cached_features_default_to_logreg_and_knn_floors_are_tagged(sample_train, sample_val, tmp_path):
+    """features=cached alone runs the reference probe; `unmix knn --random-init/--pixels` log floor runs
+    tagged like the linear floors; every eval run names its protocol."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    common = ["--train", str(sample_train), "--val", str(sample_val), "--experiment", "floors"]
+    common += ["--tracking-uri", uri]
+    out = {name: tmp_path / f"{name}.json" for name in ("logreg", "knn_random", "knn_pixels")}
+    rand = ["--random-init", "resnet10", "--width", "16"]
+    assert main(["linear", *rand, *common, "--json", str(out["logreg"]), "features=cached", *FAST]) == 0
+    assert main(["knn", *rand, *common, "--json", str(out["knn_random"]), "--k", "20", *FAST]) == 0
+    assert main(["knn", "--pixels", *common, "--json", str(out["knn_pixels"]), "--k", "20", *FAST]) == 0
+    res = {name: json.loads(p.read_text()) for name, p in out.items()}
+    assert res["logreg"]["protocol"] == "logreg" and res["logreg"]["val_samples"] == 359
+    assert res["logreg"]["top1"] > 50.0  # chance: 10 %
+    client = MlflowClient(uri)
+    expect = {
+        "logreg": ("random_init", "logreg", "linear_top1"),
+        "knn_random": ("random_init", "knn", "knn_top1"),
+        "knn_pixels": ("pixels", "knn", "knn_top1"),
+    }
+    for name, (kind, protocol, metric) in expect.items():
+        run = client.get_run(res[name]["run_id"])
+        assert run.data.tags["unmix.kind"] == kind and run.data.tags["unmix.protocol"] == protocol, name
+        assert run.data.metrics[metric] == pytest.approx(res[name]["top1"])
+        assert run.info.status == "FINISHED"
+    logreg_run = client.get_run(res["logreg"]["run_id"])
+    assert logreg_run.data.params["protocol"] == "logreg" and "lr" not in logreg_run.data.params
+    assert logreg_run.data.metrics["logreg_l2_chosen"] == pytest.approx(res["logreg"]["l2"])

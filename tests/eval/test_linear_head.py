@@ -87,7 +87,7 @@ def test_evaluate_head_counts_every_sample_once():
 
 
 def test_moco_schedule_steps_at_60_and_80():
-    p = moco_protocol()
+    p = moco_protocol("none")  # the published keys
     assert (p.epochs, p.batch_size, p.momentum, p.weight_decay, p.nesterov) == (100, 256, 0.9, 0.0, False)
     assert p.lr_at(0) == pytest.approx(30.0)
     assert p.lr_at(59.9) == pytest.approx(30.0)
@@ -99,7 +99,7 @@ def test_moco_schedule_steps_at_60_and_80():
 
 
 def test_byol_schedule_is_cosine_without_warmup():
-    p = byol_protocol()
+    p = byol_protocol("none")  # the published keys
     assert (p.epochs, p.batch_size, p.nesterov, p.weight_decay) == (80, 1024, True, 0.0)
     assert p.lr_at(0) == pytest.approx(0.8)  # 0.2 x 1024 / 256
     assert p.lr_at(40) == pytest.approx(0.4)

@@ -8,38 +8,8 @@ import pytest
 import torch
 
 from unmix.eval.divergence import DivergenceGuard, ProbeDivergedError
-from unmix.eval.features import PixelFeatures, extract_features, freeze
 from unmix.eval.linear import LinearClassifier
 from unmix.eval.protocols import byol_protocol, moco_protocol, resolve_protocol
-
-CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
-
-
-@pytest.fixture(scope="module")
-def digits_features(sample_train, sample_val):
-    """(train, val) features of the digits sample: random-init ResNet-10 and raw pixels, val transform."""
-    from unmix.pipeline import build_eval_loader
-    from unmix.training.backbones import build_backbone
-
-    torch.manual_seed(0)
-    nets = {"random": freeze(build_backbone("resnet10", crop=CROP, width=32)), "pixels": PixelFeatures(CROP)}
-    out = {}
-    for name, net in nets.items():
-        freeze(net)
-        splits = []
-        for shards in (sample_train, sample_val):
-            loader = build_eval_loader(
-                str(shards), batch_size=256, split="val", crop=CROP, device="cpu", num_threads=1
-            )
-            splits.append(extract_features(net, loader, torch.device("cpu")))
-        out[name] = splits
-    return out
-
-
-def _features(splits):
-    """``[(f_train, y_train), (f_val, y_val)]`` -> ``f_train, y_train, f_val, y_val``."""
-    (f_tr, y_tr), (f_va, y_va) = splits
-    return f_tr, y_tr, f_va, y_va
 
 
 def test_default_is_bn_and_the_published_protocols_stay_available():
@@ -52,10 +22,14 @@ def test_default_is_bn_and_the_published_protocols_stay_available():
         100,
         (60, 80),
     )
-    assert dataclasses.replace(moco_protocol(), head_norm="none") == published
-    assert dataclasses.replace(byol_protocol(), head_norm="none") == resolve_protocol(
-        {"protocol": "byol", "head_norm": "none"}
-    )
+    assert published.weight_decay == 0.0 and moco_protocol("none") == published
+    byol_published = resolve_protocol({"protocol": "byol", "head_norm": "none"})
+    assert (byol_published.lr, byol_published.weight_decay, byol_published.batch_size) == (0.2, 0.0, 1024)
+    assert byol_protocol("none") == byol_published
+    # the BN head gets a learning rate meant for unit-variance inputs; schedules and batches unchanged
+    bn = resolve_protocol({})
+    assert (bn.lr, bn.weight_decay, bn.batch_size, bn.epochs) == (0.3, 0.003, 256, 100)
+    assert resolve_protocol({"head_norm": "none", "lr": "5"}).lr == 5.0
     with pytest.raises(ValueError, match=r"head_norm='layer': choose one of bn, none"):
         resolve_protocol({"head_norm": "layer"})
 
@@ -78,8 +52,8 @@ def test_bn_head_folds_into_one_linear_layer():
 def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_features, train_probe):
     """(a) the default probe (MoCo's protocol with head_norm=bn) on random-init features and on pixels."""
     proto = dataclasses.replace(moco_protocol(), epochs=10)
-    random = train_probe(*_features(digits_features["random"]), proto, 10, proto.head_norm)
-    pixels = train_probe(*_features(digits_features["pixels"]), proto, 10, proto.head_norm)
+    random = train_probe(*digits_features["random"], proto, 10, proto.head_norm)
+    pixels = train_probe(*digits_features["pixels"], proto, 10, proto.head_norm)
     assert pixels.top1 > 80.0, pixels.top1  # logistic regression on these pixels: ~90 %
     assert random.top1 > 70.0, random.top1  # chance is 10 %
     assert random.top1 > pixels.top1 - 15.0, (random.top1, pixels.top1)
@@ -89,9 +63,9 @@ def test_random_init_floor_far_above_chance_and_near_the_pixel_floor(digits_feat
 
 def test_guard_fires_on_the_published_protocol_over_random_features(digits_features, train_probe):
     """(c) MoCo's lr 30 without the BN in front diverges on a random-init backbone's features."""
-    proto = dataclasses.replace(moco_protocol(), epochs=6, head_norm="none")
+    proto = dataclasses.replace(moco_protocol("none"), epochs=6)
     with pytest.raises(ProbeDivergedError, match=r"diverged: .*set head_norm=bn .* smaller lr= \(now lr=30"):
-        train_probe(*_features(digits_features["random"]), proto, 10, proto.head_norm)
+        train_probe(*digits_features["random"], proto, 10, proto.head_norm)
 
 
 def test_guard_rules_on_plain_numbers():

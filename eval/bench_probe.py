@@ -1,0 +1,200 @@
+"""``unmix bench probe``: every linear probe on the same cached features, and the reference probe's speed.
+
+Part 1 (accuracy): for each built-in sample (written to a scratch directory) and each backbone (a
+random-init ResNet-10, the raw pixels, and any ``--backbone FILE``), features are extracted once with the
+eval transform; then ``logreg`` (the reference), ``moco`` and ``byol`` with their defaults (BN head),
+both with ``head_norm=none`` and the published keys, and scikit-learn's ``LogisticRegression`` (lbfgs,
+``C = 1 / (l2 n)`` with logreg's chosen ``l2``, same standardisation) are fitted on those features and
+scored on val. A probe the divergence guard stops prints "stopped". With ``--augmented``, moco and byol
+are also trained the paper's way (backbone forward on augmented batches every epoch).
+
+Part 2 (speed): one full-data loss + gradient of :class:`~unmix.eval.logreg.Objective` on synthetic
+features ``rows x dim`` with ``classes`` classes, timed on ``--speed-rows`` rows and scaled linearly to
+``--target-rows`` (ImageNet: 1.28 M x 2048, 1000 classes), with the projected time of the grid and refit
+for the L-BFGS evaluations the digits run needed. Measured, not extrapolated, when the two row counts
+agree (on a GPU with memory for it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+SAMPLES_CROP = {"digits": 32, "photos": 64}
+
+
+def _features(net, train: str, val: str, crop: int, device: torch.device):
+    from unmix.eval.features import extract_features, freeze
+    from unmix.pipeline import build_eval_loader
+
+    freeze(net).to(device)
+    out = []
+    for shards in (train, val):
+        loader = build_eval_loader(
+            shards, batch_size=256, split="val", crop=crop, device="cpu", num_threads=2
+        )
+        out.extend(extract_features(net, loader, device))
+    return out
+
+
+def _sgd(proto, f_tr, y_tr, f_va, y_va, classes: int) -> str:
+    from unmix.eval.divergence import ProbeDivergedError
+    from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+
+    torch.manual_seed(proto.seed)
+    head = LinearClassifier(f_tr.shape[1], classes, proto.head_norm).to(f_tr.device)
+    bs = proto.batch_size
+    steps = -(-f_tr.shape[0] // bs)
+    gen = torch.Generator().manual_seed(proto.seed)
+    try:
+        res = train_linear_head(
+            head,
+            proto,
+            lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
+            steps,
+            lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
+        )
+    except ProbeDivergedError:
+        return "stopped"
+    return f"{res.top1:.2f}"
+
+
+def _augmented(proto, net, train: str, val: str, crop: int, classes: int, device) -> str:
+    from unmix.eval.distributed import DistContext
+    from unmix.eval.divergence import ProbeDivergedError
+    from unmix.eval.linear import linear_eval
+    from unmix.pipeline import build_eval_loader
+
+    proto = dataclasses.replace(proto, crop=crop, device="cpu", num_threads=2, features="augmented")
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    try:
+        return f"{linear_eval(net, classes, proto, ctx, build_eval_loader, train, val).top1:.2f}"
+    except ProbeDivergedError:
+        return "stopped"
+
+
+def accuracy_table(samples: list[str], backbones: list[str], augmented: bool, device: torch.device) -> str:
+    """Markdown table: top-1 (%) of every probe on each sample's cached features of each backbone."""
+    from sklearn.linear_model import LogisticRegression
+
+    from unmix.eval.features import PixelFeatures
+    from unmix.eval.logreg import Standardiser, logreg_eval
+    from unmix.eval.protocols import byol_protocol, moco_protocol
+    from unmix.pipeline.sample import write_sample
+    from unmix.training.backbones import build_backbone, load_backbone
+
+    cols = ["logreg", "moco", "byol", "moco none", "byol none", "sklearn"]
+    if augmented:
+        cols += ["moco aug", "byol aug"]
+    lines = [
+        "| sample | backbone | " + " | ".join(cols) + " | logreg l2 |",
+        "|" + "---|" * (len(cols) + 3),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for sample in samples:
+            manifests = write_sample(sample, Path(tmp) / sample)
+            train, val = str(Path(tmp) / sample / "train"), str(Path(tmp) / sample / "val")
+            classes, crop = manifests[0].num_classes, SAMPLES_CROP[sample]
+            nets = {}
+            torch.manual_seed(0)
+            nets["random-init resnet10 w32"] = build_backbone("resnet10", crop=crop, width=32)
+            nets["raw pixels"] = PixelFeatures(crop)
+            for path in backbones:
+                net, meta = load_backbone(path)
+                if int(meta.get("crop") or crop) == crop:
+                    nets[
+                        f"{meta.get('method', 'backbone')} {meta.get('epochs', '?')} ep ({Path(path).name})"
+                    ] = net
+            for name, net in nets.items():
+                f_tr, y_tr, f_va, y_va = _features(net, train, val, crop, device)
+                ref = logreg_eval(f_tr, y_tr, f_va, y_va, classes, seed=0)
+                std = Standardiser.fit(f_tr)
+                sk = LogisticRegression(C=1.0 / (ref.l2 * len(y_tr)), max_iter=5000, tol=1e-6)
+                sk.fit(std(f_tr).double().cpu().numpy(), y_tr.cpu().numpy())
+                sk_top1 = 100.0 * float(
+                    np.mean(sk.predict(std(f_va).double().cpu().numpy()) == y_va.cpu().numpy())
+                )
+                row = [f"{ref.top1:.2f}"]
+                for make in (moco_protocol, byol_protocol):
+                    row.append(_sgd(make(), f_tr, y_tr, f_va, y_va, classes))
+                for make in (moco_protocol, byol_protocol):
+                    row.append(_sgd(make("none"), f_tr, y_tr, f_va, y_va, classes))
+                row.append(f"{sk_top1:.2f}")
+                if augmented:
+                    for make in (moco_protocol, byol_protocol):
+                        row.append(_augmented(make(), net, train, val, crop, classes, device))
+                lines.append(f"| {sample} | {name} | " + " | ".join(row) + f" | {ref.l2:.0e} |")
+                print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+def speed(rows: int, target_rows: int, dim: int, classes: int, device: torch.device, repeats: int = 3) -> str:
+    """Seconds per full-data loss + gradient of logreg's objective on synthetic features; the projection."""
+    from unmix.eval.logreg import Objective, Standardiser
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.randn(rows, dim, generator=g).to(device)
+    y = torch.randint(0, classes, (rows,), generator=g).to(device)
+    obj = Objective(f, y, classes, Standardiser.fit(f), l2=1e-4)
+    theta = torch.zeros(classes, dim + 1, device=device)
+    obj(theta)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        obj(theta)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    per_eval = float(np.median(times))
+    scaled = per_eval * target_rows / rows
+    how = (
+        "measured" if rows == target_rows else f"measured on {rows:,} rows, scaled x{target_rows / rows:.1f}"
+    )
+    return (
+        f"logreg objective (loss + gradient), {target_rows:,} x {dim} features, {classes} classes, "
+        f"{device.type} ({torch.get_num_threads()} threads): {scaled:.2f} s per evaluation ({how}; "
+        f"median of {repeats}: {per_eval:.3f} s on {rows:,} rows)\n"
+        f"projected grid + refit: 1,000 evaluations -> {scaled * 1000 / 60:.1f} min, "
+        f"3,000 -> {scaled * 3000 / 60:.1f} min"
+    )
+
+
+def register_bench(bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``bench probe``."""
+    p = bench_sub.add_parser(
+        "probe",
+        help="every linear probe (logreg, moco, byol, published, sklearn) on the same features; logreg speed",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--samples", nargs="*", default=["digits"], choices=sorted(SAMPLES_CROP))
+    p.add_argument("--backbone", nargs="*", default=[], metavar="FILE", help="pretrained backbone.pt files")
+    p.add_argument("--augmented", action="store_true", help="also moco/byol on augmented features (slow)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--speed-rows", type=int, default=65536, help="rows timed (default 65,536)")
+    p.add_argument("--target-rows", type=int, default=1_281_167, help="rows projected (ImageNet train)")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    device = torch.device("cuda" if args.device == "gpu" else "cpu")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        print("unmix bench probe: error: --device gpu: no CUDA device is visible")
+        return 2
+    if not args.skip_accuracy:
+        print(accuracy_table(args.samples, args.backbone, args.augmented, device))
+    if not args.skip_speed:
+        print(speed(args.speed_rows, args.target_rows, args.dim, args.classes, device))
+    return 0
