@@ -29,6 +29,7 @@ import torch
 
 from unmix.pipeline.devices import local_cuda_device
 from unmix.training import checkpoint, dist, methods, sync_bn
+from unmix.training.atomic import write_text
 from unmix.training.backbones import build_backbone, save_backbone
 from unmix.training.batchnorm import plain_batchnorm
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
@@ -314,7 +315,7 @@ def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> in
     tracker = Tracker(cfg, active=run.rank == 0)
     if run.rank == 0:
         dump(cfg, out / "config.yaml")
-        (out / "deepspeed_config.json").write_text(json.dumps(run.ds_config, indent=1))
+        write_text(out / "deepspeed_config.json", json.dumps(run.ds_config, indent=1))
     tracker.start(run_id, run.world, {"steps_per_epoch": run.steps_per_epoch, "micro_batch": run.micro_batch})
     if run.rank == 0 and not resumed:
         tracker.log_artifact(out / "config.yaml")
