@@ -154,6 +154,7 @@ def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
 def _linear(args: argparse.Namespace) -> int:
     from unmix.eval.jobs import fail, run_linear
     from unmix.eval.protocols import LINEAR_KEYS, parse_overrides, resolve_protocol
+    from unmix.training.atomic import WriteError
 
     try:
         proto = resolve_protocol(parse_overrides(args.overrides, LINEAR_KEYS))
@@ -167,7 +168,7 @@ def _linear(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
         )
-    except (ValueError, FileNotFoundError, FloatingPointError) as exc:  # ProbeDivergedError included
+    except (ValueError, FileNotFoundError, FloatingPointError, WriteError) as exc:  # ProbeDivergedError too
         return fail("linear", exc)
     return 0
 
@@ -175,6 +176,7 @@ def _linear(args: argparse.Namespace) -> int:
 def _knn(args: argparse.Namespace) -> int:
     from unmix.eval.jobs import fail, run_knn
     from unmix.eval.protocols import KNN_KEYS, parse_overrides, resolve_protocol
+    from unmix.training.atomic import WriteError
 
     try:
         proto = resolve_protocol(parse_overrides(args.overrides, KNN_KEYS))
@@ -190,7 +192,7 @@ def _knn(args: argparse.Namespace) -> int:
             tracking_uri=args.tracking_uri,
             experiment=args.experiment,
         )
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, WriteError) as exc:
         return fail("knn", exc)
     return 0
 
@@ -200,13 +202,18 @@ def _compare(args: argparse.Namespace) -> int:
 
     from unmix.eval import compare
     from unmix.eval.jobs import fail
+    from unmix.eval.tracking import existing_store
+    from unmix.training.atomic import WriteError
 
-    uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
     try:
+        uri = existing_store(args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"))  # read-only
         comp = compare.collect(uri, experiment=args.experiment, run_ids=args.runs)
     except ValueError as exc:
         return fail("compare", exc)
     print(compare.render(comp, args.format), end="")
     if args.plot:
-        compare.plot(comp, args.plot, tracking_uri=uri)
+        try:
+            compare.plot(comp, args.plot, tracking_uri=uri)
+        except WriteError as exc:
+            return fail("compare", exc)
     return 0

@@ -642,9 +642,11 @@ def plot(comp: Comparison, path: str | Path, tracking_uri: str | None = None) ->
         else:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
+    from unmix.training.atomic import replacing
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    with replacing(path) as tmp:  # temporary file + rename (atomic)
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return path
 

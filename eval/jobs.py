@@ -25,6 +25,7 @@ from unmix.eval.linear import cached_features, linear_eval
 from unmix.eval.logreg import logreg_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
 from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
+from unmix.training.atomic import check_writable, write_text
 
 
 @dataclass
@@ -132,7 +133,7 @@ def _tracker(
     name = f"{kind}-{protocol}-{source}" if kind == "linear" else f"{kind}-{source}"
     return EvalTracker(
         enabled=track and ctx.is_main,
-        tracking_uri=resolve_tracking_uri(tracking_uri, meta),
+        tracking_uri=resolve_tracking_uri(tracking_uri, meta, announce=track and ctx.is_main),
         experiment=resolve_experiment(experiment, meta),
         run_name=name,
         tags=tags,
@@ -146,10 +147,15 @@ def _tracker(
     )
 
 
-def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+def _check_json_path(path: str | None) -> None:
+    """Before any work: the directory of ``--json`` must be writable (WriteError naming it otherwise)."""
     if path:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(payload, indent=2) + "\n")
+        check_writable(Path(path).parent, "--json directory")
+
+
+def _write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if path:  # temporary file + rename: a reader never sees half a result
+        write_text(Path(path), json.dumps(payload, indent=2) + "\n")
 
 
 @dataclass
@@ -243,6 +249,7 @@ def run_linear(
     make_loader: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Linear evaluation job; returns the JSON payload (identical on every rank)."""
+    _check_json_path(json_path)
     with eval_job(
         "linear", spec, train_dir, val_dir, proto, as_params, track, tracking_uri, experiment
     ) as job:
@@ -370,6 +377,7 @@ def run_knn(
     make_loader: Callable[..., Any] | None = None,
 ) -> dict[str, Any]:
     """Weighted-kNN evaluation job (features with the val transform); returns the JSON payload."""
+    _check_json_path(json_path)
 
     def params(proto: LinearProtocol) -> dict[str, Any]:
         return {

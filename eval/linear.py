@@ -137,6 +137,23 @@ def backbone_batches(
             yield embed(backbone, x), batch["label"].to(device).long()
 
 
+def check_labels(y: torch.Tensor, num_classes: int, where: str) -> None:
+    """ValueError naming ``where`` when a label lies outside [0, num_classes) (before it reaches the loss,
+    where CUDA would fail with a device-side assert and the CPU with an IndexError)."""
+    bad = y[(y < 0) | (y >= num_classes)]
+    if bad.numel():
+        raise ValueError(
+            f"{where}: label {int(bad[0])} is outside the manifest's classes [0, {num_classes - 1}]"
+        )
+
+
+def checked(batches: Iterable[Batch], num_classes: int, where: str) -> Iterator[Batch]:
+    """``batches`` with every label checked by :func:`check_labels` (one small sync per batch)."""
+    for f, y in batches:
+        check_labels(y, num_classes, where)
+        yield f, y
+
+
 @torch.no_grad()
 def average_running_stats(head: nn.Module) -> None:
     """Average the head's BatchNorm running statistics over ranks, so every rank evaluates the same head."""
@@ -313,6 +330,8 @@ def linear_eval(
         f_train, y_train, f_val, y_val = cached_features(
             backbone, proto, ctx, make_loader, train_dir, val_dir
         )
+        check_labels(y_train, num_classes, train_dir)
+        check_labels(y_val, num_classes, val_dir)
         steps = all_reduce_max(math.ceil(f_train.shape[0] / local_batch), ctx.device)
         gen = torch.Generator().manual_seed(proto.seed * 1000003 + ctx.rank)
 
@@ -331,9 +350,11 @@ def linear_eval(
         steps = -all_reduce_max(-len(train_loader), ctx.device)
 
         def train_epoch(epoch: int) -> Iterable[Batch]:
-            return backbone_batches(backbone, train_loader, ctx.device, steps)
+            return checked(
+                backbone_batches(backbone, train_loader, ctx.device, steps), num_classes, train_dir
+            )
 
         def val_batches() -> Iterable[Batch]:
-            return backbone_batches(backbone, val_loader, ctx.device, None)
+            return checked(backbone_batches(backbone, val_loader, ctx.device, None), num_classes, val_dir)
 
     return train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch, num_classes)

@@ -11,6 +11,11 @@ Tags this package writes (and :mod:`eval.compare` reads):
   ``train_loss``, ``val_top1``, ``val_top5``, ``lr`` (linear).
 - pretraining run: ``linear_top1``, ``linear_top5`` or ``knn_top1``, ``knn_top5`` (logged with
   ``MlflowClient.log_metric``, which works on FINISHED runs too).
+
+Where the eval logs: ``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's own store, the last
+only when it is a local store that exists (a received ``backbone.pt`` must not choose where a database
+is created, nor send anything to a server); otherwise MLflow's default, said in one line.
+``unmix compare`` only reads: :func:`existing_store` refuses a path that is no store.
 """
 
 from __future__ import annotations
@@ -18,14 +23,98 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from unmix.training.tracking import without_credentials
 
 DEFAULT_EXPERIMENT = "unmix"
 
 
-def resolve_tracking_uri(cli_uri: str | None, meta: Mapping[str, Any]) -> str | None:
-    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's ``mlflow_tracking_uri`` > default."""
-    return cli_uri or os.environ.get("MLFLOW_TRACKING_URI") or meta.get("mlflow_tracking_uri") or None
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def local_store_path(uri: str) -> tuple[str, Path] | None:
+    """``("sqlite", db file)`` or ``("file", directory)`` for a local MLflow store URI; None for any other
+    (a server, a database server)."""
+    if uri.startswith("sqlite:///"):
+        return "sqlite", Path(unquote(uri[len("sqlite:///") :]))
+    parts = urlsplit(uri)
+    if parts.scheme == "file":
+        return "file", Path(unquote(parts.path))
+    if not parts.scheme or len(parts.scheme) == 1:  # a plain path (a Windows drive letter parses as a scheme)
+        return "file", Path(uri)
+    return None
+
+
+def _is_sqlite(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(16) == SQLITE_MAGIC
+    except OSError:
+        return False
+
+
+def backbone_store(uri: Any) -> tuple[str | None, str]:
+    """The backbone file's tracking URI if it is a local store that exists (else None), and why not."""
+    if not isinstance(uri, str) or not uri:
+        return None, "none recorded"
+    local = local_store_path(uri)
+    if local is None:
+        return None, "not a local store (a received file does not decide where results are sent)"
+    kind, path = local
+    if kind == "sqlite" and not (path.is_file() and _is_sqlite(path)):
+        return None, f"no SQLite database at {path}"
+    if kind == "file" and not path.is_dir():
+        return None, f"no store directory at {path}"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return None, f"{path} is not readable and writable by this user"
+    return uri, ""
+
+
+def resolve_tracking_uri(cli_uri: str | None, meta: Mapping[str, Any], announce: bool = False) -> str | None:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's ``mlflow_tracking_uri`` > default.
+
+    The backbone's URI is used only when it names a local store that exists (:func:`backbone_store`);
+    otherwise MLflow's default, with one line on stderr when ``announce``.
+    """
+    if cli_uri or os.environ.get("MLFLOW_TRACKING_URI"):
+        return cli_uri or os.environ["MLFLOW_TRACKING_URI"]
+    recorded = meta.get("mlflow_tracking_uri")
+    uri, why = backbone_store(recorded)
+    if uri is None and recorded and announce:
+        print(
+            f"note: not logging to the backbone's tracking store {without_credentials(str(recorded))!r}: "
+            f"{why}; using MLflow's default (choose one with --tracking-uri or MLFLOW_TRACKING_URI)",
+            file=sys.stderr,
+        )
+    return uri
+
+
+def existing_store(uri: str | None) -> str:
+    """The tracking URI ``unmix compare`` reads (``uri``, else MLflow's default), checked to name an
+    existing store, so that reading never creates one; ValueError naming the path otherwise."""
+    if not uri:
+        import mlflow
+
+        uri = mlflow.get_tracking_uri()
+    local = local_store_path(uri)
+    if local is None:
+        return uri
+    kind, path = local
+    if kind == "sqlite":
+        if not path.exists():
+            raise ValueError(f"tracking store {uri}: no such database {path} (nothing was created)")
+        if not (path.is_file() and _is_sqlite(path)):
+            raise ValueError(f"tracking store {uri}: {path} is not an SQLite database")
+        return uri
+    if path.is_file():
+        hint = f"; for an SQLite store give sqlite:///{path.resolve()}" if _is_sqlite(path) else ""
+        raise ValueError(f"tracking store {uri}: {path} is a file, not a store directory{hint}")
+    if not path.is_dir():
+        raise ValueError(f"tracking store {uri}: no such directory {path} (nothing was created)")
+    return uri
 
 
 def resolve_experiment(cli_experiment: str | None, meta: Mapping[str, Any]) -> str:

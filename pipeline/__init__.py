@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
 
         return device_report
     if name == "UnmixConfig":
-        from unmix.pipeline.mixing import UnmixConfig
+        from unmix.pipeline.mix_config import UnmixConfig
 
         return UnmixConfig
     raise AttributeError(f"module 'unmix.pipeline' has no attribute {name!r}")

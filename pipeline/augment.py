@@ -12,6 +12,11 @@ Recipes carry the papers' parameters:
 - ``moco_cifar`` (the MoCo CIFAR-10 demo and the Un-Mix authors' ``unmix_c10.py``/``unmix_c100.py``):
   RandomResizedCrop scale 0.08-1 (torchvision's default); ColorJitter 0.4/0.4/0.4/0.1 p=0.8; grayscale
   p=0.2; flip; no blur.
+- ``simclr`` (Chen et al. 2020, ImageNet; colour distortion strength 1): RandomResizedCrop scale 0.08-1;
+  ColorJitter 0.8/0.8/0.8/0.2 p=0.8; grayscale p=0.2; Gaussian blur sigma U(0.1, 2) p=0.5; flip.
+- ``simclr_cifar`` (google-research/simclr README, CIFAR-10: ``--color_jitter_strength=0.5
+  --use_blur=False``): RandomResizedCrop scale 0.08-1; ColorJitter 0.4/0.4/0.4/0.1 p=0.8; grayscale
+  p=0.2; flip; no blur.
 - ``byol`` (Grill et al. 2020, asymmetric): RandomResizedCrop scale 0.08-1; ColorJitter 0.4/0.4/0.2/0.1
   p=0.8; grayscale p=0.2; blur p=1.0 / 0.1; solarize p=0 / 0.2; flip.
 
@@ -79,16 +84,21 @@ class Recipe:
 
 _MOCO_V2 = ViewSpec()
 _BYOL = ViewSpec(scale=(0.08, 1.0), jitter=(0.4, 0.4, 0.2, 0.1), p_blur=1.0)
+_SIMCLR = ViewSpec(scale=(0.08, 1.0), jitter=(0.8, 0.8, 0.8, 0.2))  # strength s: 0.8s/0.8s/0.8s/0.2s
 RECIPES: dict[str, Recipe] = {
     "moco_v2": Recipe("moco_v2", _MOCO_V2),
     "moco_v1": Recipe("moco_v1", ViewSpec(jitter=(0.4, 0.4, 0.4, 0.4), p_jitter=1.0, p_blur=0.0)),
     "moco_cifar": Recipe("moco_cifar", ViewSpec(scale=(0.08, 1.0), p_blur=0.0)),
     "byol": Recipe("byol", _BYOL, dataclasses.replace(_BYOL, p_blur=0.1, p_solarize=0.2)),
+    "simclr": Recipe("simclr", _SIMCLR),
+    "simclr_cifar": Recipe(
+        "simclr_cifar", dataclasses.replace(_SIMCLR, jitter=(0.4, 0.4, 0.4, 0.1), p_blur=0.0)
+    ),
 }
 
 
 def get_recipe(recipe: str | Recipe) -> Recipe:
-    """Resolve a recipe name (``moco_v2``, ``moco_v1``, ``moco_cifar``, ``byol``) or pass a Recipe through."""
+    """Resolve a recipe name (a key of :data:`RECIPES`) or pass a Recipe through."""
     if isinstance(recipe, Recipe):
         return recipe
     if recipe not in RECIPES:

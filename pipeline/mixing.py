@@ -21,53 +21,20 @@ pixels, and the returned ``mixed`` is then exactly ``lam * view1 + (1 - lam) * p
 pixel-wise selection of ``view1`` and ``partner`` (CutMix: the box copied from the partner with
 ``fn.multi_paste``, see :func:`paste_box`).
 
-Options beyond the paper (off by default): ``per_sample_lambda`` (a lam and a box per sample; the mode
-stays per batch) and ``random_partner`` (a random permutation without fixed points instead of the
-reversal; the loader then also returns the partner indices).
+Options beyond the paper (off by default), in :class:`pipeline.mix_config.UnmixConfig`:
+``per_sample_lambda`` (a lam and a box per sample; the mode stays per batch) and ``random_partner`` (a
+random permutation without fixed points instead of the reversal; the loader then also returns the
+partner indices; pipeline only, the trainer refuses it).
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Mapping
-from dataclasses import dataclass
-
 from nvidia.dali import fn, types
 from nvidia.dali import math as dmath
 
+from unmix.pipeline.mix_config import UnmixConfig  # the settings, shared with the trainer
 
-@dataclass(frozen=True)
-class UnmixConfig:
-    """Un-Mix settings. ``enabled=False`` (or ``unmix=None`` in the loaders) computes no mixture."""
-
-    enabled: bool = True
-    p_mixup: float = 0.5  # probability that a batch is mixed globally (else CutMix)
-    alpha: float = 1.0  # lam ~ Beta(alpha, alpha)
-    per_sample_lambda: bool = False
-    random_partner: bool = False
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.p_mixup <= 1.0:
-            raise ValueError(f"unmix.p_mixup must be in [0, 1], got {self.p_mixup}")
-        if self.alpha <= 0:
-            raise ValueError(f"unmix.alpha must be > 0, got {self.alpha}")
-
-    @classmethod
-    def resolve(cls, unmix: UnmixConfig | Mapping | bool | None) -> UnmixConfig:
-        """Accept a config, a dict of its fields, True/False or None (None/False: disabled)."""
-        if unmix is None or unmix is False:
-            return cls(enabled=False)
-        if unmix is True:
-            return cls()
-        if isinstance(unmix, UnmixConfig):
-            return unmix
-        if isinstance(unmix, Mapping):
-            names = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(unmix) - names)
-            if unknown:
-                raise ValueError(f"unknown unmix option(s) {unknown}; valid: {sorted(names)}")
-            return cls(**dict(unmix))
-        raise TypeError(f"unmix must be None, bool, dict or UnmixConfig, got {type(unmix).__name__}")
+__all__ = ["UnmixConfig", "batch_broadcast", "paste_box", "unmix"]
 
 
 def batch_broadcast(x, batch_size: int):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -48,3 +50,17 @@ def sample_train(sample_root: Path) -> Path:
 @pytest.fixture(scope="session")
 def sample_val(sample_root: Path) -> Path:
     return sample_root / "val"
+
+
+@pytest.fixture(autouse=True)
+def _no_stale_deepspeed_groups() -> Iterator[None]:
+    """DeepSpeed caches its process groups per process; a test that tears the torch group down (or
+    leaves it to a later test) would hand the next in-process engine a destroyed group ("Group ... is
+    not registered"). Drop the cache whenever no torch group is alive after a test."""
+    yield
+    if "deepspeed.utils.groups" not in sys.modules:
+        return
+    import torch.distributed
+
+    if not torch.distributed.is_initialized():
+        sys.modules["deepspeed.utils.groups"]._release_process_group_references(group=None)

@@ -24,7 +24,10 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from unmix.training import safe_load
+from unmix.training.atomic import replacing
 from unmix.training.config import ARCHS
+from unmix.training.tracking import without_credentials
 
 SMALL_IMAGE_MAX_CROP = 64
 
@@ -88,7 +91,8 @@ def build_backbone(
 
 
 def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``backbone.pt`` atomically (temporary file, then rename)."""
+    """Write ``backbone.pt`` atomically (temporary file, then rename); a tracking URI in ``meta`` is
+    stored without credentials."""
     path = Path(path)
     meta = {
         "arch": backbone.arch,
@@ -97,10 +101,11 @@ def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -
         "feature_dim": backbone.feature_dim,
         **meta,
     }
+    if "mlflow_tracking_uri" in meta:
+        meta["mlflow_tracking_uri"] = without_credentials(meta["mlflow_tracking_uri"])
     state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({"state_dict": state, "meta": meta}, tmp)
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        torch.save({"state_dict": state, "meta": meta}, tmp)
     return path
 
 
@@ -141,8 +146,8 @@ def load_backbone(
     """
     path = Path(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
+        obj = safe_load.load(path)  # weights only: a file holding code is refused, naming the global
+    except (FileNotFoundError, safe_load.UnsafeFileError):
         raise
     except Exception as exc:  # truncated or not a torch file
         raise ValueError(f"{path}: not a readable backbone file: {_why_unreadable(path, exc)}") from exc

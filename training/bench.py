@@ -4,14 +4,15 @@ All variants train on the same batches, taken once from the real loader and held
 figures measure the step (forward, backward, optimizer, EMA, queue), not the data pipeline:
 
 - ``trainer``: :func:`training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
-- ``plain``: the same method and model written as a plain PyTorch loop (``torch.optim``, no DeepSpeed):
-  the same loss (symmetric or not, every Un-Mix term) and, on one process, the same SplitBatchNorm and
-  key shuffle;
+- ``plain``: the same method and model in a plain PyTorch loop (``torch.optim``, no DeepSpeed) around a
+  copy of the run's method object: the same loss (every Un-Mix term), targets, EMA and queue, and on one
+  process the same SplitBatchNorm and key shuffle;
 - each with Un-Mix on and off. Single steps of the four variants are interleaved (rotating order) and
   the median step time of each is reported, so load changes on a shared machine hit all variants alike.
 
 The goals (issue 4): trainer / plain >= 0.95 on the CPU; Un-Mix on / off about 1.75x for MoCo (one more
-query forward and backward on top of query + key forwards and the query backward).
+query forward and backward on top of query + key forwards and the query backward); each method states
+its expectation (``expected_unmix_cost``).
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from unmix.training.batchnorm import num_splits
 from unmix.training.config import Config, load_config
-from unmix.training.losses import byol_regression, info_nce, info_nce_mixed_keys, unmix_weighted
+from unmix.training.ema import update_momentum
 
 
 class MemoryLoader:
@@ -90,67 +89,37 @@ def _plain_step(plain, batches):
 
 
 class PlainLoop:
-    """The same method written as a plain PyTorch loop: one module, torch.optim, fp32, no DeepSpeed."""
+    """The same method as a plain PyTorch loop: one module, torch.optim, fp32, no DeepSpeed.
+
+    It runs a copy of the run's method object (its targets, loss, EMA and queue: the same computation,
+    whatever the method), so the comparison measures the engine and the loop around the method.
+    """
 
     def __init__(self, run, unmix: bool):
         cfg = run.cfg
         self.unmix, self.cfg, self.device = unmix, cfg, run.device
         self.online = copy.deepcopy(run.engine.module).float()
-        self.target = copy.deepcopy(run.method.target)
-        self.queue = run.method.queue.queue.clone() if run.method.queue is not None else None
-        self.ptr = 0
-        self.splits = num_splits(self.target)  # SplitBatchNorm on one process (Shuffle-BN's emulation)
+        self.method = copy.deepcopy(run.method)
         self.generator = torch.Generator().manual_seed(0)
         lr = 0.01
         self.opt = torch.optim.SGD(
             self.online.parameters(), lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay
         )
 
-    def _keys(self, x: torch.Tensor) -> torch.Tensor:
-        """Key encoder forward; with SplitBatchNorm (one process) shuffled first, as the authors' code."""
-        if self.splits <= 1:
-            return self.target.embed(x)
-        idx = torch.randperm(x.shape[0], generator=self.generator).to(x.device)
-        return self.target.embed(x[idx])[torch.argsort(idx)]
-
     def step(self, batch: dict[str, torch.Tensor]) -> None:
         b = {k: v.to(self.device) for k, v in batch.items()}
-        x1, x2 = b["view1"], b["view2"]
         lam = b["lam"] if self.unmix else None
-        if self.cfg.method.name == "byol":
-            with torch.no_grad():
-                z1, z2 = self.target.embed(x1), self.target.embed(x2)
-            p1, p2 = self.online.embed(x1), self.online.embed(x2)
-            loss = byol_regression(p1, z2).mean() + byol_regression(p2, z1).mean()
-            if self.unmix:
-                p_m = self.online.embed(b["mixed"])
-                for z in (z2, z1) if self.cfg.method.byol.mix_targets == "both" else (z2,):
-                    mix = unmix_weighted(byol_regression(p_m, z), byol_regression(p_m.flip(0), z), lam)
-                    loss = loss + mix
-        else:
-            T, symmetric = float(self.cfg.method.moco.T), self.cfg.method.moco.symmetric
-            with torch.no_grad():
-                keys = (self._keys(x2), self._keys(x1)) if symmetric else (self._keys(x2),)
-            loss = info_nce(self.online.embed(x1), keys[0], self.queue, T).mean()
-            if symmetric:
-                loss = loss + info_nce(self.online.embed(x2), keys[1], self.queue, T).mean()
-            if self.unmix:
-                z_m = self.online.embed(b["mixed"])
-                for pair in info_nce_mixed_keys(z_m, keys, self.queue, T):
-                    loss = loss + unmix_weighted(*pair, lam)
-            k = torch.cat(keys)
+        targets = self.method.targets(b, self.generator)
+        outs = self.online(*self.method.online_inputs(b, self.unmix))
+        loss = self.method.loss(outs, targets, lam)[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        with torch.no_grad():
-            m = 0.99
-            for p_t, p_o in zip(self.target.parameters(), self.online.parameters(), strict=False):
-                p_t.mul_(m).add_(p_o.detach(), alpha=1 - m)
-            if self.queue is not None:
-                k = F.normalize(k, dim=1)
-                idx = (self.ptr + torch.arange(k.shape[0], device=k.device)) % self.queue.shape[1]
-                self.queue[:, idx] = k.T
-                self.ptr = int((self.ptr + k.shape[0]) % self.queue.shape[1])
+        if self.method.target is not None:
+            update_momentum(self.online, self.method.target, 0.99)
+        mine = self.method.gathered(targets)
+        if mine is not None:
+            self.method.after_step(mine)
 
 
 def _interleaved_step_times(steps: dict, n: int, warmup: int, device: torch.device) -> dict[str, list[float]]:
@@ -169,13 +138,6 @@ def _interleaved_step_times(steps: dict, n: int, warmup: int, device: torch.devi
             if i >= warmup:
                 times[name].append(time.perf_counter() - t0)
     return times
-
-
-def _expected_cost(cfg: Config) -> str:
-    """What Un-Mix should cost: one more query/online forward and backward on top of the step's passes."""
-    if cfg.method.name == "byol" or cfg.method.moco.symmetric:
-        return "~1.4x (one online pass added to two, plus two target forwards)"
-    return "~1.75x for asymmetric MoCo (one query pass added to one, plus one key forward)"
 
 
 def main(args: argparse.Namespace) -> int:
@@ -241,7 +203,8 @@ def main(args: argparse.Namespace) -> int:
         )
         print(
             f"  Un-Mix step cost (on / off): trainer {summary['unmix_step_cost']:.2f}x, "
-            f"plain {summary['unmix_step_cost_plain']:.2f}x   expected {_expected_cost(cfg)}"
+            f"plain {summary['unmix_step_cost_plain']:.2f}x   "
+            f"expected {runs[True][0].method.expected_unmix_cost()}"
         )
         if args.layout_cost:
             layout = (

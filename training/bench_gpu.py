@@ -60,6 +60,8 @@ from typing import Any
 
 import torch
 
+from unmix.training import methods
+
 DATA_WAIT_LIMIT = 0.05  # the loop may wait for data at most 5 % of its wall time (R50, bf16)
 SAMPLE_IMAGES = 1600  # `unmix shards sample photos` size written when --data is not given (1280 train)
 
@@ -166,6 +168,8 @@ def mixture_mode(view1: torch.Tensor, mixed: torch.Tensor, lam: torch.Tensor) ->
 
 # ------------------------------------------------------------------------------------ CPU-side checks
 
+CHECKED_METHODS = methods.one_per_module()  # moco_v2, byol, simclr: each implementation once
+
 
 def r50_overrides(
     method: str, unmix: bool, batch: int, zero: int = 0, source: str = "synthetic"
@@ -184,7 +188,7 @@ def r50_overrides(
         f"deepspeed.zero_stage={zero}",
         "mlflow.enabled=false",
     ]
-    if method == "byol" and zero == 0:
+    if zero == 0 and methods.spec(method).optimizer == "lars":
         out.append("optim.optimizer=lars")
     return out
 
@@ -193,7 +197,7 @@ def check_configs() -> tuple[str, dict]:
     from unmix.training.config import load_config
 
     n = 0
-    for method in ("moco_v2", "byol"):
+    for method in CHECKED_METHODS:
         for unmix in (False, True):
             cfg = load_config(None, r50_overrides(method, unmix, 128))
             if cfg.deepspeed.precision != "bf16" or cfg.model.arch != "resnet50":
@@ -206,31 +210,29 @@ def check_models_meta() -> tuple[str, dict]:
     """Both methods' networks at full size on the meta device; dtypes, gradients and SyncBN placement."""
     from torch import nn
 
-    from unmix.training import byol, moco, sync_bn
+    from unmix.training import sync_bn
     from unmix.training.backbones import build_backbone
     from unmix.training.config import load_config
 
     values = {}
-    for method in ("moco_v2", "byol"):
+    for method in CHECKED_METHODS:
         cfg = load_config(None, r50_overrides(method, True, 128))
         with torch.device("meta"):
             backbone = build_backbone("resnet50", crop=224)
-            kind, cls, mcfg = (
-                (byol, byol.BYOL, cfg.method.byol) if method == "byol" else (moco, moco.MoCo, cfg.method.moco)
-            )
-            online = kind.build_online(backbone, mcfg).to(memory_format=torch.channels_last)
-        m = cls(online, mcfg, 0, "meta")
-        online, m.target = sync_bn.convert(online, m.target, sync_target=sync_bn.sync_target_for(method))
-        if any(p.dtype != torch.float32 or p.requires_grad for p in m.target.parameters()):
+            online, m = methods.build(cfg, backbone, 8, 16, "meta")  # 8 ranks: no SplitBatchNorm
+            online = online.to(memory_format=torch.channels_last)
+        online, m.target = sync_bn.convert(online, m.target, sync_target=m.sync_target)
+        target = m.target if m.target is not None else nn.Identity()
+        if any(p.dtype != torch.float32 or p.requires_grad for p in target.parameters()):
             raise CheckError(f"{method}: the target network is not fp32 without gradients")
-        if m.queue is not None and m.queue.queue.dtype != torch.float32:
-            raise CheckError(f"{method}: the queue is {m.queue.queue.dtype}")
-        target_sync = any(isinstance(x, nn.SyncBatchNorm) for x in m.target.modules())
-        if target_sync != (method == "byol"):
+        if any(t.dtype != torch.float32 for t in m.replicated() if t.is_floating_point()):
+            raise CheckError(f"{method}: a replicated tensor (target, queue) is not fp32")
+        target_sync = any(isinstance(x, nn.SyncBatchNorm) for x in target.modules())
+        if target_sync != (m.sync_target and m.target is not None):
             raise CheckError(f"{method}: target SyncBatchNorm is {target_sync}")
         values[method] = {
             "online_params": sum(p.numel() for p in online.parameters()),
-            "target_params": sum(p.numel() for p in m.target.parameters()),
+            "target_params": sum(p.numel() for p in target.parameters()),
         }
     fig = ", ".join(f"{k} online {v['online_params'] / 1e6:.1f} M params" for k, v in values.items())
     return fig, values
@@ -306,9 +308,12 @@ def _free_cuda() -> None:
 
 
 def _fp32_state(run) -> tuple[bool, bool]:
-    target = all(p.dtype == torch.float32 for p in run.method.target.parameters())
-    queue = run.method.queue is None or run.method.queue.queue.dtype == torch.float32
-    return target, queue
+    """(target fp32, every replicated tensor (target, queue) fp32); true where the method has none."""
+    target = run.method.target is None or all(
+        p.dtype == torch.float32 for p in run.method.target.parameters()
+    )
+    replicated = all(t.dtype == torch.float32 for t in run.method.replicated() if t.is_floating_point())
+    return target, replicated
 
 
 def _time_steps(run, batches: Iterator[dict], warmup: int, steps: int, wait: list[float] | None = None):
@@ -338,17 +343,18 @@ def check_train(method: str, unmix: bool, batch: int, warmup: int, steps: int) -
 
     run = setup(load_config(None, r50_overrides(method, unmix, batch)))
     try:
-        before = next(run.method.target.parameters()).detach().clone()
+        watched = run.method.target if run.method.target is not None else run.engine.module  # EMA / SGD
+        before = next(watched.parameters()).detach().clone()
         seconds, losses = _time_steps(run, _endless(run.loader), warmup, steps)
         peak = torch.cuda.max_memory_allocated() / 2**30
         target32, queue32 = _fp32_state(run)
-        moved = not torch.equal(before, next(run.method.target.parameters()))
+        moved = not torch.equal(before, next(watched.parameters()))
         if not bool(torch.isfinite(losses).all()):
             raise CheckError(f"non-finite loss: {losses.tolist()}")
         if not (target32 and queue32):
             raise CheckError(f"target fp32 {target32}, queue fp32 {queue32}")
         if not moved:
-            raise CheckError("the EMA target did not move")
+            raise CheckError("the EMA target (or, without one, the online network) did not move")
         ips = steps * batch / seconds
         values = {"images_per_s": ips, "peak_gib": peak, "batch": batch, "loss_last": float(losses[-1])}
         return f"{ips:8.1f} img/s, peak {peak:5.1f} GiB, batch {batch}", values
@@ -667,7 +673,7 @@ def run_checks(args: argparse.Namespace, report: Report) -> None:
     if args.dry_run:
         return
     b = args.batch_size
-    for method in ("moco_v2", "byol"):
+    for method in CHECKED_METHODS:
         for unmix in (False, True):
             name = f"train {method} unmix={'on' if unmix else 'off'}"
             report.run(name, lambda m=method, u=unmix: check_train(m, u, b, args.warmup, args.steps))

@@ -2,6 +2,7 @@
 
 The target is fp32 and lives here, outside the DeepSpeed engine; the loop updates it with
 :func:`training.ema.update_momentum` after each optimizer step, at the cosine tau of that step.
+:class:`BYOL` implements :class:`training.methods.Method`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ from torch import Tensor
 from unmix.training.config import ByolConfig
 from unmix.training.heads import Network, byol_mlp, freeze_bn_stats
 from unmix.training.losses import byol_regression, unmix_weighted
+
+
+def build(
+    backbone: torch.nn.Module, run_cfg, cfg: ByolConfig, world: int, micro_batch: int, device
+) -> tuple[Network, BYOL]:
+    """The online network on ``device`` and :class:`BYOL` (its target copied from it)."""
+    online = build_online(backbone, cfg).to(device)
+    return online, BYOL(online, cfg, run_cfg.seed, device)
 
 
 def build_online(backbone: torch.nn.Module, cfg: ByolConfig) -> Network:
@@ -32,8 +41,12 @@ def cosine_tau(step: int, total_steps: int, tau_base: float) -> float:
 class BYOL:
     """Target network and the symmetric BYOL loss (+ Un-Mix). ``online`` is not stored."""
 
+    # BYOL's reference computes batch statistics across devices in both networks (training/sync_bn.py)
+    sync_target = True
+
     def __init__(self, online: Network, cfg: ByolConfig, seed: int, device: torch.device | str = "cpu"):
         self.cfg = cfg
+        self.sync_bn = cfg.sync_bn
         target = Network(copy.deepcopy(online.backbone), copy.deepcopy(online.head))  # no predictor
         self.target = freeze_bn_stats(target).float().to(device)
         for p in self.target.parameters():
@@ -74,11 +87,20 @@ class BYOL:
         )
         return clean + mix, clean.detach(), mix.detach()
 
-    def keys_to_enqueue(self, targets: tuple[Tensor, ...]) -> None:
+    def gathered(self, targets: tuple[Tensor, ...]) -> None:
         return None
+
+    def after_step(self, gathered: Tensor) -> None:
+        pass
 
     def momentum(self, step: int, total_steps: int) -> float:
         return cosine_tau(step, total_steps, self.cfg.tau_base)
+
+    def replicated(self) -> list[Tensor]:
+        return [*self.target.parameters(), *self.target.buffers()]
+
+    def expected_unmix_cost(self) -> str:
+        return "~1.4x (one online pass added to two, plus two target forwards)"
 
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict()}

@@ -9,9 +9,15 @@ Layout under ``<output_dir>/checkpoints/``::
 Saving: every rank calls :func:`save`; DeepSpeed writes its files, each rank writes its RNG states and
 loader position, a barrier waits for all, then rank 0 records every file's size and SHA-256 in
 ``COMPLETE`` (written to a temporary name and renamed), switches ``latest`` the same way and deletes
-all but the newest ``keep`` complete checkpoints. A checkpoint interrupted at any point has no
-``COMPLETE`` and is ignored. Loading (:func:`find_resumable`) takes the newest checkpoint whose files
-all match their recorded size and hash, and warns naming every newer one it skipped and why.
+all but the newest ``keep`` *verified* checkpoints (a damaged one never counts, so the one a run resumed
+from survives until ``keep`` newer intact ones exist). A checkpoint interrupted at any point has no
+``COMPLETE`` and is ignored; a write that fails (full disk) removes its partial directory and raises
+:class:`~unmix.training.atomic.WriteError` naming the path, leaving the last good checkpoint in place.
+Loading (:func:`find_resumable`) takes the newest checkpoint whose files all match their recorded size
+and hash, and warns naming every newer one it skipped and why; it then refuses (:class:`ResumeError`)
+a checkpoint any of whose files needs more than a weights-only load (see :mod:`training.safe_load`),
+and :func:`load` keeps DeepSpeed's own loads weights-only. Our per-rank state holds only tensors and
+builtins (the RNG states as tensors and lists).
 
 Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`training.preemption`),
 and a process killed outright leaves at worst a directory without ``COMPLETE``.
@@ -21,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
 import shutil
 import warnings
@@ -31,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from unmix.training import dist
+from unmix.training import atomic, dist, safe_load
 
 COMPLETE = "COMPLETE"
 
@@ -55,17 +60,15 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-
-
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    """This process's RNG states as tensors, lists and numbers only (they load with weights_only=True)."""
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached_gaussian],
+        "python": [version, list(internal), gauss_next],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -73,8 +76,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    kind, keys, pos, has_gauss, cached_gaussian = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached_gaussian))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -101,23 +106,39 @@ def save(
         torch.distributed.broadcast_object_list(state, src=0)
     if state[0]:
         return path
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save({"rng": rng_state(), **rank_state}, path / f"rank{dist.rank()}_state.pt")
-    if dist.rank() == 0 and "config" in client_state:  # readable without loading the checkpoint
-        (path / "config.json").write_text(json.dumps(client_state["config"], indent=1))
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        torch.save({"rng": rng_state(), **rank_state}, path / f"rank{dist.rank()}_state.pt")
+        if dist.rank() == 0 and "config" in client_state:  # readable without loading the checkpoint
+            atomic.write_text(path / "config.json", json.dumps(client_state["config"], indent=1))
+    except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
+        _write_failed(ckpt_dir, path, exc)
     dist.barrier()  # every rank's files are on disk
     if dist.rank() == 0:
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
-        record = {
-            "step": step,
-            "world_size": dist.world_size(),
-            "files": {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)] for p in files},
-        }
-        _atomic_write(path / COMPLETE, json.dumps(record, indent=1))
-        _atomic_write(ckpt_dir / "latest", tag)
+        try:
+            files = sorted(p for p in path.rglob("*") if p.is_file() and p.name != COMPLETE)
+            record = {
+                "step": step,
+                "world_size": dist.world_size(),
+                "files": {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)] for p in files},
+            }
+            atomic.write_text(path / COMPLETE, json.dumps(record, indent=1))
+            _remember_intact(path)
+            atomic.write_text(ckpt_dir / "latest", tag)
+        except OSError as exc:
+            _write_failed(ckpt_dir, path, exc)
         prune(ckpt_dir, keep)
     dist.barrier()
     return path
+
+
+def _write_failed(ckpt_dir: Path, path: Path, exc: BaseException) -> None:
+    """Remove the partial checkpoint ``path`` (it frees the space) and raise a one-line WriteError."""
+    why = atomic.reason(exc.__cause__ or exc, path)  # measured before the partial files are removed
+    shutil.rmtree(path, ignore_errors=True)
+    good = next((p.name for p in _tags(ckpt_dir) if _is_intact(p)), None)
+    kept = f"the last good checkpoint {good} is kept" if good else "no earlier checkpoint exists"
+    raise atomic.WriteError(f"{path}: cannot write the checkpoint: {why}; {kept}") from exc
 
 
 def _tags(ckpt_dir: Path) -> list[Path]:
@@ -128,15 +149,62 @@ def _tags(ckpt_dir: Path) -> list[Path]:
     return sorted(dirs, key=lambda p: p.name, reverse=True)
 
 
+# Checkpoints this process has seen verify intact: directory -> its COMPLETE marker's mtime (ns). Pruning
+# counts only intact checkpoints; this spares it re-hashing the ones it has already checked.
+_intact: dict[str, int] = {}
+
+
+def _remember_intact(path: Path) -> None:
+    _intact[str(path)] = (path / COMPLETE).stat().st_mtime_ns
+
+
+def _is_intact(path: Path) -> bool:
+    try:
+        stamp = (path / COMPLETE).stat().st_mtime_ns
+    except OSError:
+        return False
+    if _intact.get(str(path)) == stamp:
+        return True
+    if verify(path) is None:
+        _intact[str(path)] = stamp
+        return True
+    return False
+
+
 def prune(ckpt_dir: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` complete checkpoints, and incomplete ones older than those."""
-    complete = [p for p in _tags(ckpt_dir) if (p / COMPLETE).exists()]
-    if len(complete) < keep:
+    """Delete all checkpoints older than the newest ``keep`` *verified* ones (complete, every file's size
+    and hash as recorded). Damaged or incomplete checkpoints never count towards ``keep``, so a run that
+    resumed from an older good checkpoint keeps it until ``keep`` newer intact ones exist."""
+    intact: list[Path] = []
+    for p in _tags(ckpt_dir):
+        if len(intact) < keep and _is_intact(p):
+            intact.append(p)
+    if len(intact) < keep:
         return
-    oldest_kept = complete[keep - 1].name
+    oldest_kept = intact[-1].name
     for p in _tags(ckpt_dir):
         if p.name < oldest_kept:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _record(path: Path) -> dict[str, Any]:
+    """The parsed COMPLETE record; ValueError naming what is malformed."""
+    record = json.loads((path / COMPLETE).read_text())
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(v, list)
+        and len(v) == 2
+        and isinstance(v[0], int)
+        and isinstance(v[1], str)
+        and isinstance(k, str)
+        and ".." not in Path(k).parts
+        and not Path(k).is_absolute()
+        for k, v in files.items()
+    ):
+        raise ValueError('expected {"files": {relative name: [size, sha256], ...}, ...}')
+    if not isinstance(record.get("world_size", 1), int):
+        raise ValueError("world_size is not an integer")
+    return record
 
 
 def verify(path: Path) -> str | None:
@@ -145,9 +213,9 @@ def verify(path: Path) -> str | None:
     if not marker.exists():
         return "incomplete (no COMPLETE marker: interrupted while saving)"
     try:
-        record = json.loads(marker.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        return f"unreadable {COMPLETE} marker ({exc})"
+        record = _record(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
+        return f"malformed {COMPLETE} marker ({exc})"
     for name, (size, digest) in record["files"].items():
         f = path / name
         if not f.exists():
@@ -171,13 +239,16 @@ def find_resumable(ckpt_dir: Path, world_size: int) -> Path | None:
         for path in _tags(Path(ckpt_dir)):
             reason = verify(path)
             if reason is None:
+                _remember_intact(path)
                 choice[0] = str(path)
-                written_by = json.loads((path / COMPLETE).read_text()).get("world_size")
+                written_by = _record(path).get("world_size")
                 if written_by != world_size:
                     choice[1] = (
                         f"{path}: written by {written_by} process(es), this job has {world_size}; resume "
                         f"with {written_by} process(es), or start a new output_dir"
                     )
+                else:
+                    choice[1] = check_files(path)
                 break
             skipped.append(f"{path.name}: {reason}")
         if skipped:
@@ -191,6 +262,17 @@ def find_resumable(ckpt_dir: Path, world_size: int) -> Path | None:
     if choice[1]:
         raise ResumeError(choice[1])
     return Path(choice[0]) if choice[0] else None
+
+
+def check_files(path: Path) -> str | None:
+    """None if every torch file of checkpoint ``path`` loads weights-only with DeepSpeed's allow-list,
+    else a refusal naming the file and the offending global. Nothing in the files runs."""
+    for f in sorted(p for p in path.rglob("*") if p.is_file() and p.name not in (COMPLETE, "config.json")):
+        try:
+            safe_load.check_file(f)
+        except safe_load.UnsafeFileError as exc:
+            return f"{exc}; not resuming from {path.name} (remove it to start over)"
+    return None
 
 
 def newest_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
@@ -207,14 +289,16 @@ def newest_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
 def load(engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load engine + optimizer state from ``path``; returns (client state, this rank's state).
 
-    Also restores this rank's RNG states.
+    Also restores this rank's RNG states. Every load is weights-only (DeepSpeed's too): call it on a
+    checkpoint :func:`find_resumable` chose, which has checked the files.
     """
-    loaded, client_state = engine.load_checkpoint(
-        str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    with safe_load.deepspeed_loads():
+        loaded, client_state = engine.load_checkpoint(
+            str(path.parent), tag=path.name, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if loaded is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
-    rank_state = torch.load(path / f"rank{dist.rank()}_state.pt", weights_only=False)
+    rank_state = safe_load.load(path / f"rank{dist.rank()}_state.pt")
     set_rng_state(rank_state.pop("rng"))
     return client_state, rank_state
 
@@ -223,5 +307,5 @@ def write_diagnostics(ckpt_dir: Path, step: int, info: dict[str, Any]) -> Path:
     """Diagnostics of a failed step beside the checkpoints (never inside or over one)."""
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"nonfinite_{tag_for(step)}.json"
-    _atomic_write(path, json.dumps(info, indent=1, default=str))
+    atomic.write_text(path, json.dumps(info, indent=1, default=str))
     return path

@@ -18,7 +18,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Runs as one process or under torchrun, the deepspeed launcher or srun. Re-running on the same "
             "output_dir resumes from its newest complete checkpoint. Exit status: 0 done, 75 checkpointed "
             "after SIGUSR1/SIGTERM (requeue), 1 failure (e.g. non-finite loss), 2 bad config, impossible "
-            "resume or a data fault (data.train missing, unreadable, or not matching its manifest)."
+            "or refused resume (a checkpoint file holding code), a data fault (data.train missing, "
+            "unreadable, or not matching its manifest) or an output_dir that cannot be written "
+            "(read-only, disk full: the last good checkpoint is kept)."
         ),
     )
     p.add_argument("config", help="YAML config file (see configs/)")
@@ -56,9 +58,9 @@ def _train(args: argparse.Namespace) -> int:
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
         several = isinstance(cfg.data.train, list)
-        manifests = [  # every set of the union when data.train is a list
+        manifests = [  # every set of the union when data.train is a list; synthetic images need none
             check_shard_set(path, key=f"data.train[{i}]" if several else "data.train")
-            for i, path in enumerate(train_sets(cfg))
+            for i, path in enumerate(train_sets(cfg) if cfg.data.source != "synthetic" else [])
         ]
     except ShardSetError as exc:
         print(f"unmix train: error: {exc}", file=sys.stderr)
@@ -72,12 +74,14 @@ def _train(args: argparse.Namespace) -> int:
         )
         return 2
     from unmix.pipeline.labels import LabelError
+    from unmix.training.atomic import WriteError, check_writable
     from unmix.training.checkpoint import ResumeError
     from unmix.training.loop import NonFiniteLossError, train
 
     try:
+        check_writable(cfg.output_dir, "output_dir")
         return train(cfg, force_config=args.force_config)
-    except (ConfigError, ResumeError, LabelError) as exc:  # LabelError: a bad .cls met by the kNN monitor
+    except (ConfigError, ResumeError, LabelError, WriteError) as exc:  # LabelError: a bad .cls (kNN monitor)
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2
     except NonFiniteLossError as exc:

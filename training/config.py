@@ -2,13 +2,18 @@
 
 Every key has a default, so a YAML holding only the interface keys (``data.train``, ``model.arch``,
 ``method.name``, ...) is a valid config. Unknown keys and invalid values raise :class:`ConfigError`
-naming the key and what is allowed, before any work starts. ``resolve`` fills the values that depend
-on others (MoCo v1/v2 defaults, the data recipe) so the written ``config.yaml`` says exactly what ran.
+naming the key and what is allowed, before any work starts: every number must be finite and inside its
+key's range (:data:`NUMBER_RANGES`; ``1e-3`` is read as a number), ``deepspeed.config`` may only set the
+DeepSpeed tuning keys of :data:`DEEPSPEED_PASS_THROUGH`, and a YAML document is capped in size and in
+what its aliases expand to. ``resolve`` fills the values that depend on others (MoCo v1/v2 defaults,
+the data recipe) so the written ``config.yaml`` says exactly what ran.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +21,9 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
+
+from unmix.pipeline.mix_config import UnmixConfig, for_trainer
+from unmix.training import methods
 
 # Backbones :func:`training.backbones.build_backbone` builds; here so that reading a config imports no torch.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
@@ -31,6 +39,12 @@ class ConfigError(ValueError):
     """A config file or override that names an unknown key or holds an invalid value."""
 
 
+# A YAML config is a page of keys: far larger documents, or aliases that expand to many nodes (a few
+# hundred bytes of nested anchors can expand to billions), are refused before anything is built.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+
+
 @dataclass
 class DataConfig:
     # shard directory (or manifest.json) of the training split, or a list of them read as one training set
@@ -40,7 +54,7 @@ class DataConfig:
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
-    recipe: str = ""  # loader augmentation: moco_v2, moco_v1, byol, moco_cifar; "" = the method's
+    recipe: str = ""  # loader augmentation (pipeline/augment.py RECIPES); "" = the method's own
     source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
     # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
@@ -85,17 +99,19 @@ class ByolConfig:
 
 
 @dataclass
-class MethodConfig:
-    name: Literal["moco_v2", "moco_v1", "byol"] = "moco_v2"
-    moco: MocoConfig = field(default_factory=MocoConfig)
-    byol: ByolConfig = field(default_factory=ByolConfig)
+class SimclrConfig:
+    T: float = 0.1  # NT-Xent temperature (SimCLR ImageNet: 0.1; CIFAR-10: 0.5)
+    proj_hidden_dim: int | None = None  # hidden width of the projection MLP; None = the backbone's width
+    proj_dim: int = 128  # embedding dimension (SimCLR: 128)
+    sync_bn: bool = True  # SyncBatchNorm on several CUDA processes (SimCLR's global BN)
 
 
 @dataclass
-class UnmixConfig:
-    enabled: bool = False
-    p_mixup: float = 0.5  # probability that a step mixes globally (mixup) rather than by a box (CutMix)
-    alpha: float = 1.0  # lambda ~ Beta(alpha, alpha), one per batch
+class MethodConfig:
+    name: str = "moco_v2"  # a name in training/methods.py METHODS: moco_v2, moco_v1, byol, simclr
+    moco: MocoConfig = field(default_factory=MocoConfig)
+    byol: ByolConfig = field(default_factory=ByolConfig)
+    simclr: SimclrConfig = field(default_factory=SimclrConfig)
 
 
 @dataclass
@@ -159,7 +175,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    unmix: UnmixConfig = field(default_factory=UnmixConfig)
+    # the pipeline's own settings object (pipeline/mix_config.py); off unless the config turns it on
+    unmix: UnmixConfig = field(default_factory=lambda: UnmixConfig(enabled=False))
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     output_dir: str = "runs/pretrain"
@@ -168,6 +185,92 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# The range of every numeric key: (low, high, low excluded). Every int and float field of Config must
+# appear here (a test checks), so no number reaches the run unchecked; floats must also be finite.
+# The ceilings are far above any published recipe; they stop typos (1e12) before set-up allocates.
+NUMBER_RANGES: dict[str, tuple[float, float, bool]] = {
+    "data.crop": (0, 4096, True),
+    "data.threads": (0, 1024, True),
+    "data.synthetic_samples": (0, 10**10, True),
+    "data.hw_decoder_load": (0, 1, False),
+    "data.device_memory_padding": (0, 1 << 40, False),  # bytes
+    "data.host_memory_padding": (0, 1 << 40, False),  # bytes
+    "model.width": (0, 1024, True),  # and a multiple of 8
+    "method.moco.K": (0, 1 << 24, True),  # 256x ImageNet's 65536; the queue is K x dim fp32
+    "method.moco.m": (0, 1, False),
+    "method.moco.T": (0, 100, True),
+    "method.moco.dim": (0, 65536, True),
+    "method.moco.hidden_dim": (0, 65536, True),
+    "method.moco.bn_splits": (0, 4096, False),
+    "method.byol.proj_hidden_dim": (0, 65536, True),
+    "method.byol.proj_dim": (0, 65536, True),
+    "method.byol.pred_hidden_dim": (0, 65536, True),
+    "method.byol.tau_base": (0, 1, False),
+    "method.simclr.T": (0, 100, True),
+    "method.simclr.proj_hidden_dim": (0, 65536, True),
+    "method.simclr.proj_dim": (0, 65536, True),
+    "unmix.p_mixup": (0, 1, False),
+    "unmix.alpha": (0, 1000, False),  # > 0 when unmix.enabled
+    "optim.epochs": (0, 10**6, True),
+    "optim.batch_size": (0, 1 << 24, True),
+    "optim.grad_accum": (0, 65536, True),
+    "optim.lr": (0, math.inf, False),  # no natural ceiling (a test provokes divergence with 1e38)
+    "optim.momentum": (0, 1, False),
+    "optim.weight_decay": (0, 10, False),
+    "optim.warmup_epochs": (0, 10**6, False),  # and <= optim.epochs
+    "optim.milestones": (0, 10**6, False),  # each entry
+    "optim.lars_eta": (0, 10, False),
+    "seed": (0, 2**31 - 1, False),
+    "deepspeed.zero_stage": (0, 3, False),  # 3 refused below with the reason
+    "deepspeed.gradient_clipping": (0, 1e6, False),
+    "checkpoint.every_steps": (0, 2**31 - 1, False),
+    "checkpoint.every_epochs": (0, 10**6, False),
+    "checkpoint.keep": (0, 1000, True),
+    "checkpoint.signal_check_every": (0, 10**6, True),
+    "log.every_steps": (0, 2**31 - 1, True),
+    "eval.knn_every_epochs": (0, 10**6, False),
+    "eval.knn_k": (0, 10**6, True),
+    "eval.knn_t": (0, 100, True),
+}
+
+# The DeepSpeed keys ``deepspeed.config`` may set (None: a scalar; a set: a section with these scalar
+# keys): tuning knobs only. Keys that make DeepSpeed write files at paths they name (tensorboard,
+# csv_monitor, wandb, comms_logger, flops_profiler, autotuning, nebula, checkpoint, aio/nvme offload, data
+# efficiency) are refused, as are those this config sets itself (batch sizes, clipping, ZeRO stage).
+DEEPSPEED_PASS_THROUGH: dict[str, frozenset[str] | None] = {
+    "steps_per_print": None,
+    "wall_clock_breakdown": None,
+    "memory_breakdown": None,
+    "prescale_gradients": None,
+    "gradient_predivide_factor": None,
+    "communication_data_type": None,
+    "zero_optimization": frozenset(
+        {
+            "reduce_bucket_size",
+            "allgather_bucket_size",
+            "overlap_comm",
+            "contiguous_gradients",
+            "reduce_scatter",
+            "allgather_partitions",
+            "round_robin_gradients",
+            "use_multi_rank_bucket_allreduce",
+        }
+    ),
+    "fp16": frozenset(
+        {
+            "enabled",
+            "loss_scale",
+            "initial_scale_power",
+            "loss_scale_window",
+            "hysteresis",
+            "consecutive_hysteresis",
+            "min_loss_scale",
+        }
+    ),
+    "torch_autocast": frozenset({"enabled", "dtype"}),
+}
 
 
 # Keys whose change does not change what the run computes: allowed to differ on resume.
@@ -191,6 +294,9 @@ RESUME_SAFE_KEYS = (
 # ---------------------------------------------------------------------------------------------- parsing
 
 
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted where floats are."""
     origin = get_origin(tp)
@@ -208,8 +314,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 continue
             try:
                 return _coerce(value, arg, key)
-            except ConfigError:
-                pass
+            except ConfigError as exc:
+                if "finite" in str(exc):  # a number of the right type, out of range: say so
+                    raise
         names = " or ".join("null" if a is type(None) else a.__name__ for a in args)
         raise ConfigError(f"{key}: invalid value {value!r}; expected {names}")
     if tp is bool:
@@ -221,7 +328,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: invalid value {value!r}; expected an integer")
     if tp is float:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: invalid value {value!r}; must be a finite number")
             return float(value)
         raise ConfigError(f"{key}: invalid value {value!r}; expected a number")
     if tp is str:
@@ -245,8 +356,13 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
 
-def _build(cls: type, data: Any, prefix: str) -> Any:
-    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses."""
+def _build(cls: type, data: Any, prefix: str, base: Any = None) -> Any:
+    """Instantiate dataclass ``cls`` from a mapping, recursing into nested dataclasses.
+
+    Keys the mapping leaves out take their values from ``base`` (the field's default in the parent:
+    ``unmix`` defaults to ``enabled: false`` although the pipeline's ``UnmixConfig()`` mixes), else
+    from ``cls``'s defaults. A ``ValueError`` of the dataclass itself becomes a :class:`ConfigError`.
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -263,10 +379,19 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         if dataclasses.is_dataclass(tp):
-            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.", _field_default(fields[name]))
         else:
             kwargs[name] = _coerce(value, tp, f"{prefix}{name}")
-    return cls(**kwargs)
+    try:
+        return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None if f.default is dataclasses.MISSING else f.default
 
 
 def _set_dotted(tree: dict, key: str, value: Any) -> None:
@@ -280,6 +405,52 @@ def _set_dotted(tree: dict, key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], open_: set[int], where: str) -> int:
+    """How many nodes ``node`` stands for once every alias is expanded (memoised: linear time)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if id(node) in open_:
+        raise ConfigError(f"{where}: a YAML alias refers to itself (recursive document)")
+    open_.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        children = [n for pair in node.value for n in pair]
+    elif isinstance(node, yaml.SequenceNode):
+        children = node.value
+    else:
+        children = []
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, open_, where)
+        if total > MAX_YAML_NODES:
+            raise ConfigError(
+                f"{where}: the YAML expands to more than {MAX_YAML_NODES} values (aliases of aliases?); "
+                "refused"
+            )
+    open_.discard(id(node))
+    memo[id(node)] = total
+    return total
+
+
+def safe_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` with caps: at most :data:`MAX_YAML_BYTES`, aliases expanding to at most
+    :data:`MAX_YAML_NODES` values, no recursive aliases. ``where`` names the source in errors."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes of YAML; a config is at most {MAX_YAML_BYTES} bytes")
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set(), where)
+        return loader.construct_document(node)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{where}: not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise ConfigError(f"{where}: the YAML is nested too deeply") from None
+    finally:
+        loader.dispose()
+
+
 def parse_overrides(overrides: list[str]) -> dict:
     """``["optim.lr=0.1", "unmix.enabled=true"]`` -> nested dict; values are parsed as YAML scalars."""
     tree: dict = {}
@@ -288,7 +459,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             raise ConfigError(f"override {item!r}: expected key=value (e.g. optim.epochs=10)")
         key, raw = item.split("=", 1)
         key = key.strip()
-        _set_dotted(tree, key, yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key, safe_yaml(raw, f"override {key}") if raw != "" else "")
     return tree
 
 
@@ -308,18 +479,29 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict = {}
     if path is not None:
         path = Path(path)
+        if path.is_file() and path.stat().st_size > MAX_YAML_BYTES:
+            raise ConfigError(
+                f"{path}: {path.stat().st_size} bytes; a config is at most {MAX_YAML_BYTES} bytes"
+            )
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+            text = path.read_text()
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a text file ({exc.reason} at byte {exc.start})") from None
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+        tree = safe_yaml(text, str(path)) or {}
         if not isinstance(tree, dict):
             raise ConfigError(f"{path}: expected a mapping at the top level")
-    tree = merge(tree, parse_overrides(overrides or []))
     try:
-        cfg = _build(Config, tree, "")
+        tree = merge(tree, parse_overrides(overrides or []))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
-    return resolve(cfg)
+    try:
+        return resolve(_build(Config, tree, ""))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}" if path is not None else str(exc)) from None
 
 
 def from_dict(tree: dict) -> Config:
@@ -334,18 +516,29 @@ def resolve(cfg: Config) -> Config:
     """Fill the values that depend on others and check cross-key constraints (world-size-free)."""
     if cfg.model.arch not in ARCHS:
         raise ConfigError(f"model.arch: invalid value {cfg.model.arch!r}; allowed: {', '.join(ARCHS)}")
-    if cfg.model.width < 8 or cfg.model.width % 8:
-        raise ConfigError(f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8")
-    moco = cfg.method.moco
-    v1 = cfg.method.name == "moco_v1"
-    if moco.T is None:
-        moco.T = 0.07 if v1 else 0.2
+    if not 8 <= cfg.model.width <= 1024 or cfg.model.width % 8:
+        raise ConfigError(
+            f"model.width: invalid value {cfg.model.width!r}; must be a positive multiple of 8, at most 1024"
+        )
+    if cfg.method.name not in methods.METHODS:
+        raise ConfigError(
+            f"method.name: invalid value {cfg.method.name!r}; allowed: {', '.join(methods.names())}"
+        )
+    spec = methods.spec(cfg.method.name)
+    for key, value in spec.section_defaults.items():  # MoCo v1 / v2: T and the head
+        if getattr(methods.section(cfg), key) is None:
+            setattr(methods.section(cfg), key, value)
+    moco, simclr = cfg.method.moco, cfg.method.simclr
+    if moco.T is None:  # a MoCo section in a run of another method: MoCo v2's values
+        moco.T = methods.spec("moco_v2").section_defaults["T"]
     if moco.mlp is None:
-        moco.mlp = not v1
+        moco.mlp = methods.spec("moco_v2").section_defaults["mlp"]
     if moco.hidden_dim is None:
         moco.hidden_dim = feature_dim(cfg.model.arch, cfg.model.width)
+    if simclr.proj_hidden_dim is None:
+        simclr.proj_hidden_dim = feature_dim(cfg.model.arch, cfg.model.width)
     if not cfg.data.recipe:
-        cfg.data.recipe = cfg.method.name
+        cfg.data.recipe = spec.recipe
     if cfg.deepspeed.zero_stage == 3:
         raise ConfigError(
             "deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions the parameters across ranks, so "
@@ -361,60 +554,89 @@ def resolve(cfg: Config) -> Config:
             "but DeepSpeed's ZeRO and fp16 optimizer wrappers hand it flattened partitions; "
             "use deepspeed.zero_stage=0 with precision bf16 or fp32"
         )
-    positive = {
-        "data.crop": cfg.data.crop,
-        "data.threads": cfg.data.threads,
-        "data.synthetic_samples": cfg.data.synthetic_samples,
-        "optim.epochs": cfg.optim.epochs,
-        "optim.batch_size": cfg.optim.batch_size,
-        "optim.grad_accum": cfg.optim.grad_accum,
-        "method.moco.K": moco.K,
-        "method.moco.dim": moco.dim,
-        "method.moco.hidden_dim": moco.hidden_dim,
-        "method.byol.proj_hidden_dim": cfg.method.byol.proj_hidden_dim,
-        "method.byol.proj_dim": cfg.method.byol.proj_dim,
-        "method.byol.pred_hidden_dim": cfg.method.byol.pred_hidden_dim,
-        "log.every_steps": cfg.log.every_steps,
-        "checkpoint.keep": cfg.checkpoint.keep,
-        "checkpoint.signal_check_every": cfg.checkpoint.signal_check_every,
-        "eval.knn_k": cfg.eval.knn_k,
-        "eval.knn_t": cfg.eval.knn_t,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key}: invalid value {value!r}; must be > 0")
-    nonneg = {
-        "optim.lr": cfg.optim.lr,
-        "optim.weight_decay": cfg.optim.weight_decay,
-        "optim.warmup_epochs": cfg.optim.warmup_epochs,
-        "deepspeed.gradient_clipping": cfg.deepspeed.gradient_clipping,
-        "checkpoint.every_steps": cfg.checkpoint.every_steps,
-        "checkpoint.every_epochs": cfg.checkpoint.every_epochs,
-        "unmix.alpha": cfg.unmix.alpha,
-        "data.device_memory_padding": cfg.data.device_memory_padding,
-        "data.host_memory_padding": cfg.data.host_memory_padding,
-        "eval.knn_every_epochs": cfg.eval.knn_every_epochs,
-        "method.moco.bn_splits": moco.bn_splits or 0,
-    }
-    for key, value in nonneg.items():
-        if value < 0:
-            raise ConfigError(f"{key}: invalid value {value!r}; must be >= 0")
-    unit = {
-        "data.hw_decoder_load": cfg.data.hw_decoder_load,
-        "unmix.p_mixup": cfg.unmix.p_mixup,
-        "method.moco.m": moco.m,
-        "method.byol.tau_base": cfg.method.byol.tau_base,
-        "optim.momentum": cfg.optim.momentum,
-    }
-    for key, value in unit.items():
-        if not 0.0 <= value <= 1.0:
-            raise ConfigError(f"{key}: invalid value {value!r}; must be in [0, 1]")
+    check_numbers(cfg)
+    check_deepspeed_pass_through(cfg.deepspeed.config)
+    if cfg.optim.warmup_epochs > cfg.optim.epochs:
+        raise ConfigError(
+            f"optim.warmup_epochs: invalid value {cfg.optim.warmup_epochs!r}; must be <= optim.epochs "
+            f"({cfg.optim.epochs})"
+        )
     _check_train_sets(cfg.data.train)
-    if cfg.unmix.enabled and cfg.unmix.alpha <= 0:
-        raise ConfigError("unmix.alpha: must be > 0 when unmix.enabled is true")
-    if moco.T <= 0:
-        raise ConfigError(f"method.moco.T: invalid value {moco.T!r}; must be > 0")
+    try:
+        for_trainer(cfg.unmix)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    if cfg.unmix.enabled and cfg.unmix.per_sample_lambda and cfg.data.source == "synthetic":
+        raise ConfigError(
+            "unmix.per_sample_lambda: data.source=synthetic draws one lam per batch; "
+            "use data.source=dali or unmix.per_sample_lambda=false"
+        )
     return cfg
+
+
+def _range_text(lo: float, hi: float, lo_open: bool) -> str:
+    def num(x: float) -> str:
+        return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+    if math.isinf(hi):
+        return f"> {num(lo)}" if lo_open else f">= {num(lo)}"
+    return f"> {num(lo)} and <= {num(hi)}" if lo_open else f"in [{num(lo)}, {num(hi)}]"
+
+
+def check_numbers(cfg: Config) -> None:
+    """Every numeric key within :data:`NUMBER_RANGES` (floats finite); the error names key and value."""
+    values = flatten(to_dict(cfg))
+    for key, (lo, hi, lo_open) in NUMBER_RANGES.items():
+        value = values[key]
+        for v in value if isinstance(value, list) else [value]:
+            if v is None:
+                continue
+            if not math.isfinite(v) or v > hi or v < lo or (lo_open and v == lo):
+                shown = f"{value!r} (entry {v!r})" if isinstance(value, list) else f"{v!r}"
+                raise ConfigError(f"{key}: invalid value {shown}; must be {_range_text(lo, hi, lo_open)}")
+
+
+def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") -> None:
+    """``deepspeed.config`` may set only :data:`DEEPSPEED_PASS_THROUGH`, with finite scalar values.
+
+    Numbers written in exponent notation (``5e8``, a string to YAML 1.1) are made numbers in place.
+    """
+
+    def scalar(key: str, value: Any) -> Any:
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            number = float(value)
+            value = int(number) if number.is_integer() else number
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}: invalid value {value!r}; must be a finite number")
+        if not isinstance(value, (bool, int, float, str)) or (isinstance(value, str) and len(value) > 64):
+            raise ConfigError(
+                f"{key}: invalid value {value!r}; expected a number, true/false or a short name"
+            )
+        return value
+
+    for name, value in extra.items():
+        key = f"{prefix}.{name}"
+        if name not in DEEPSPEED_PASS_THROUGH:
+            raise ConfigError(
+                f"{key}: not passed through to DeepSpeed (only tuning keys are; keys that write files or "
+                f"that this config sets itself are refused); allowed: {', '.join(DEEPSPEED_PASS_THROUGH)}"
+            )
+        sub = DEEPSPEED_PASS_THROUGH[name]
+        if sub is None:
+            extra[name] = scalar(key, value)
+            continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: invalid value {value!r}; expected a mapping")
+        for subname, subvalue in value.items():
+            if subname not in sub:
+                hint = (
+                    " (set deepspeed.zero_stage)" if (name, subname) == ("zero_optimization", "stage") else ""
+                )
+                raise ConfigError(
+                    f"{key}.{subname}: not passed through to DeepSpeed{hint}; allowed under {key}: "
+                    f"{', '.join(sorted(sub))}"
+                )
+            value[subname] = scalar(f"{key}.{subname}", subvalue)
 
 
 def train_sets(cfg: Config) -> list[str]:
@@ -467,7 +689,10 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def dump(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a reader never sees half a file)."""
+    from unmix.training.atomic import write_text
+
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def diff(old: dict, new: dict, ignore: tuple[str, ...] = RESUME_SAFE_KEYS) -> list[str]:

@@ -22,6 +22,11 @@ def byol_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
     )
 
 
+def simclr_mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Module:
+    """SimCLR projection head g: Linear-BN-ReLU-Linear (2048-2048-128 on ResNet-50)."""
+    return byol_mlp(in_dim, hidden_dim, out_dim)
+
+
 class Network(nn.Module):
     """``backbone -> head [-> predictor]``; ``forward(*views)`` embeds each view in its own pass.
 

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 
 from unmix.pipeline.devices import local_cuda_device
-from unmix.training import byol, checkpoint, dist, moco, sync_bn
+from unmix.training import checkpoint, dist, methods, sync_bn
+from unmix.training.atomic import write_text
 from unmix.training.backbones import build_backbone, save_backbone
 from unmix.training.batchnorm import plain_batchnorm
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
@@ -54,7 +55,7 @@ class Run:
     device: torch.device
     micro_batch: int
     engine: Any
-    method: Any  # moco.MoCo | byol.BYOL
+    method: methods.Method
     loader: Any
     ds_config: dict
     steps_per_epoch: int = 0
@@ -89,17 +90,12 @@ def build_loader(cfg: Config, micro_batch: int, rank: int, world: int):
         return build_synthetic_loader(cfg, micro_batch, rank, world)
     from unmix.pipeline.loaders import build_pretrain_loader
 
-    unmix = (
-        {"enabled": True, "p_mixup": cfg.unmix.p_mixup, "alpha": cfg.unmix.alpha}
-        if cfg.unmix.enabled
-        else None
-    )
     return build_pretrain_loader(
         cfg.data.train,
         micro_batch,
         recipe=cfg.data.recipe,
         crop=cfg.data.crop,
-        unmix=unmix,
+        unmix=cfg.unmix,  # the pipeline's own settings object (off unless unmix.enabled)
         device=cfg.data.device,
         shard_id=rank,
         num_shards=world,
@@ -129,29 +125,17 @@ def setup(cfg: Config, loader_factory=None) -> Run:
     backbone = build_backbone(
         cfg.model.arch, small_images=cfg.model.small_images, crop=cfg.data.crop, width=cfg.model.width
     )
-    if cfg.method.name == "byol":
-        kind, cls, method_cfg = byol, byol.BYOL, cfg.method.byol
-    else:
-        kind, cls, method_cfg = moco, moco.MoCo, cfg.method.moco
-    online = kind.build_online(backbone, method_cfg)
-    if kind is moco:  # one process with Shuffle-BN: SplitBatchNorm in both encoders (the authors' CIFAR code)
-        online = moco.split_bn(online, method_cfg, world, micro)
+    # The online network on the device, and the method around it: its target (MoCo's key encoder, BYOL's
+    # target) is copied before DeepSpeed may cast the module; it and the queue stay fp32. MoCo on one
+    # process with Shuffle-BN puts SplitBatchNorm in both encoders (the authors' CIFAR code).
     # channels_last comes from the inputs (convolutions follow a channels_last input); the weights stay
     # contiguous: DeepSpeed broadcasts them as byte views (impossible for channels_last conv weights)
     # and ZeRO re-lays them out into flat contiguous buffers anyway.
-    online = online.to(device)
-
-    # The target (key encoder / BYOL target) is copied before DeepSpeed may cast the module; it and the
-    # queue stay fp32, and rank 0's copy is broadcast so every rank starts identical.
-    method = cls(online, method_cfg, cfg.seed, device)
+    online, method = methods.build(cfg, backbone, world, micro, device)
     # SyncBatchNorm after the copy: MoCo's key encoder keeps per-rank BN (Shuffle-BN needs it).
-    if sync_bn.wanted(method_cfg.sync_bn, world, device):
-        online, method.target = sync_bn.convert(
-            online, method.target, sync_target=sync_bn.sync_target_for(cfg.method.name)
-        )
-    dist.broadcast_([*method.target.parameters(), *method.target.buffers()])
-    if method.queue is not None:
-        dist.broadcast_([method.queue.queue])
+    if sync_bn.wanted(method.sync_bn, world, device):
+        online, method.target = sync_bn.convert(online, method.target, sync_target=method.sync_target)
+    dist.broadcast_(method.replicated())  # rank 0's target and queue: every rank starts identical
 
     base_lr = cfg.optim.lr * cfg.optim.batch_size / 256
     engine, ds_config = build_engine(cfg, online, micro, base_lr)
@@ -222,11 +206,11 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], micro_step: int, lr: fl
     set_lr(engine, lr)
     engine.backward(loss)
     engine.step()
-    if boundary:
+    if boundary and method.target is not None:
         update_momentum(engine.module, method.target, m)  # (4) target <- m * target + (1 - m) * online
-    keys = method.keys_to_enqueue(targets)
-    if keys is not None:
-        method.queue.enqueue(dist.all_gather(keys))  # (5) the same global keys enter every rank's queue
+    mine = method.gathered(targets)  # MoCo: this rank's keys
+    if mine is not None:
+        method.after_step(dist.all_gather(mine))  # (5) the same global keys enter every rank's queue
     return loss.detach(), loss_clean, loss_mix
 
 
@@ -331,7 +315,7 @@ def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> in
     tracker = Tracker(cfg, active=run.rank == 0)
     if run.rank == 0:
         dump(cfg, out / "config.yaml")
-        (out / "deepspeed_config.json").write_text(json.dumps(run.ds_config, indent=1))
+        write_text(out / "deepspeed_config.json", json.dumps(run.ds_config, indent=1))
     tracker.start(run_id, run.world, {"steps_per_epoch": run.steps_per_epoch, "micro_batch": run.micro_batch})
     if run.rank == 0 and not resumed:
         tracker.log_artifact(out / "config.yaml")

@@ -1,9 +1,10 @@
 """MoCo v2 (and v1) with the Un-Mix loss, after facebookresearch/moco ``builder.py``.
 
 The query encoder (``online``) is the module DeepSpeed trains; the key encoder and the queue are fp32
-and live here, outside the engine. The training loop calls, in order: ``targets`` (keys, no gradient,
-Shuffle-BN), the engine's forward, ``loss``, the optimizer step, then the momentum update
-(:func:`training.ema.update_momentum`) and ``queue.enqueue`` on the keys gathered from all ranks.
+and live here, outside the engine. :class:`MoCo` implements :class:`training.methods.Method`: the loop
+calls ``targets`` (keys, no gradient, Shuffle-BN), the engine's forward, ``loss``, the optimizer step,
+then the momentum update (:func:`training.ema.update_momentum`) and ``after_step`` (the queue update) on
+the keys gathered from all ranks.
 """
 
 from __future__ import annotations
@@ -19,6 +20,14 @@ from unmix.training.config import ConfigError, MocoConfig
 from unmix.training.heads import Network, freeze_bn_stats, moco_head
 from unmix.training.losses import info_nce, info_nce_mixed_keys, unmix_weighted
 from unmix.training.queue import KeyQueue
+
+
+def build(
+    backbone: torch.nn.Module, run_cfg, cfg: MocoConfig, world: int, micro_batch: int, device
+) -> tuple[Network, MoCo]:
+    """The query encoder (SplitBatchNorm on one process with Shuffle-BN) on ``device``, and :class:`MoCo`."""
+    online = split_bn(build_online(backbone, cfg), cfg, world, micro_batch).to(device)
+    return online, MoCo(online, cfg, run_cfg.seed, device)
 
 
 def build_online(backbone: torch.nn.Module, cfg: MocoConfig) -> Network:
@@ -128,8 +137,11 @@ def _to(idx: Tensor, x: Tensor) -> Tensor:
 class MoCo:
     """Key encoder (EMA of the query encoder), queue, and the loss. ``online`` is not stored."""
 
+    sync_target = False  # the key encoder keeps per-rank BN: Shuffle-BN needs it (training/sync_bn.py)
+
     def __init__(self, online: Network, cfg: MocoConfig, seed: int, device: torch.device | str = "cpu"):
         self.cfg = cfg
+        self.sync_bn = cfg.sync_bn
         self.target = freeze_bn_stats(copy.deepcopy(online)).float().to(device)  # encoder_k, fp32
         for p in self.target.parameters():
             p.requires_grad_(False)
@@ -172,12 +184,24 @@ class MoCo:
         mix = sum(unmix_weighted(*pair, lam) for pair in info_nce_mixed_keys(z_m, keys, queue, T))
         return clean + mix, clean.detach(), mix.detach()
 
-    def keys_to_enqueue(self, keys: tuple[Tensor, ...]) -> Tensor:
+    def gathered(self, keys: tuple[Tensor, ...]) -> Tensor:
         """This rank's keys for the queue (the loop gathers them from all ranks)."""
         return torch.cat(keys) if len(keys) > 1 else keys[0]
 
+    def after_step(self, keys_all: Tensor) -> None:
+        """Enqueue the keys of every rank (the same on every rank, so the queues stay identical)."""
+        self.queue.enqueue(keys_all)
+
     def momentum(self, step: int, total_steps: int) -> float:
         return self.cfg.m
+
+    def replicated(self) -> list[Tensor]:
+        return [*self.target.parameters(), *self.target.buffers(), self.queue.queue]
+
+    def expected_unmix_cost(self) -> str:
+        if self.cfg.symmetric:
+            return "~1.4x for symmetric MoCo (one query pass added to two, plus two key forwards)"
+        return "~1.75x for asymmetric MoCo (one query pass added to one, plus one key forward)"
 
     def state_dict(self) -> dict:
         return {"target": self.target.state_dict(), "queue": self.queue.state_dict()}

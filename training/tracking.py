@@ -1,7 +1,8 @@
 """MLflow tracking, from rank 0 only (many writers on one SQLite store would lock it).
 
 A resumed job reopens the run whose id is stored in the checkpoint, so metric steps continue.
-Other ranks get a tracker whose methods do nothing.
+Other ranks get a tracker whose methods do nothing. A tracking URI is written anywhere (MLflow params,
+``backbone.pt``) only through :func:`without_credentials`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import platform
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from unmix.training.config import Config, flatten, to_dict
 
@@ -25,6 +27,27 @@ def tracking_uri(cfg: Config) -> str:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     return f"sqlite:///{Path(cfg.output_dir).resolve().parent / 'mlflow.db'}"
+
+
+_SECRET_PARAM = ("pass", "pwd", "token", "secret", "key", "auth", "cred", "sig")
+
+
+def without_credentials(uri: str | None) -> str | None:
+    """``uri`` without a user name, password or secret-looking query parameter (token, key, ...), so it
+    can be stored with a run or a backbone file: ``https://u:p@host/x?token=t`` -> ``https://host/x``."""
+    if not uri or "://" not in uri:
+        return uri
+    parts = urlsplit(uri)
+    pairs = parse_qsl(parts.query, keep_blank_values=True)
+    query = [(k, v) for k, v in pairs if not _is_secret(k)]
+    if "@" not in parts.netloc and len(query) == len(pairs):
+        return uri  # nothing to remove (and sqlite:////abs/path stays as written)
+    netloc = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, urlencode(query), ""))
+
+
+def _is_secret(name: str) -> bool:
+    return any(word in name.lower() for word in _SECRET_PARAM)
 
 
 def library_versions() -> dict[str, str]:
@@ -82,6 +105,7 @@ class Tracker:
                 log_system_metrics=self.cfg.mlflow.system_metrics,
             )
             params = {k: ("" if v is None else v) for k, v in flatten(to_dict(self.cfg)).items()}
+            params["mlflow.tracking_uri"] = without_credentials(self.cfg.mlflow.tracking_uri)
             params.update({"world_size": world_size, "git_commit": git_commit(), **library_versions()})
             params.update(extra_params)
             mlflow.log_params({k: str(v)[:6000] for k, v in params.items()})

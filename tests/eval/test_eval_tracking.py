@@ -7,8 +7,12 @@ from unmix.eval.tracking import DEFAULT_EXPERIMENT, resolve_experiment, resolve_
 META = {"mlflow_tracking_uri": "sqlite:///from_meta.db", "mlflow_experiment": "pretraining"}
 
 
-def test_tracking_uri_precedence(monkeypatch):
+def test_tracking_uri_precedence(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_tracking_uri(None, META) is None  # the backbone's store does not exist: not created
+    assert not (tmp_path / "from_meta.db").exists()
+    (tmp_path / "from_meta.db").write_bytes(b"SQLite format 3\x00" + bytes(100))  # a local store: used
     assert resolve_tracking_uri(None, META) == "sqlite:///from_meta.db"
     assert resolve_tracking_uri(None, {}) is None  # MLflow's own default
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://server:5000")

@@ -22,6 +22,7 @@ CASES = [  # method, Un-Mix, ZeRO stage, optimizer, lr
     ("moco_v2", False, 2, "sgd", 0.5),
     ("byol", True, 2, "sgd", 0.5),
     ("byol", False, 0, "lars", 5.0),
+    ("simclr", True, 0, "lars", 5.0),  # NT-Xent over both ranks' batches (gradient-carrying gather)
 ]
 STEPS = 6
 
@@ -148,19 +149,21 @@ def main() -> None:
                 "method.byol.proj_hidden_dim=32",
                 "method.byol.proj_dim=16",
                 "method.byol.pred_hidden_dim=32",
+                "method.simclr.proj_hidden_dim=32",
+                "method.simclr.proj_dim=16",
             ],
         )
         batch = _batch(dist.rank() if dist.world_size() > 1 else int(os.environ.get("RANK", 0)))
         run = setup(cfg, loader_factory=lambda *a, b=batch: MemoryLoader([b]))
-        start_identical = _identical(list(run.method.target.parameters()))
-        queue0 = run.method.queue.queue.clone() if run.method.queue is not None else None
+        start_identical = _identical(list(run.method.replicated()) or [torch.zeros(1)])  # SimCLR: none
+        queue0 = run.method.queue.queue.clone() if getattr(run.method, "queue", None) is not None else None
         losses, fixed_queue_losses = [], [_loss_against(run, batch, queue0)] if queue0 is not None else []
         for step in range(STEPS):
             loss, _, _ = train_step(run, batch, step, lr, run.method.momentum(step, 100))
             losses.append(float(loss))
         if queue0 is not None:
             fixed_queue_losses.append(_loss_against(run, batch, queue0))
-        target = list(run.method.target.parameters()) + list(run.method.target.buffers())
+        target = list(run.method.replicated()) or [torch.zeros(1)]  # target (+ queue); SimCLR: none
         results.append(
             {
                 "case": f"{name} unmix={unmix} zero={zero} {opt}",
@@ -170,7 +173,7 @@ def main() -> None:
                 "target_identical_at_start": start_identical,
                 "target_identical": _identical(target),
                 "queue_identical": _identical([run.method.queue.queue])
-                if run.method.queue is not None
+                if getattr(run.method, "queue", None) is not None
                 else None,
                 "online_identical": _identical(list(run.engine.module.parameters())),
             }

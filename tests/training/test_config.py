@@ -81,7 +81,7 @@ def test_dotted_overrides_parse_yaml_scalars(tmp_path):
         (["optim.lrr=0.1"], "unknown key optim.lrr; allowed keys under optim: epochs"),
         (["bogus=1"], "unknown key bogus"),
         (["method.moco.KK=5"], "unknown key method.moco.KK"),
-        (["method.name=simclr"], "method.name: invalid value 'simclr'; allowed: moco_v2, moco_v1, byol"),
+        (["method.name=swav"], "method.name: invalid value 'swav'; allowed: moco_v2, moco_v1, byol, simclr"),
         (["deepspeed.precision=fp8"], "deepspeed.precision: invalid value 'fp8'; allowed: bf16, fp16, fp32"),
         (["data.device=tpu"], "data.device: invalid value 'tpu'; allowed: gpu, cpu"),
         (["deepspeed.zero_stage=3"], "deepspeed.zero_stage: 3 is not supported: ZeRO-3 partitions"),

@@ -48,6 +48,7 @@ CASES = [
     "moco_v2 unmix=False zero=2 sgd",
     "byol unmix=True zero=2 sgd",
     "byol unmix=False zero=0 lars",
+    "simclr unmix=True zero=0 lars",
 ]
 
 

@@ -224,7 +224,7 @@ def _detach_mixture(mp):
 
 
 def _enqueue_one_view(mp):
-    mp.setattr(moco.MoCo, "keys_to_enqueue", lambda self, keys: keys[0])
+    mp.setattr(moco.MoCo, "gathered", lambda self, keys: keys[0])
 
 
 MUTANTS = {
