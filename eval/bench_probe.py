@@ -43,6 +43,15 @@ def _features(net, train: str, val: str, crop: int, device: torch.device):
     return out
 
 
+def _sgd_seeds(proto, f_tr, y_tr, f_va, y_va, classes: int, seeds: int) -> str:
+    """``_sgd`` at seed 0, or over seeds ``0..seeds-1``: "mean (min-max)" (a stopped seed: "stopped")."""
+    runs = [_sgd(dataclasses.replace(proto, seed=s), f_tr, y_tr, f_va, y_va, classes) for s in range(seeds)]
+    if seeds == 1 or "stopped" in runs:
+        return runs[0] if seeds == 1 else "stopped"
+    v = [float(r) for r in runs]
+    return f"{np.mean(v):.2f} ({min(v):.2f}-{max(v):.2f})"
+
+
 def _sgd(proto, f_tr, y_tr, f_va, y_va, classes: int) -> str:
     from unmix.eval.divergence import ProbeDivergedError
     from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
@@ -79,8 +88,11 @@ def _augmented(proto, net, train: str, val: str, crop: int, classes: int, device
         return "stopped"
 
 
-def accuracy_table(samples: list[str], backbones: list[str], augmented: bool, device: torch.device) -> str:
-    """Markdown table: top-1 (%) of every probe on each sample's cached features of each backbone."""
+def accuracy_table(
+    samples: list[str], backbones: list[str], augmented: bool, device: torch.device, seeds: int = 1
+) -> str:
+    """Markdown table: top-1 (%) of every probe on each sample's cached features of each backbone; the
+    moco/byol defaults over ``seeds`` seeds (mean (min-max)) when ``seeds > 1``."""
     from sklearn.linear_model import LogisticRegression
 
     from unmix.eval.features import PixelFeatures
@@ -122,7 +134,7 @@ def accuracy_table(samples: list[str], backbones: list[str], augmented: bool, de
                 )
                 row = [f"{ref.top1:.2f}"]
                 for make in (moco_protocol, byol_protocol):
-                    row.append(_sgd(make(), f_tr, y_tr, f_va, y_va, classes))
+                    row.append(_sgd_seeds(make(), f_tr, y_tr, f_va, y_va, classes, seeds))
                 for make in (moco_protocol, byol_protocol):
                     row.append(_sgd(make("none"), f_tr, y_tr, f_va, y_va, classes))
                 row.append(f"{sk_top1:.2f}")
@@ -179,6 +191,7 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--backbone", nargs="*", default=[], metavar="FILE", help="pretrained backbone.pt files")
     p.add_argument("--augmented", action="store_true", help="also moco/byol on augmented features (slow)")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--seeds", type=int, default=1, help="moco/byol defaults over seeds 0..N-1 (default 1)")
     p.add_argument("--speed-rows", type=int, default=65536, help="rows timed (default 65,536)")
     p.add_argument("--target-rows", type=int, default=1_281_167, help="rows projected (ImageNet train)")
     p.add_argument("--dim", type=int, default=2048)
@@ -194,7 +207,7 @@ def _main(args: argparse.Namespace) -> int:
         print("unmix bench probe: error: --device gpu: no CUDA device is visible")
         return 2
     if not args.skip_accuracy:
-        print(accuracy_table(args.samples, args.backbone, args.augmented, device))
+        print(accuracy_table(args.samples, args.backbone, args.augmented, device, args.seeds))
     if not args.skip_speed:
         print(speed(args.speed_rows, args.target_rows, args.dim, args.classes, device))
     return 0

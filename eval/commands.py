@@ -16,9 +16,10 @@ key=value overrides:
           1e-6,...,1), holdout (0.1), max_iter (1000 L-BFGS iterations per fit).
         moco (default with augmented features): SGD momentum 0.9, batch 256, 100 epochs, lr x0.1 at 60 and
           80 (scaled with epochs); byol: SGD Nesterov momentum 0.9, cosine, batch 1024, 80 epochs.
-          With head_norm=bn (default): lr 0.3 per 256, weight_decay 0.003 (measured within 1 point of
-          logreg); head_norm=none: the published lr (moco 30, byol 0.2) and wd 0, i.e. the paper's protocol
-          exactly, for features of the scale it was tuned on (a contrastive ResNet-50's).
+          With head_norm=bn (default): lr 0.3 per 256, weight_decay 0.001, byol at batch 256 (on cached
+          features within about 1 point of logreg); head_norm=none: the published lr (moco 30, byol 0.2),
+          wd 0 and batch, i.e. the paper's protocol exactly, for features of the scale it was tuned on
+          (a contrastive ResNet-50's).
   SGD keys: epochs, lr (per 256 images; applied: lr * batch_size / 256), weight_decay, head_norm=bn|none,
           eval_every (val every N epochs; always after the last)
   batch_size (global), seed, device=gpu|cpu, data.crop (default: the backbone's pretraining crop, else 224)

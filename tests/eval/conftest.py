@@ -37,21 +37,27 @@ def train_probe() -> Callable:
 
 @pytest.fixture(scope="session")
 def digits_features(sample_train, sample_val):
-    """``{"random" | "pixels": (f_train, y_train, f_val, y_val)}``: digits features (val transform) of a
-    random-init ResNet-10 and of the raw pixels."""
-    from unmix.pipeline import build_eval_loader
+    """``{"random" | "pixels" | "random32" | "pixels32": (f_train, y_train, f_val, y_val)}``: digits
+    features (val transform) of a random-init ResNet-10 and of the raw pixels, at crop 16 and at crop 32
+    (the benchmark's crop: 3,072 pixel features)."""
     from unmix.training.backbones import build_backbone
 
-    torch.manual_seed(0)
-    nets = {"random": freeze(build_backbone("resnet10", crop=CROP, width=32)), "pixels": PixelFeatures(CROP)}
     out = {}
-    for name, net in nets.items():
-        freeze(net)
-        splits = []
-        for shards in (sample_train, sample_val):
-            loader = build_eval_loader(
-                str(shards), batch_size=256, split="val", crop=CROP, device="cpu", num_threads=1
-            )
-            splits.extend(extract_features(net, loader, torch.device("cpu")))
-        out[name] = tuple(splits)
+    for crop, tag in ((CROP, ""), (32, "32")):
+        torch.manual_seed(0)
+        nets = {"random": build_backbone("resnet10", crop=crop, width=32), "pixels": PixelFeatures(crop)}
+        for name, net in nets.items():
+            out[name + tag] = _extract(freeze(net), sample_train, sample_val, crop)
     return out
+
+
+def _extract(net, sample_train, sample_val, crop: int) -> tuple[torch.Tensor, ...]:
+    from unmix.pipeline import build_eval_loader
+
+    splits = []
+    for shards in (sample_train, sample_val):
+        loader = build_eval_loader(
+            str(shards), batch_size=256, split="val", crop=crop, device="cpu", num_threads=1
+        )
+        splits.extend(extract_features(net, loader, torch.device("cpu")))
+    return tuple(splits)

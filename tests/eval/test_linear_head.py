@@ -115,7 +115,7 @@ def test_overrides_apply_and_unknown_keys_are_named():
         3,
         32,
         "cached",
-        1024,
+        256,  # the BN head's batch (head_norm=none: BYOL's 1024)
     )
     with pytest.raises(ValueError, match=r"unknown key 'epoch'.*allowed keys: protocol, epochs"):
         parse_overrides(["epoch=3"])

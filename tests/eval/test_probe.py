@@ -26,9 +26,11 @@ def test_default_is_bn_and_the_published_protocols_stay_available():
     byol_published = resolve_protocol({"protocol": "byol", "head_norm": "none"})
     assert (byol_published.lr, byol_published.weight_decay, byol_published.batch_size) == (0.2, 0.0, 1024)
     assert byol_protocol("none") == byol_published
-    # the BN head gets a learning rate meant for unit-variance inputs; schedules and batches unchanged
+    # the BN head gets a learning rate meant for unit-variance inputs; schedules and epochs unchanged
     bn = resolve_protocol({})
-    assert (bn.lr, bn.weight_decay, bn.batch_size, bn.epochs) == (0.3, 0.003, 256, 100)
+    assert (bn.lr, bn.weight_decay, bn.batch_size, bn.epochs) == (0.3, 0.001, 256, 100)
+    byol_bn = resolve_protocol({"protocol": "byol"})  # batch 256: 4x the steps at the same cost
+    assert (byol_bn.lr, byol_bn.weight_decay, byol_bn.batch_size, byol_bn.epochs) == (0.3, 0.001, 256, 80)
     assert resolve_protocol({"head_norm": "none", "lr": "5"}).lr == 5.0
     with pytest.raises(ValueError, match=r"head_norm='layer': choose one of bn, none"):
         resolve_protocol({"head_norm": "layer"})
