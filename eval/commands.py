@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from unmix.eval import demo
 
@@ -104,6 +105,22 @@ def _add_backbone_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value")
 
 
+def _positive_int(raw: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the option and exits 2 otherwise)."""
+    value = int(raw)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{raw}: must be >= 1")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    """argparse type: a finite number > 0 (NaN and inf refused: they turn every vote weight into NaN)."""
+    value = float(raw)
+    if not (value > 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"{raw}: must be a finite number > 0")
+    return value
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the evaluation subcommands to the ``unmix`` parser."""
     fmt = argparse.RawDescriptionHelpFormatter
@@ -117,9 +134,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "knn", help="weighted kNN evaluation of a frozen backbone", epilog=KNN_EPILOG, formatter_class=fmt
     )
     _add_backbone_args(p)
-    p.add_argument("--k", type=int, default=200, help="neighbours (default 200)")
+    p.add_argument("--k", type=_positive_int, default=200, help="neighbours (default 200)")
     p.add_argument(
-        "--t", type=float, default=0.1, help="temperature of the vote weights exp(sim/t) (default 0.1)"
+        "--t",
+        type=_positive_float,
+        default=0.1,
+        help="temperature of the vote weights exp(sim/t) (default 0.1)",
     )
     p.set_defaults(func=_knn)
 

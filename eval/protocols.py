@@ -218,10 +218,10 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
     ):
         if getattr(proto, attr) is not None and getattr(proto, attr) < 1:
             raise ValueError(f"{key}={getattr(proto, attr)}: must be >= 1")
-    if proto.lr <= 0:
-        raise ValueError(f"lr={proto.lr}: must be > 0")
-    if proto.weight_decay < 0:
-        raise ValueError(f"weight_decay={proto.weight_decay}: must be >= 0")
+    if not (proto.lr > 0 and math.isfinite(proto.lr)):  # NaN fails every comparison: test the good range
+        raise ValueError(f"lr={proto.lr}: must be finite and > 0")
+    if not (proto.weight_decay >= 0 and math.isfinite(proto.weight_decay)):
+        raise ValueError(f"weight_decay={proto.weight_decay}: must be finite and >= 0")
     if proto.l2 is not None and not (proto.l2 >= 0 and math.isfinite(proto.l2)):
         raise ValueError(f"l2={proto.l2}: must be finite and >= 0")
     if not proto.l2_grid or any(not (v >= 0 and math.isfinite(v)) for v in proto.l2_grid):

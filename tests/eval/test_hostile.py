@@ -179,3 +179,27 @@ def test_json_into_a_read_only_directory_is_refused_before_any_work(sample_train
     line = _one_line(proc.stderr, "knn")
     assert line == f"unmix knn: error: --json directory {ro}: cannot write there: read-only file system"
     assert "knn top-1" not in proc.stdout  # refused before the evaluation ran
+
+
+# ----------------------------------------------------------------------- item 9: eval numbers
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("lr", v) for v in ("nan", "inf", "-1", "0")] + [("weight_decay", v) for v in ("nan", "inf", "-1")],
+)
+def test_linear_refuses_non_finite_or_out_of_range_numbers(tmp_path, capsys, key, value):
+    args = ["linear", "--random-init", "resnet10", "--train", str(tmp_path), "--val", str(tmp_path)]
+    assert main([*args, "--no-mlflow", "protocol=moco", "device=cpu", f"{key}={value}"]) == 2
+    line = _one_line(capsys.readouterr().err, "linear")
+    assert f"{key}=" in line and "finite" in line
+
+
+@pytest.mark.parametrize(("option", "value"), [("--t", "nan"), ("--t", "inf"), ("--t", "0"), ("--k", "0")])
+def test_knn_refuses_non_finite_or_out_of_range_options(tmp_path, capsys, option, value):
+    args = ["knn", "--random-init", "resnet10", "--train", str(tmp_path), "--val", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--no-mlflow", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err and f"argument {option}: {value}: must be" in err[-1]
