@@ -269,7 +269,9 @@ DEEPSPEED_PASS_THROUGH: dict[str, frozenset[str] | None] = {
             "min_loss_scale",
         }
     ),
-    "torch_autocast": frozenset({"enabled", "dtype"}),
+    # lower_precision_safe_modules: the documented opt-in to DeepSpeed's bf16 gradient reduction
+    # (training/engine.py sets it to [] so ZeRO-1/2 reduce in fp32)
+    "torch_autocast": frozenset({"enabled", "dtype", "lower_precision_safe_modules"}),
 }
 
 
@@ -596,6 +598,10 @@ def check_numbers(cfg: Config) -> None:
                 raise ConfigError(f"{key}: invalid value {shown}; must be {_range_text(lo, hi, lo_open)}")
 
 
+# The pass-through keys whose value is a list of short names (module classes), not a scalar.
+_DEEPSPEED_LIST_KEYS = frozenset({("torch_autocast", "lower_precision_safe_modules")})
+
+
 def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") -> None:
     """``deepspeed.config`` may set only :data:`DEEPSPEED_PASS_THROUGH`, with finite scalar values.
 
@@ -636,7 +642,12 @@ def check_deepspeed_pass_through(extra: dict, prefix: str = "deepspeed.config") 
                     f"{key}.{subname}: not passed through to DeepSpeed{hint}; allowed under {key}: "
                     f"{', '.join(sorted(sub))}"
                 )
-            value[subname] = scalar(f"{key}.{subname}", subvalue)
+            if (name, subname) in _DEEPSPEED_LIST_KEYS and isinstance(subvalue, list):
+                if len(subvalue) > 16:
+                    raise ConfigError(f"{key}.{subname}: {len(subvalue)} entries; at most 16")
+                value[subname] = [scalar(f"{key}.{subname}[{i}]", v) for i, v in enumerate(subvalue)]
+            else:
+                value[subname] = scalar(f"{key}.{subname}", subvalue)
 
 
 def train_sets(cfg: Config) -> list[str]:
