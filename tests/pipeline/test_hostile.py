@@ -311,12 +311,15 @@ def test_older_manifest_accepted_with_a_notice_then_fixed(small_set: Path, capsy
 # --------------------------------------------------------------- item 7: names outside the directory
 
 
-@pytest.mark.parametrize("name", ["../elsewhere/val-000000.tar", "/tmp/val-000000.tar", "sub/val.tar", ".."])
+# "absolute": the absolute path of the real copy under tmp_path (a name that would read existing data)
+@pytest.mark.parametrize("name", ["../elsewhere/val-000000.tar", "absolute", "sub/val.tar", ".."])
 def test_manifest_names_confined_to_its_directory(small_set: Path, tmp_path: Path, capsys, name: str):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     m = read_manifest(small_set)
     (elsewhere / "val-000000.tar").write_bytes(m.shards[0].path.read_bytes())
+    if name == "absolute":
+        name = str(elsewhere / "val-000000.tar")
     d = json.loads((small_set / "manifest.json").read_text())
     d["shards"][0]["name"] = name
     (small_set / "manifest.json").write_text(json.dumps(d))
