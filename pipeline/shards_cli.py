@@ -12,6 +12,8 @@ import argparse
 import re
 import sys
 import unicodedata
+from collections.abc import Callable
+from typing import Any
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
@@ -150,14 +152,17 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cifar(args: argparse.Namespace) -> int:
-    from unmix.pipeline.cifar import CifarError, read_cifar, write_cifar_shards
+def _archive_command(
+    cmd: str, args: argparse.Namespace, read: Callable[[], Any], write: Callable[..., Any], errors: tuple
+) -> int:
+    """One archive reader's command (``cifar``, ``stl10``, ``tiny-imagenet``): read, write the splits,
+    print the reader's notes and one summary line; a fault is one line and exit 2."""
     from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
 
     try:
-        cifar = read_cifar(args.archive)
-        train, val = write_cifar_shards(
-            cifar,
+        data = read()
+        written = write(
+            data,
             args.out,
             quality=args.quality,
             samples_per_shard=args.samples_per_shard,
@@ -165,74 +170,52 @@ def _cifar(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=not args.quiet,
         )
-    except (CifarError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        return _error("cifar", e)
-    for note in cifar.notes():
-        print(f"unmix shards cifar: note: {note}", file=sys.stderr)
-    print(
-        f"{args.out}: train {train.total} images ({len(train.shards)} shards), "
-        f"val {val.total} images ({len(val.shards)} shards), {train.num_classes} classes"
-    )
-    return 0
-
-
-def _stl10(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
-    from unmix.pipeline.stl10 import Stl10Error, read_stl10, write_stl10_shards
-
-    splits = ("train", "val") if args.no_unlabeled else ("train", "unlabeled", "val")
-    try:
-        stl = read_stl10(args.archive, splits)
-        written = write_stl10_shards(
-            stl,
-            args.out,
-            quality=args.quality,
-            samples_per_shard=args.samples_per_shard,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except (Stl10Error, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        return _error("stl10", e)
-    for note in stl.notes():
-        print(f"unmix shards stl10: note: {note}", file=sys.stderr)
+    except (*errors, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
+        return _error(cmd, e)
+    for note in data.notes():
+        print(f"unmix shards {cmd}: note: {note}", file=sys.stderr)
+    if not isinstance(written, dict):  # (train, val)
+        written = dict(zip(("train", "val"), written, strict=True))
     print(
         f"{args.out}: "
         + ", ".join(f"{k} {m.total} images ({len(m.shards)} shards)" for k, m in written.items())
-        + f", {len(stl.classes)} classes"
+        + f", {written['train'].num_classes} classes"
         + ("; unlabeled has no labels (pretraining only)" if "unlabeled" in written else "")
     )
     return 0
 
 
+def _cifar(args: argparse.Namespace) -> int:
+    from unmix.pipeline.cifar import CifarError, read_cifar, write_cifar_shards
+
+    return _archive_command(
+        "cifar", args, lambda: read_cifar(args.archive), write_cifar_shards, (CifarError,)
+    )
+
+
+def _stl10(args: argparse.Namespace) -> int:
+    from unmix.pipeline.stl10 import Stl10Error, read_stl10, write_stl10_shards
+
+    splits = ("train", "val") if args.no_unlabeled else ("train", "unlabeled", "val")
+    return _archive_command(
+        "stl10", args, lambda: read_stl10(args.archive, splits), write_stl10_shards, (Stl10Error,)
+    )
+
+
 def _tiny_imagenet(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
     from unmix.pipeline.tiny_imagenet import (
         TinyImageNetError,
         read_tiny_imagenet,
         write_tiny_imagenet_shards,
     )
 
-    try:
-        tiny = read_tiny_imagenet(args.archive)
-        train, val = write_tiny_imagenet_shards(
-            tiny,
-            args.out,
-            quality=args.quality,
-            samples_per_shard=args.samples_per_shard,
-            seed=args.seed,
-            overwrite=args.overwrite,
-            progress=not args.quiet,
-        )
-    except (TinyImageNetError, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
-        return _error("tiny-imagenet", e)
-    for note in tiny.notes():
-        print(f"unmix shards tiny-imagenet: note: {note}", file=sys.stderr)
-    print(
-        f"{args.out}: train {train.total} images ({len(train.shards)} shards), "
-        f"val {val.total} images ({len(val.shards)} shards), {train.num_classes} classes"
+    return _archive_command(
+        "tiny-imagenet",
+        args,
+        lambda: read_tiny_imagenet(args.archive),
+        write_tiny_imagenet_shards,
+        (TinyImageNetError,),
     )
-    return 0
 
 
 def _register_archives(ss: argparse._SubParsersAction) -> None:
