@@ -98,7 +98,7 @@ def accuracy_table(
     from unmix.eval.features import PixelFeatures
     from unmix.eval.logreg import Standardiser, logreg_eval
     from unmix.eval.protocols import byol_protocol, moco_protocol
-    from unmix.pipeline.sample import write_sample
+    from unmix.pipeline.shards.sample import write_sample
     from unmix.training.backbones import build_backbone, load_backbone
 
     cols = ["logreg", "moco", "byol", "moco none", "byol none", "sklearn"]

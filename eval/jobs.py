@@ -84,14 +84,14 @@ def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, di
 
 def num_classes_of(train_dir: str) -> int:
     """Number of classes in the shard set's manifest."""
-    from unmix.pipeline.shards import read_manifest
+    from unmix.pipeline.shards.manifest import read_manifest
 
     return read_manifest(train_dir).num_classes
 
 
 def check_val_count(val_dir: str, counted: int) -> None:
     """Every val sample must be counted exactly once over all ranks: compare with the manifest."""
-    from unmix.pipeline.shards import read_manifest
+    from unmix.pipeline.shards.manifest import read_manifest
 
     total = read_manifest(val_dir).total
     if counted != total:

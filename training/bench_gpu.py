@@ -441,7 +441,7 @@ def dali_version() -> str | None:
 
 def sample_data(root: Path) -> Path:
     """``unmix shards sample photos`` (``SAMPLE_IMAGES`` images) under ``root``; the train split."""
-    from unmix.pipeline.sample import write_sample
+    from unmix.pipeline.shards.sample import write_sample
 
     write_sample("photos", root, n_images=SAMPLE_IMAGES)
     return root / "train"

@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     for line in warnings if cfg.data.device == "gpu" else []:
         print(f"unmix train: warning: {line}", file=sys.stderr)
-    from unmix.pipeline.shards import ShardSetError, check_shard_set
+    from unmix.pipeline.shards.manifest import ShardSetError, check_shard_set
     from unmix.training.config import train_sets
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists

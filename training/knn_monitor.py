@@ -58,7 +58,7 @@ class KnnMonitor:
 
     def bank_sets(self) -> str | list[str]:
         """The kNN memory bank: ``data.train``, or the labelled sets of a ``data.train`` list."""
-        from unmix.pipeline.shards import read_manifest
+        from unmix.pipeline.shards.manifest import read_manifest
 
         if not isinstance(self.cfg.data.train, list):
             return self.cfg.data.train
@@ -128,7 +128,7 @@ class KnnMonitor:
 
     def evaluate(self, backbone: nn.Module) -> KnnResult:
         """kNN top-1/top-5 (%) of ``backbone`` (put in eval mode, restored after) on ``data.val``."""
-        from unmix.pipeline.shards import read_manifest
+        from unmix.pipeline.shards.manifest import read_manifest
 
         val = read_manifest(self.cfg.data.val)
         bank = self.bank_sets()

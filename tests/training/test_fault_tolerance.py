@@ -28,8 +28,8 @@ DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture(scope="module")
 def tiny_train(sample_train: Path, tmp_path_factory) -> Path:
     """48 images of the digits sample as their own shard set."""
-    from unmix.pipeline.shard_sources import memory_source
     from unmix.pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.shards.sources import memory_source
 
     manifest = read_manifest(sample_train)
     images = []

@@ -1,7 +1,8 @@
 """``unmix bench shards``: shard write throughput (images/s) for JPEG copy and for re-encode.
 
-Builds an ImageNet-like ImageFolder tree (:func:`pipeline.sample.write_photo_tree`: 500x375 JPEGs of
-~100 KB) and times :func:`pipeline.shards.write_shards` on it, once per worker count and mode:
+Builds an ImageNet-like ImageFolder tree (:func:`unmix.pipeline.shards.sample.write_photo_tree`: 500x375
+JPEGs of ~100 KB) and times :func:`unmix.pipeline.shards.writer.write_shards` on it, once per worker
+count and mode:
 
 - ``copy``: no re-encode, every JPEG copied byte for byte (the ImageNet train-set case);
 - ``reencode``: ``--max-side`` smaller than the images, so every image is decoded, resized, encoded.
@@ -35,8 +36,8 @@ def run_bench(
     work: Path, images: int, workers: list[int], max_side: int, samples_per_shard: int = 1000
 ) -> dict[str, Any]:
     """Time the writes under ``work``; returns a JSON-able result dict."""
-    from unmix.pipeline.sample import write_photo_tree
-    from unmix.pipeline.shards import write_shards
+    from unmix.pipeline.shards.sample import write_photo_tree
+    from unmix.pipeline.shards.writer import write_shards
 
     t0 = time.perf_counter()
     tree = write_photo_tree(work / "tree", images, n_classes=10, seed=0)

@@ -12,7 +12,11 @@ from PIL import Image
 
 from unmix.cli import main
 from unmix.pipeline.shards import read_manifest, verify_shards
-from unmix.pipeline.tiny_imagenet import TinyImageNetError, read_tiny_imagenet, write_tiny_imagenet_shards
+from unmix.pipeline.shards.tiny_imagenet import (
+    TinyImageNetError,
+    read_tiny_imagenet,
+    write_tiny_imagenet_shards,
+)
 
 WNIDS = ["n02124075", "n01443537", "n04067472"]  # wnids.txt order is not sorted
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02124075": "Egyptian cat", "n04067472": "reel"}
@@ -158,7 +162,7 @@ def test_damaged_archives_name_the_member(tmp_path, edit, member, message):
 
 
 def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):
-    import unmix.pipeline.tiny_imagenet as tiny
+    import unmix.pipeline.shards.tiny_imagenet as tiny
 
     path, _ = make_tiny(tmp_path)
     monkeypatch.setattr(tiny, "MAX_IMAGE_BYTES", 100)  # the declared size is checked, nothing is read
@@ -181,7 +185,7 @@ def test_corrupt_zip_member_names_it(tmp_path):
 
 
 def test_split_total_checked_before_reading(tmp_path, monkeypatch):
-    import unmix.pipeline.tiny_imagenet as tiny
+    import unmix.pipeline.shards.tiny_imagenet as tiny
 
     path, _ = make_tiny(tmp_path)
     monkeypatch.setattr(tiny, "MAX_SPLIT_BYTES", 1000)

@@ -10,10 +10,10 @@ Reads ``tiny-imagenet-200.zip`` (http://cs231n.stanford.edu/tiny-imagenet-200.zi
   one line per validation image (50 per class); ``test/`` has no labels and is not read.
 
 It writes ``OUT/train`` (100,000 images) and ``OUT/val`` (10,000) through
-:func:`pipeline.shards.write_shards`. Classes are the wnids in sorted order (torchvision's ``ImageFolder``
-order on ``train/``), so labels agree with tools that read the extracted tree; the manifest's
-``class_names`` holds their ``words.txt`` names. Images are 64x64 JPEGs and are copied byte for byte
-(some are greyscale; the decoders output RGB); anything else is re-encoded at ``quality``. Sample keys
+:func:`unmix.pipeline.shards.writer.write_shards`. Classes are the wnids in sorted order (torchvision's
+``ImageFolder`` order on ``train/``), so labels agree with tools that read the extracted tree; the
+manifest's ``class_names`` holds their ``words.txt`` names. Images are 64x64 JPEGs and are copied byte for
+byte (some are greyscale; the decoders output RGB); anything else is re-encoded at ``quality``. Sample keys
 are the index of the image's path in the split's sorted member list.
 
 The archive is untrusted input: each member's size is checked before it is read (text files and images
@@ -30,8 +30,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from unmix.pipeline.shard_sources import memory_source
-from unmix.pipeline.shards import Manifest, write_shards
+from unmix.pipeline.shards.manifest import Manifest
+from unmix.pipeline.shards.sources import memory_source
+from unmix.pipeline.shards.writer import write_shards
 
 FOLDER = "tiny-imagenet-200"
 WNIDS, WORDS, ANNOTATIONS = "wnids.txt", "words.txt", "val/val_annotations.txt"

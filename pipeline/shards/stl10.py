@@ -11,11 +11,11 @@ Reads ``stl10_binary.tar.gz`` (https://cs.stanford.edu/~acoates/stl10/) or the e
 - ``*_y.bin``: one uint8 label per image, 1..10 (1 = the first line of ``class_names.txt``).
 
 It writes ``OUT/train`` (train_X), ``OUT/unlabeled`` and ``OUT/val`` (the test split) through
-:func:`pipeline.shards.write_shards`, labels 0-based (0..9) as in every other shard set. The unlabeled
-set's samples hold no ``.cls`` member and its manifest says ``"labeled": false`` (its ``classes`` are the
-10 names, for reference); pretraining reads it, alone or with ``OUT/train`` (``data.train: [OUT/train,
-OUT/unlabeled]``: the paper's 105,000 images), and the evaluation loaders refuse it. Sample keys are the
-image's index in its split, so every sample traces back to its archive row.
+:func:`unmix.pipeline.shards.writer.write_shards`, labels 0-based (0..9) as in every other shard set. The
+unlabeled set's samples hold no ``.cls`` member and its manifest says ``"labeled": false`` (its ``classes``
+are the 10 names, for reference); pretraining reads it, alone or with ``OUT/train`` (``data.train:
+[OUT/train, OUT/unlabeled]``: the paper's 105,000 images), and the evaluation loaders refuse it. Sample keys
+are the image's index in its split, so every sample traces back to its archive row.
 
 Images are stored as JPEG at ``quality`` (default 100) with 4:4:4 chroma, as ``shards cifar`` does (a
 decoded pixel differs from the archive's by ~0.5 grey levels on average, at most a few).
@@ -38,9 +38,10 @@ from typing import IO
 
 import numpy as np
 
-from unmix.pipeline.cifar import encode_jpeg
-from unmix.pipeline.shard_sources import memory_source
-from unmix.pipeline.shards import Manifest, write_shards
+from unmix.pipeline.shards.cifar import encode_jpeg
+from unmix.pipeline.shards.manifest import Manifest
+from unmix.pipeline.shards.sources import memory_source
+from unmix.pipeline.shards.writer import write_shards
 
 SIDE = 96  # STL-10 images are 96x96 RGB
 ROW = 3 * SIDE * SIDE  # 27,648 bytes per image in *_X.bin

@@ -1,17 +1,13 @@
-"""Per-image preparation (format sniffing, cheap JPEG validation, re-encode) and the raw tar writer."""
+"""Per-image preparation: format sniffing, the cheap structural JPEG check, re-encoding."""
 
 from __future__ import annotations
 
 import io
-import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
 
-from unmix.pipeline.dali_index import Member, format_index, parse_index
-from unmix.pipeline.image_prep import PrepSettings, prepare_bytes, scan_jpeg, sniff_format
-from unmix.pipeline.shards import _tar_header
+from unmix.pipeline.shards.jpeg import PrepSettings, prepare_bytes, scan_jpeg, sniff_format
 
 
 def jpeg(size=(96, 64), mode="RGB", **save) -> bytes:
@@ -23,15 +19,6 @@ def jpeg(size=(96, 64), mode="RGB", **save) -> bytes:
 
 
 S = PrepSettings()
-
-
-def test_tar_header_matches_tarfile():
-    for name, size in [("00000001.jpg", 123_456), ("00000001.cls", 1), ("x" * 100, 0), ("k.jpg", 8**11 - 1)]:
-        ti = tarfile.TarInfo(name)
-        ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = size, 0, 0o644, 0, 0, "", ""
-        assert _tar_header(name, size) == ti.tobuf(tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
-    with pytest.raises(ValueError, match="too long"):
-        _tar_header("y" * 101, 1)
 
 
 def test_jpeg_copy_paths():
@@ -101,23 +88,3 @@ def test_sniff_format():
     assert sniff_format(b"RIFF\0\0\0\0WEBPVP8 ") == "webp"
     assert sniff_format(b"BM......") == "bmp"
     assert sniff_format(b"hello") is None
-
-
-def test_index_format_round_trip():
-    members = [Member("000.jpg", 512, 10), Member("000.cls", 1536, 1), Member("001.jpg", 2560, 700)]
-    text = format_index(members)
-    assert text == "v1.2 2\njpg 512 10 000.jpg cls 1536 1 000.cls\njpg 2560 700 001.jpg\n"
-    assert parse_index(text) == [members[:2], members[2:]]
-    with pytest.raises(ValueError, match="header says 3"):
-        parse_index(text.replace("v1.2 2", "v1.2 3"))
-
-
-def test_parse_size():
-    import argparse
-
-    from unmix.pipeline.shards_cli import parse_size
-
-    assert parse_size("500MB") == 500_000_000 and parse_size("1G") == 10**9 and parse_size("256MiB") == 2**28
-    assert parse_size("1.5k") == 1500 and parse_size("4096") == 4096
-    with pytest.raises(argparse.ArgumentTypeError, match="bad size 'lots'"):
-        parse_size("lots")

@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageEnhance
 
-from unmix.pipeline.shard_sources import memory_source
-from unmix.pipeline.shards import Manifest, write_shards
+from unmix.pipeline.shards.manifest import Manifest
+from unmix.pipeline.shards.sources import memory_source
+from unmix.pipeline.shards.writer import write_shards
 
 SAMPLES = ("digits", "photos")
 

@@ -11,11 +11,11 @@ import pytest
 from PIL import Image
 
 from unmix.cli import main
-from unmix.pipeline.class_subset import read_class_file
-from unmix.pipeline.shard_sources import SourceError
 from unmix.pipeline.shards import write_shards
+from unmix.pipeline.shards.class_subset import read_class_file
+from unmix.pipeline.shards.sources import SourceError
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 CLASSES = ("n01440764", "n01443537", "n01484850", "n01491361", "n01494475")
 
 

@@ -16,17 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unmix.pipeline.shard_sources import SourceError
 from unmix.pipeline.shards import (
-    KILL_AFTER_ENV,
     ManifestError,
     ShardWriteError,
     read_manifest,
     verify_shards,
     write_shards,
 )
+from unmix.pipeline.shards.sources import SourceError
+from unmix.pipeline.shards.writer import KILL_AFTER_ENV
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 # ------------------------------------------------------------------------------------------- helpers

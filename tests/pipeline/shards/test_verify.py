@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from unmix.pipeline.dali_index import index_for_tar
-from unmix.pipeline.shard_verify import DecoderCrashError, DecodeWorker
 from unmix.pipeline.shards import read_manifest, verify_shards
+from unmix.pipeline.shards.dali_index import index_for_tar
+from unmix.pipeline.shards.verify import DecoderCrashError, DecodeWorker
 
 
 @pytest.fixture

@@ -13,7 +13,8 @@ of two live loaders (one measurement's noise on a shared machine is larger than 
 ``--stages`` cuts the DALI graph after each stage to show where its time goes.
 
 Without SHARDS (or with ``--make-data N``) an ImageNet-like workload is written first: N JPEGs of about
-500x375 cut from real photographs shipped by scikit-learn and matplotlib (``pipeline.sample``).
+500x375 cut from real photographs shipped by scikit-learn and matplotlib
+(:mod:`unmix.pipeline.shards.sample`).
 """
 
 from __future__ import annotations
@@ -27,57 +28,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-
-def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``bench pipeline``."""
-    p = bench_sub.add_parser(
-        "pipeline",
-        help="DALI loader vs a torchvision + webdataset DataLoader (images/s, with and without Un-Mix)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("shards", nargs="?", help="shard directory (default: write a photo workload first)")
-    p.add_argument(
-        "--make-data", type=int, metavar="N", help="write N ~500x375 photo JPEGs as shards (default 512)"
-    )
-    p.add_argument("--data-dir", help="where --make-data writes (kept, reused); default: a temp dir")
-    p.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    p.add_argument("--recipe", choices=["moco_v2", "moco_v1", "byol"], default="moco_v2")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--crop", type=int, default=224)
-    p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers")
-    p.add_argument("--steps", type=int, default=8, help="timed steps per measurement")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps before each measurement")
-    p.add_argument("--repeat", type=int, default=2, help="measurements per configuration (median)")
-    p.add_argument("--only", choices=["dali", "torchvision"], help="measure one side only")
-    p.add_argument(
-        "--stages",
-        action="store_true",
-        help="instead: where the DALI graph's time goes, stage by stage (decode, crops, colour, blur, ...)",
-    )
-    p.add_argument(
-        "--unmix-cost",
-        action="store_true",
-        help="instead: Un-Mix's cost over mixing off, in paired measurements of two live DALI loaders "
-        "(--repeat pairs of --steps batches; resolves differences the loader comparison cannot)",
-    )
-    p.add_argument(
-        "--layout-cost",
-        action="store_true",
-        help="instead: channels_last batches straight from DALI (HWC) against NCHW batches converted "
-        "after the loader, in paired measurements (Un-Mix on)",
-    )
-    p.add_argument("--json", metavar="FILE", help="write the figures as JSON")
-    p.set_defaults(func=run_bench)
-
-
 # ------------------------------------------------------------------------------------------ workload
 
 
 def make_workload(out: Path, n_images: int, seed: int = 0) -> Path:
     """Write ``n_images`` ImageNet-like JPEGs (about 500x375) as shards under ``out/train``."""
-    from unmix.pipeline.sample import write_photo_tree
     from unmix.pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.shards.sample import write_photo_tree
 
     shards = out / "train"
     if (shards / "manifest.json").is_file() and read_manifest(shards).total == n_images:

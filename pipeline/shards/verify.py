@@ -4,7 +4,7 @@ Checks, per shard: the tar exists with the manifest's size and sha256; its ``.id
 manifest's sha256 (when recorded) and equals the index re-derived from the tar (what ``wds2idx`` would
 write); every sample has ``.jpg`` and ``.cls`` (only ``.jpg`` in a set whose manifest says
 ``labeled: false``); ``.cls`` is a class index in range (parsed as strictly as the loaders do:
-:mod:`pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
+:mod:`unmix.pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
 sample count matches. Every name in the manifest is a file beside it (``read_manifest`` refuses ``../``
 and absolute paths). ``fix=True`` records the index checksums and the label range in a manifest written
 before unmix recorded them, once everything else checks out.
@@ -28,20 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from unmix.pipeline.dali_index import Member, format_index, parse_index, split_name
-from unmix.pipeline.image_prep import scan_jpeg, sniff_format
 from unmix.pipeline.labels import parse_label
-from unmix.pipeline.shards import (
+from unmix.pipeline.shards.dali_index import Member, format_index, parse_index, split_name
+from unmix.pipeline.shards.jpeg import scan_jpeg, sniff_format
+from unmix.pipeline.shards.manifest import (
     MANIFEST,
     Manifest,
     ManifestError,
     Problem,
     ShardInfo,
-    available_cpus,
     read_manifest,
     sha256_file,
     write_manifest,
 )
+from unmix.pipeline.shards.writer import available_cpus
 
 DECODE_BATCH = 64
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unmix.pipeline.sample import load_digits_arrays, write_photo_tree, write_sample
 from unmix.pipeline.shards import read_manifest, verify_shards
+from unmix.pipeline.shards.sample import load_digits_arrays, write_photo_tree, write_sample
 
 
 def samples(m) -> list[tuple[str, bytes, int]]:

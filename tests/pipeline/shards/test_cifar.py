@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from unmix.cli import main
-from unmix.pipeline.cifar import CIFAR10, CIFAR100, CifarError, Layout, read_cifar, write_cifar_shards
 from unmix.pipeline.shards import read_manifest, verify_shards
+from unmix.pipeline.shards.cifar import CIFAR10, CIFAR100, CifarError, Layout, read_cifar, write_cifar_shards
 
 
 def _dump(obj: dict) -> bytes:

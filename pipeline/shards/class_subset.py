@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from unmix.pipeline.shard_sources import Source, SourceError
+from unmix.pipeline.shards.sources import Source, SourceError
 
 #: A class list larger than this is not a class list (ImageNet-21k has ~22k classes).
 MAX_CLASS_FILE_BYTES = 4 << 20

@@ -12,7 +12,7 @@ from PIL import Image
 
 from unmix.cli import main
 from unmix.pipeline.shards import read_manifest, verify_shards
-from unmix.pipeline.stl10 import ROW, Stl10Error, read_stl10, write_stl10_shards
+from unmix.pipeline.shards.stl10 import ROW, Stl10Error, read_stl10, write_stl10_shards
 
 NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
