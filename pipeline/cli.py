@@ -159,17 +159,16 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _archive_command(
-    cmd: str, args: argparse.Namespace, read: Callable[[], Any], write: Callable[..., Any], errors: tuple
-) -> int:
+def _archive_command(cmd: str, args: argparse.Namespace, read: Callable[[], Any], errors: tuple) -> int:
     """One archive reader's command (``cifar``, ``stl10``, ``tiny-imagenet``): read, write the splits,
     print the reader's notes and one summary line; a fault is one line and exit 2."""
     from unmix.pipeline.shards import ManifestError, ShardWriteError, SourceError
+    from unmix.pipeline.shards.archives import write_archive_shards
 
     try:
-        data = read()
-        written = write(
-            data,
+        archive = read()
+        written = write_archive_shards(
+            archive,
             args.out,
             quality=args.quality,
             samples_per_shard=args.samples_per_shard,
@@ -179,10 +178,8 @@ def _archive_command(
         )
     except (*errors, SourceError, ShardWriteError, ManifestError, ValueError, OSError) as e:
         return _error(cmd, e)
-    for note in data.notes():
+    for note in archive.notes():
         print(f"unmix shards {cmd}: note: {note}", file=sys.stderr)
-    if not isinstance(written, dict):  # (train, val)
-        written = dict(zip(("train", "val"), written, strict=True))
     print(
         f"{args.out}: "
         + ", ".join(f"{k} {m.total} images ({len(m.shards)} shards)" for k, m in written.items())
@@ -193,74 +190,89 @@ def _archive_command(
 
 
 def _cifar(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards.cifar import CifarError, read_cifar, write_cifar_shards
+    from unmix.pipeline.shards.cifar import CifarError, read_cifar
 
-    return _archive_command(
-        "cifar", args, lambda: read_cifar(args.archive), write_cifar_shards, (CifarError,)
-    )
+    return _archive_command("cifar", args, lambda: read_cifar(args.archive), (CifarError,))
 
 
 def _stl10(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards.stl10 import Stl10Error, read_stl10, write_stl10_shards
+    from unmix.pipeline.shards.stl10 import Stl10Error, read_stl10
 
     splits = ("train", "val") if args.no_unlabeled else ("train", "unlabeled", "val")
-    return _archive_command(
-        "stl10", args, lambda: read_stl10(args.archive, splits), write_stl10_shards, (Stl10Error,)
-    )
+    return _archive_command("stl10", args, lambda: read_stl10(args.archive, splits), (Stl10Error,))
 
 
 def _tiny_imagenet(args: argparse.Namespace) -> int:
-    from unmix.pipeline.shards.tiny_imagenet import (
-        TinyImageNetError,
-        read_tiny_imagenet,
-        write_tiny_imagenet_shards,
-    )
+    from unmix.pipeline.shards.tiny_imagenet import TinyImageNetError, read_tiny_imagenet
 
     return _archive_command(
-        "tiny-imagenet",
-        args,
-        lambda: read_tiny_imagenet(args.archive),
-        write_tiny_imagenet_shards,
-        (TinyImageNetError,),
+        "tiny-imagenet", args, lambda: read_tiny_imagenet(args.archive), (TinyImageNetError,)
     )
+
+
+def _archive_parser(
+    ss: argparse._SubParsersAction,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    archive: str,
+    out: str,
+    quality: str,
+) -> argparse.ArgumentParser:
+    """``shards <name> ARCHIVE OUT`` with the options every archive reader takes; ``quality``: the help
+    of ``--quality``, whose default is the reader's own (:attr:`default_quality`)."""
+    p = ss.add_parser(name, help=help, description=description)
+    p.add_argument("archive", help=archive)
+    p.add_argument("out", help=out)
+    p.add_argument("--quality", type=int, help=quality)
+    p.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
+    return p
 
 
 def _register_archives(ss: argparse._SubParsersAction) -> None:
-    """``shards stl10`` and ``shards tiny-imagenet``."""
-    t = ss.add_parser(
+    """``shards cifar``, ``shards stl10`` and ``shards tiny-imagenet``."""
+    _archive_parser(
+        ss,
+        "cifar",
+        help="write CIFAR-10/100 (the python archive) as OUT/train and OUT/val",
+        description="Read cifar-10-python.tar.gz / cifar-100-python.tar.gz (or the extracted "
+        "cifar-10-batches-py / cifar-100-python folder) and write OUT/train (training batches) and OUT/val "
+        "(test split) with the meta file's class names (CIFAR-100: the 100 fine labels). Images are stored "
+        "as JPEG at --quality with 4:4:4 chroma. Nothing is downloaded.",
+        archive="cifar-10-python.tar.gz, cifar-100-python.tar.gz or an extracted folder",
+        out="output directory (OUT/train and OUT/val are created)",
+        quality="JPEG quality, 4:4:4 chroma (default 100)",
+    ).set_defaults(func=_cifar)
+    stl10 = _archive_parser(
+        ss,
         "stl10",
         help="write STL-10 (the binary archive) as OUT/train, OUT/unlabeled and OUT/val",
         description="Read stl10_binary.tar.gz (or the extracted stl10_binary folder) and write OUT/train "
         "(5,000 labelled images), OUT/unlabeled (100,000, no labels: pretraining only) and OUT/val (the "
         "8,000 test images), labels 0-based. Images are stored as JPEG at --quality with 4:4:4 chroma. "
         "Pretrain on train + unlabeled with data.train: [OUT/train, OUT/unlabeled]. Nothing is downloaded.",
+        archive="stl10_binary.tar.gz or the extracted stl10_binary folder",
+        out="output directory (OUT/train, OUT/unlabeled and OUT/val are created)",
+        quality="JPEG quality, 4:4:4 chroma (default 100)",
     )
-    t.add_argument("archive", help="stl10_binary.tar.gz or the extracted stl10_binary folder")
-    t.add_argument("out", help="output directory (OUT/train, OUT/unlabeled and OUT/val are created)")
-    t.add_argument("--no-unlabeled", action="store_true", help="skip the 100,000 unlabeled images")
-    t.add_argument("--quality", type=int, default=100, help="JPEG quality, 4:4:4 chroma (default 100)")
-    t.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
-    t.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
-    t.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
-    t.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    t.set_defaults(func=_stl10)
-
-    n = ss.add_parser(
+    stl10.add_argument("--no-unlabeled", action="store_true", help="skip the 100,000 unlabeled images")
+    stl10.set_defaults(func=_stl10)
+    _archive_parser(
+        ss,
         "tiny-imagenet",
         help="write Tiny ImageNet (the zip) as OUT/train and OUT/val",
         description="Read tiny-imagenet-200.zip (or the extracted tiny-imagenet-200 folder) and write "
         "OUT/train (100,000 images) and OUT/val (10,000, labelled from val/val_annotations.txt). Classes are "
         "the wnids, sorted; the manifest records their words.txt names. The JPEGs are copied as they are. "
         "Nothing is downloaded.",
-    )
-    n.add_argument("archive", help="tiny-imagenet-200.zip or the extracted tiny-imagenet-200 folder")
-    n.add_argument("out", help="output directory (OUT/train and OUT/val are created)")
-    n.add_argument("--quality", type=int, default=95, help="JPEG quality for non-JPEG images (default 95)")
-    n.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
-    n.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
-    n.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
-    n.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    n.set_defaults(func=_tiny_imagenet)
+        archive="tiny-imagenet-200.zip or the extracted tiny-imagenet-200 folder",
+        out="output directory (OUT/train and OUT/val are created)",
+        quality="JPEG quality for non-JPEG images (default 95)",
+    ).set_defaults(func=_tiny_imagenet)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -339,22 +351,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-q", "--quiet", action="store_true")
     s.set_defaults(func=_sample)
 
-    c = ss.add_parser(
-        "cifar",
-        help="write CIFAR-10/100 (the python archive) as OUT/train and OUT/val",
-        description="Read cifar-10-python.tar.gz / cifar-100-python.tar.gz (or the extracted "
-        "cifar-10-batches-py / cifar-100-python folder) and write OUT/train (training batches) and OUT/val "
-        "(test split) with the meta file's class names (CIFAR-100: the 100 fine labels). Images are stored "
-        "as JPEG at --quality with 4:4:4 chroma. Nothing is downloaded.",
-    )
-    c.add_argument("archive", help="cifar-10-python.tar.gz, cifar-100-python.tar.gz or an extracted folder")
-    c.add_argument("out", help="output directory (OUT/train and OUT/val are created)")
-    c.add_argument("--quality", type=int, default=100, help="JPEG quality, 4:4:4 chroma (default 100)")
-    c.add_argument("--samples-per-shard", type=int, metavar="N", help="samples per shard (default 1000)")
-    c.add_argument("--seed", type=int, default=0, help="global shuffle seed (default 0)")
-    c.add_argument("--overwrite", action="store_true", help="replace a different job's shards in OUT")
-    c.add_argument("-q", "--quiet", action="store_true", help="no progress bar or summary")
-    c.set_defaults(func=_cifar)
     _register_archives(ss)
 
     i = ss.add_parser(

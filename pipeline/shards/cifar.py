@@ -10,8 +10,8 @@ or their extracted folders ``cifar-10-batches-py`` / ``cifar-100-python`` (or a 
   (``fine_label_names``). The 100 fine classes are the labels (the papers' CIFAR-100 setting).
 
 It writes ``OUT/train`` (the training batches, in archive order) and ``OUT/val`` (the test split) through
-:func:`unmix.pipeline.shards.writer.write_shards`; sample keys are the image's index in its split (train:
-``data_batch_1`` rows first), so every sample traces back to its archive row.
+:func:`~unmix.pipeline.shards.archives.write_archive_shards`; sample keys are the image's index in its split
+(train: ``data_batch_1`` rows first), so every sample traces back to its archive row.
 
 Images are stored as JPEG (the loaders decode JPEG only) at ``quality`` (default 100) with 4:4:4 chroma,
 i.e. no chroma subsampling. At quality 100 the quantisation tables are all ones and what is left is the
@@ -34,17 +34,14 @@ import io
 import pickle
 import tarfile
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image
 
-from unmix.pipeline.shards.manifest import Manifest
-from unmix.pipeline.shards.sources import memory_source
-from unmix.pipeline.shards.writer import write_shards
+from unmix.pipeline.shards.archives import SplitImages, encode_jpeg
 
 SIDE = 32  # CIFAR images are 32x32 RGB
 ROW = 3 * SIDE * SIDE  # 3072 bytes per image in ``data``
@@ -387,6 +384,8 @@ class CifarSplits:
     classes: list[str]
     splits: dict[str, tuple[np.ndarray, np.ndarray]]
     members: dict[str, list[str]]  # split -> the archive members it came from (for the manifest)
+    default_quality: ClassVar[int] = 100
+    class_names: ClassVar[tuple[str, ...]] = ()  # the classes are names already
 
     def notes(self) -> list[str]:
         """Departures from the official archive's counts (a subset is allowed, but said)."""
@@ -401,6 +400,21 @@ class CifarSplits:
                     f"{standard // self.layout.num_classes} per class)"
                 )
         return out
+
+    def split_images(self, quality: int) -> Iterator[SplitImages]:
+        """``train`` and ``val`` (the test split) as JPEG at ``quality``, 4:4:4; a sample's key is its row."""
+        for split, (images, labels) in self.splits.items():
+            digits = len(str(len(images)))
+            yield SplitImages(
+                split,
+                f"{self.layout.folder}-{split}",
+                [
+                    (f"{i:0{digits}d}.jpg", encode_jpeg(img, quality), int(lab))
+                    for i, (img, lab) in enumerate(zip(images, labels, strict=True))
+                ],
+                f"{self.layout.name} python archive {self.path} "
+                f"({', '.join(Path(m).name for m in self.members[split])}), JPEG quality {quality} 4:4:4",
+            )
 
 
 def read_cifar(path: str | Path) -> CifarSplits:
@@ -424,57 +438,3 @@ def read_cifar(path: str | Path) -> CifarSplits:
             f"{' ...' if len(missing) > 5 else ''} (a truncated or foreign archive?)"
         )
     return CifarSplits(Path(path).resolve(), layout, classes, splits, names)
-
-
-def encode_jpeg(image: np.ndarray, quality: int) -> bytes:
-    """JPEG bytes of one uint8 HWC RGB image, 4:4:4 (no chroma subsampling)."""
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=quality, subsampling=0)
-    return buf.getvalue()
-
-
-def write_cifar_shards(
-    archive: str | Path | CifarSplits,
-    out: str | Path,
-    *,
-    quality: int = 100,
-    samples_per_shard: int | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[Manifest, Manifest]:
-    """Write ``out/train`` and ``out/val`` (the test split) from a CIFAR archive; returns both manifests.
-
-    ``archive``: a path, or what :func:`read_cifar` returned for it.
-    """
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    cifar = archive if isinstance(archive, CifarSplits) else read_cifar(archive)
-    out = Path(out)
-    manifests = []
-    for split, (images, labels) in cifar.splits.items():
-        digits = len(str(len(images)))
-        items = [
-            (f"{i:0{digits}d}.jpg", encode_jpeg(img, quality), int(lab))
-            for i, (img, lab) in enumerate(zip(images, labels, strict=True))
-        ]
-        source = memory_source(f"{cifar.layout.folder}-{split}", items, cifar.classes)
-        desc = (
-            f"{cifar.layout.name} python archive {cifar.path} "
-            f"({', '.join(Path(m).name for m in cifar.members[split])}), JPEG quality {quality} 4:4:4"
-        )
-        manifests.append(
-            write_shards(
-                source,
-                out / split,
-                split=split,
-                samples_per_shard=samples_per_shard,
-                seed=seed,
-                quality=quality,
-                workers=1,  # the JPEGs are ready: the writer copies them
-                overwrite=overwrite,
-                progress=progress,
-                source_name=desc,
-            )
-        )
-    return manifests[0], manifests[1]

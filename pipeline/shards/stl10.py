@@ -11,11 +11,11 @@ Reads ``stl10_binary.tar.gz`` (https://cs.stanford.edu/~acoates/stl10/) or the e
 - ``*_y.bin``: one uint8 label per image, 1..10 (1 = the first line of ``class_names.txt``).
 
 It writes ``OUT/train`` (train_X), ``OUT/unlabeled`` and ``OUT/val`` (the test split) through
-:func:`unmix.pipeline.shards.writer.write_shards`, labels 0-based (0..9) as in every other shard set. The
-unlabeled set's samples hold no ``.cls`` member and its manifest says ``"labeled": false`` (its ``classes``
-are the 10 names, for reference); pretraining reads it, alone or with ``OUT/train`` (``data.train:
-[OUT/train, OUT/unlabeled]``: the paper's 105,000 images), and the evaluation loaders refuse it. Sample keys
-are the image's index in its split, so every sample traces back to its archive row.
+:func:`~unmix.pipeline.shards.archives.write_archive_shards`, labels 0-based (0..9) as in every other shard
+set. The unlabeled set's samples hold no ``.cls`` member and its manifest says ``"labeled": false`` (its
+``classes`` are the 10 names, for reference); pretraining reads it, alone or with ``OUT/train``
+(``data.train: [OUT/train, OUT/unlabeled]``: the paper's 105,000 images), and the evaluation loaders refuse
+it. Sample keys are the image's index in its split, so every sample traces back to its archive row.
 
 Images are stored as JPEG at ``quality`` (default 100) with 4:4:4 chroma, as ``shards cifar`` does (a
 decoded pixel differs from the archive's by ~0.5 grey levels on average, at most a few).
@@ -34,14 +34,11 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, ClassVar
 
 import numpy as np
 
-from unmix.pipeline.shards.cifar import encode_jpeg
-from unmix.pipeline.shards.manifest import Manifest
-from unmix.pipeline.shards.sources import memory_source
-from unmix.pipeline.shards.writer import write_shards
+from unmix.pipeline.shards.archives import SplitImages, encode_jpeg
 
 SIDE = 96  # STL-10 images are 96x96 RGB
 ROW = 3 * SIDE * SIDE  # 27,648 bytes per image in *_X.bin
@@ -249,6 +246,8 @@ class Stl10Archive:
     counts: dict[str, int]
     labels: dict[str, np.ndarray | None]
     members: dict[str, list[str]] = field(default_factory=dict)  # split -> the members it comes from
+    default_quality: ClassVar[int] = 100
+    class_names: ClassVar[tuple[str, ...]] = ()  # the classes are names already
 
     def notes(self) -> list[str]:
         """Departures from the official archive's counts (a subset is allowed, but said)."""
@@ -269,11 +268,45 @@ class Stl10Archive:
                 )
         return out
 
+    def split_images(self, quality: int) -> Iterator[SplitImages]:
+        """The splits read, in archive order, as JPEG at ``quality``, 4:4:4; a sample's key is its row.
+
+        The image members are read now, :data:`CHUNK` images at a time; one split's JPEGs are held at once.
+        """
+        members = _Members(self.path)
+        try:
+            for split in SPLITS:
+                if split.name not in self.counts:
+                    continue
+                n, labels = self.counts[split.name], self.labels[split.name]
+                if members.size(split.images) != n * ROW:  # the archive changed since it was read
+                    raise Stl10Error(f"{members.where(split.images)}: changed since it was checked")
+                digits = len(str(n))
+                items, i = [], 0
+                for chunk in _images(members, split, n):
+                    for img in chunk:
+                        label = 0 if labels is None else int(labels[i])  # unlabeled: not written
+                        items.append((f"{i:0{digits}d}.jpg", encode_jpeg(img, quality), label))
+                        i += 1
+                yield SplitImages(
+                    split.name,
+                    f"{FOLDER}-{split.name}",
+                    items,
+                    f"STL-10 binary archive {self.path} "
+                    f"({', '.join(Path(m).name for m in self.members[split.name])}), "
+                    f"JPEG quality {quality} 4:4:4",
+                    labeled=labels is not None,
+                )
+                del items  # written: free it before the next split is read
+        finally:
+            members.close()
+
 
 def read_stl10(path: str | Path, splits: tuple[str, ...] = ("train", "unlabeled", "val")) -> Stl10Archive:
     """Check an STL-10 binary archive (``.tar.gz`` or folder): class names, labels, member sizes.
 
-    Reads only the small members (names, labels); the images are read by :func:`write_stl10_shards`.
+    Reads only the small members (names, labels); the images are read when the splits are written
+    (:meth:`Stl10Archive.split_images`).
     """
     unknown = sorted(set(splits) - {s.name for s in SPLITS})
     if unknown:
@@ -291,61 +324,3 @@ def read_stl10(path: str | Path, splits: tuple[str, ...] = ("train", "unlabeled"
     finally:
         members.close()
     return Stl10Archive(Path(path).resolve(), classes, counts, labels, names)
-
-
-def write_stl10_shards(
-    archive: str | Path | Stl10Archive,
-    out: str | Path,
-    *,
-    quality: int = 100,
-    samples_per_shard: int | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> dict[str, Manifest]:
-    """Write ``out/<split>`` for each split :func:`read_stl10` read; returns the manifests by split.
-
-    ``archive``: a path (all three splits), or what :func:`read_stl10` returned for it.
-    """
-    if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in 1..100, got {quality}")
-    stl = archive if isinstance(archive, Stl10Archive) else read_stl10(archive)
-    out = Path(out)
-    manifests = {}
-    members = _Members(stl.path)
-    try:
-        for split in SPLITS:
-            if split.name not in stl.counts:
-                continue
-            n, labels = stl.counts[split.name], stl.labels[split.name]
-            if members.size(split.images) != n * ROW:  # the archive changed since it was read
-                raise Stl10Error(f"{members.where(split.images)}: changed since it was checked")
-            digits = len(str(n))
-            items, i = [], 0
-            for chunk in _images(members, split, n):
-                for img in chunk:
-                    label = 0 if labels is None else int(labels[i])  # unlabeled: not written
-                    items.append((f"{i:0{digits}d}.jpg", encode_jpeg(img, quality), label))
-                    i += 1
-            source = memory_source(f"{FOLDER}-{split.name}", items, stl.classes)
-            desc = (
-                f"STL-10 binary archive {stl.path} "
-                f"({', '.join(Path(m).name for m in stl.members[split.name])}), JPEG quality {quality} 4:4:4"
-            )
-            manifests[split.name] = write_shards(
-                source,
-                out / split.name,
-                split=split.name,
-                samples_per_shard=samples_per_shard,
-                seed=seed,
-                quality=quality,
-                workers=1,  # the JPEGs are ready: the writer copies them
-                overwrite=overwrite,
-                progress=progress,
-                source_name=desc,
-                labeled=labels is not None,
-            )
-            del items, source
-    finally:
-        members.close()
-    return manifests

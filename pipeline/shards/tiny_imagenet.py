@@ -10,11 +10,11 @@ Reads ``tiny-imagenet-200.zip`` (http://cs231n.stanford.edu/tiny-imagenet-200.zi
   one line per validation image (50 per class); ``test/`` has no labels and is not read.
 
 It writes ``OUT/train`` (100,000 images) and ``OUT/val`` (10,000) through
-:func:`unmix.pipeline.shards.writer.write_shards`. Classes are the wnids in sorted order (torchvision's
-``ImageFolder`` order on ``train/``), so labels agree with tools that read the extracted tree; the
-manifest's ``class_names`` holds their ``words.txt`` names. Images are 64x64 JPEGs and are copied byte for
-byte (some are greyscale; the decoders output RGB); anything else is re-encoded at ``quality``. Sample keys
-are the index of the image's path in the split's sorted member list.
+:func:`~unmix.pipeline.shards.archives.write_archive_shards`. Classes are the wnids in sorted order
+(torchvision's ``ImageFolder`` order on ``train/``), so labels agree with tools that read the extracted
+tree; the manifest's ``class_names`` holds their ``words.txt`` names. Images are 64x64 JPEGs and are copied
+byte for byte (some are greyscale; the decoders output RGB); anything else is re-encoded at ``quality``.
+Sample keys are the index of the image's path in the split's sorted member list.
 
 The archive is untrusted input: each member's size is checked before it is read (text files and images
 have caps far above the official ones), and every error names the member at fault: a class of
@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import os
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import ClassVar
 
-from unmix.pipeline.shards.manifest import Manifest
-from unmix.pipeline.shards.sources import memory_source
-from unmix.pipeline.shards.writer import write_shards
+from unmix.pipeline.shards.archives import SplitImages
 
 FOLDER = "tiny-imagenet-200"
 WNIDS, WORDS, ANNOTATIONS = "wnids.txt", "words.txt", "val/val_annotations.txt"
@@ -228,8 +228,9 @@ class TinyImageNet:
 
     path: Path
     classes: list[str]
-    names: list[str]
+    class_names: list[str]  # the words.txt names of ``classes``
     splits: dict[str, list[tuple[str, int]]]
+    default_quality: ClassVar[int] = 95  # only for images that are not JPEG (none in the official zip)
 
     def notes(self) -> list[str]:
         """Departures from the official archive's counts (a subset is allowed, but said)."""
@@ -241,11 +242,37 @@ class TinyImageNet:
                 out.append(f"{split}: {len(items)} images (the official Tiny ImageNet has {STANDARD[split]})")
         return out
 
+    def split_images(self, quality: int) -> Iterator[SplitImages]:
+        """``train`` and ``val``, the JPEGs as they are in the archive (the writer re-encodes anything else at
+        ``quality``); each split's declared size is checked against :data:`MAX_SPLIT_BYTES` before it is read.
+        """
+        members = _Members(self.path)
+        what = "zip" if self.path.is_file() else "folder"
+        try:
+            for split, listed in self.splits.items():
+                declared = sum(members.sizes.get(rel, 0) for rel, _ in listed)
+                if declared > MAX_SPLIT_BYTES:
+                    raise TinyImageNetError(
+                        f"{members.where(split)}: {len(listed)} images of {declared / 1e9:.1f} GB in all, "
+                        f"more than a Tiny ImageNet split holds (the cap: {MAX_SPLIT_BYTES / 1e9:.1f} GB)"
+                    )
+                items = [(rel, members.read(rel, MAX_IMAGE_BYTES), label) for rel, label in listed]
+                yield SplitImages(
+                    split,
+                    f"{FOLDER}-{split}",
+                    items,
+                    f"Tiny ImageNet {what} {self.path} ({split}: {len(items)} images)",
+                )
+                del items  # written: free it before the next split is read
+        finally:
+            members.close()
+
 
 def read_tiny_imagenet(path: str | Path) -> TinyImageNet:
     """Check a Tiny ImageNet zip or folder: classes, names, the training tree, the validation annotations.
 
-    Reads the text members only; the images are read by :func:`write_tiny_imagenet_shards`.
+    Reads the text members only; the images are read when the splits are written
+    (:meth:`TinyImageNet.split_images`).
     """
     members = _Members(Path(path))
     try:
@@ -255,54 +282,3 @@ def read_tiny_imagenet(path: str | Path) -> TinyImageNet:
     finally:
         members.close()
     return TinyImageNet(Path(path).resolve(), wnids, names, splits)
-
-
-def write_tiny_imagenet_shards(
-    archive: str | Path | TinyImageNet,
-    out: str | Path,
-    *,
-    quality: int = 95,
-    samples_per_shard: int | None = None,
-    seed: int = 0,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> tuple[Manifest, Manifest]:
-    """Write ``out/train`` and ``out/val`` from a Tiny ImageNet archive; returns both manifests.
-
-    ``archive``: a path, or what :func:`read_tiny_imagenet` returned for it. ``quality``: for images that
-    are not JPEG (none in the official archive).
-    """
-    tiny = archive if isinstance(archive, TinyImageNet) else read_tiny_imagenet(archive)
-    out = Path(out)
-    manifests = []
-    members = _Members(tiny.path)
-    try:
-        for split, listed in tiny.splits.items():
-            declared = sum(members.sizes.get(rel, 0) for rel, _ in listed)
-            if declared > MAX_SPLIT_BYTES:
-                raise TinyImageNetError(
-                    f"{members.where(split)}: {len(listed)} images of {declared / 1e9:.1f} GB in all, more "
-                    f"than a Tiny ImageNet split holds (the cap: {MAX_SPLIT_BYTES / 1e9:.1f} GB)"
-                )
-            items = [(rel, members.read(rel, MAX_IMAGE_BYTES), label) for rel, label in listed]
-            source = memory_source(f"{FOLDER}-{split}", items, tiny.classes)
-            what = "zip" if tiny.path.is_file() else "folder"
-            manifests.append(
-                write_shards(
-                    source,
-                    out / split,
-                    split=split,
-                    samples_per_shard=samples_per_shard,
-                    seed=seed,
-                    quality=quality,
-                    workers=1,  # in memory already; JPEGs are validated and copied
-                    overwrite=overwrite,
-                    progress=progress,
-                    source_name=f"Tiny ImageNet {what} {tiny.path} ({split}: {len(items)} images)",
-                    class_names=tiny.names,
-                )
-            )
-            del items, source
-    finally:
-        members.close()
-    return manifests[0], manifests[1]

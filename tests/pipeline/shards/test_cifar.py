@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import os
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from unmix.cli import main
 from unmix.pipeline.shards import read_manifest, verify_shards
-from unmix.pipeline.shards.cifar import CIFAR10, CIFAR100, CifarError, Layout, read_cifar, write_cifar_shards
+from unmix.pipeline.shards.archives import write_archive_shards
+from unmix.pipeline.shards.cifar import CIFAR10, CIFAR100, CifarError, Layout, read_cifar
 
 
 def _dump(obj: dict) -> bytes:
@@ -22,8 +19,13 @@ def _dump(obj: dict) -> bytes:
     return pickle.dumps(obj, protocol=2)
 
 
-def make_archive(
-    root: Path, layout: Layout, train_per_batch: int, n_test: int, as_tar: bool, seed: int = 0
+@pytest.fixture
+def make_archive(pack_archive):
+    return lambda *args, **kwargs: _make_archive(pack_archive, *args, **kwargs)
+
+
+def _make_archive(
+    pack, root: Path, layout: Layout, train_per_batch: int, n_test: int, as_tar: bool, seed: int = 0
 ) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     """A CIFAR archive in the official layout with random images; returns (path, split arrays, names)."""
     rng = np.random.default_rng(seed)
@@ -41,51 +43,36 @@ def make_archive(
             labs.append(lab)
         data = np.concatenate(datas).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
         arrays[split] = (data, np.concatenate(labs))
-    if as_tar:
-        path = root / f"{layout.name.lower()}-python.tar.gz"  # the official file names
-        with tarfile.open(path, "w:gz") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"{layout.folder}/{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    else:
-        path = root / layout.folder
-        path.mkdir(parents=True)
-        for name, data in members.items():
-            (path / name).write_bytes(data)
-    return path, arrays, names
+    name = f"{layout.name.lower()}-python.tar.gz"  # the official file names
+    return pack(members, root, name, layout.folder, "tar.gz" if as_tar else "folder"), arrays, names
 
 
-def shard_samples(shard_dir: Path) -> dict[int, tuple[np.ndarray, int]]:
-    import webdataset as wds
+@pytest.fixture
+def check_split(read_shards):
+    """``check_split(shard_dir, images, labels, names)``: every archive row is one sample (key = row),
+    label equal, pixels within JPEG q100's error."""
 
-    m = read_manifest(shard_dir)
-    out = {}
-    for s in wds.WebDataset(m.tar_paths, shardshuffle=False):
-        img = Image.open(io.BytesIO(s["jpg"]))
-        assert img.format == "JPEG" and img.size == (32, 32)
-        out[int(s["__key__"])] = (np.asarray(img.convert("RGB")), int(s["cls"]))
-    return out
+    def check(shard_dir: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
+        m = read_manifest(shard_dir)
+        assert m.classes == names and m.total == len(labels)
+        got = {int(k): v for k, v in read_shards(shard_dir, size=(32, 32)).items()}
+        assert sorted(got) == list(range(len(labels)))
+        decoded = np.stack([got[i][0] for i in range(len(labels))]).astype(np.int16)
+        assert [got[i][1] for i in range(len(labels))] == labels.tolist()
+        err = np.abs(decoded - images.astype(np.int16))
+        # Quality 100, 4:4:4: only colour-conversion and integer-DCT rounding remain (module docstring);
+        # measured mean 0.48 and max 4 on noise. A wrong channel order or a transposed image gives ~85.
+        assert err.mean() < 1.0 and err.max() <= 6, (err.mean(), err.max())
 
-
-def check_split(shard_dir: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> None:
-    """Every archive row is one sample (key = row), label equal, pixels within JPEG q100's error."""
-    m = read_manifest(shard_dir)
-    assert m.classes == names and m.total == len(labels)
-    got = shard_samples(shard_dir)
-    assert sorted(got) == list(range(len(labels)))
-    decoded = np.stack([got[i][0] for i in range(len(labels))]).astype(np.int16)
-    assert [got[i][1] for i in range(len(labels))] == labels.tolist()
-    err = np.abs(decoded - images.astype(np.int16))
-    # Quality 100, 4:4:4: only colour-conversion and integer-DCT rounding remain (module docstring);
-    # measured mean 0.48 and max 4 on noise. A wrong channel order or a transposed image gives ~85.
-    assert err.mean() < 1.0 and err.max() <= 6, (err.mean(), err.max())
+    return check
 
 
 @pytest.mark.parametrize("as_tar", [True, False])
-def test_cifar10(tmp_path: Path, as_tar: bool):
+def test_cifar10(tmp_path: Path, as_tar: bool, make_archive, check_split):
     path, arrays, names = make_archive(tmp_path, CIFAR10, train_per_batch=12, n_test=20, as_tar=as_tar)
-    train, val = write_cifar_shards(path, tmp_path / "out", samples_per_shard=16, progress=False)
+    written = write_archive_shards(read_cifar(path), tmp_path / "out", samples_per_shard=16, progress=False)
+    assert list(written) == ["train", "val"]
+    train, val = written["train"], written["val"]
     assert (train.split, val.split, train.total, val.total) == ("train", "val", 60, 20)
     assert len(train.shards) == 4 and "CIFAR-10 python archive" in train.source
     for split in ("train", "val"):
@@ -94,32 +81,34 @@ def test_cifar10(tmp_path: Path, as_tar: bool):
 
 
 @pytest.mark.parametrize("as_tar", [True, False])
-def test_cifar100_fine_labels(tmp_path: Path, as_tar: bool):
+def test_cifar100_fine_labels(tmp_path: Path, as_tar: bool, make_archive, check_split):
     path, arrays, names = make_archive(tmp_path, CIFAR100, train_per_batch=110, n_test=30, as_tar=as_tar)
     if not as_tar:
         path = path.parent  # the folder holding cifar-100-python/ works too
     cifar = read_cifar(path)
     assert cifar.layout is CIFAR100 and cifar.classes == names and len(names) == 100
     assert cifar.notes() and "50000" in cifar.notes()[0]  # a subset: said, not refused
-    write_cifar_shards(cifar, tmp_path / "out", progress=False)
+    write_archive_shards(cifar, tmp_path / "out", progress=False)
     for split in ("train", "val"):
         check_split(tmp_path / "out" / split, *arrays[split], names)
 
 
-def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture):
+def test_cli(tmp_path: Path, shards_cli, make_archive):
     path, _, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=True)
-    assert main(["shards", "cifar", str(path), str(tmp_path / "out"), "-q", "--quality", "90"]) == 0
-    assert "train 20 images" in capsys.readouterr().out
+    status, out, _ = shards_cli("cifar", path, tmp_path / "out", "--quality", 90)
+    assert status == 0 and "train 20 images" in out and "val 10 images" in out and "10 classes" in out
     assert "quality 90" in read_manifest(tmp_path / "out" / "val").source
-    assert main(["shards", "cifar", str(tmp_path / "nothing.tar.gz"), str(tmp_path / "o2"), "-q"]) == 2
-    assert "nothing.tar.gz: no such file" in capsys.readouterr().err
+    status, _, err = shards_cli("cifar", tmp_path / "nothing.tar.gz", tmp_path / "o2")
+    assert status == 2 and "nothing.tar.gz: no such file" in err
+    status, _, err = shards_cli("cifar", path, tmp_path / "o3", "--quality", 0)
+    assert status == 2 and "quality must be in 1..100, got 0" in err
 
 
 def _rewrite(folder: Path, name: str, obj) -> None:
     (folder / name).write_bytes(pickle.dumps(obj, protocol=2))
 
 
-def test_errors_name_the_member(tmp_path: Path):
+def test_errors_name_the_member(tmp_path: Path, make_archive):
     folder, arrays, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=False)
     good = (folder / "data_batch_3").read_bytes()
 
@@ -159,7 +148,7 @@ class _Exploit:
         return (os.mkdir, (str(self.marker),))
 
 
-def test_untrusted_pickle_is_refused(tmp_path: Path):
+def test_untrusted_pickle_is_refused(tmp_path: Path, make_archive):
     folder, _, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=False)
     marker = tmp_path / "pwned"
     (folder / "test_batch").write_bytes(pickle.dumps({b"data": _Exploit(marker)}, protocol=2))
@@ -194,7 +183,7 @@ def _py2_pickle(data: np.ndarray, labels: list[int]) -> bytes:
     return b"\x80\x02}(" + items + b"u."
 
 
-def test_python2_pickles_of_the_official_archives(tmp_path: Path):
+def test_python2_pickles_of_the_official_archives(tmp_path: Path, make_archive):
     folder, arrays, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=False)
     rng = np.random.default_rng(1)
     data = rng.integers(0, 256, (10, 3072), dtype=np.uint8)

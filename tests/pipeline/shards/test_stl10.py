@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import io
 import tarfile
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
-from unmix.cli import main
 from unmix.pipeline.shards import read_manifest, verify_shards
-from unmix.pipeline.shards.stl10 import ROW, Stl10Error, read_stl10, write_stl10_shards
+from unmix.pipeline.shards.archives import write_archive_shards
+from unmix.pipeline.shards.stl10 import ROW, Stl10Error, read_stl10
 
 NAMES = ["airplane", "bird", "car", "cat", "deer", "dog", "horse", "monkey", "ship", "truck"]
 
@@ -28,8 +26,19 @@ def to_binary(images: np.ndarray) -> bytes:
     return bytes(out)
 
 
-def make_stl10(
-    root: Path, n_train: int = 20, n_test: int = 10, n_unlabeled: int = 12, as_tar: bool = True, **damage
+@pytest.fixture
+def make_stl10(pack_archive):
+    return lambda *args, **kwargs: _make_stl10(pack_archive, *args, **kwargs)
+
+
+def _make_stl10(
+    pack,
+    root: Path,
+    n_train: int = 20,
+    n_test: int = 10,
+    n_unlabeled: int = 12,
+    as_tar: bool = True,
+    **damage,
 ) -> tuple[Path, dict[str, tuple[np.ndarray, np.ndarray | None]]]:
     """A small STL-10 binary archive; ``damage`` replaces a member's bytes (name -> bytes or None to drop)."""
     rng = np.random.default_rng(0)
@@ -58,30 +67,8 @@ def make_stl10(
             members.pop(name)
         else:
             members[name] = data
-    if as_tar:
-        path = root / "stl10_binary.tar.gz"
-        with tarfile.open(path, "w:gz") as tar:
-            for name, data in members.items():
-                info = tarfile.TarInfo(f"stl10_binary/{name}")
-                info.size = len(data)
-                tar.addfile(info, io.BytesIO(data))
-    else:
-        path = root / "stl10_binary"
-        path.mkdir(parents=True)
-        for name, data in members.items():
-            (path / name).write_bytes(data)
+    path = pack(members, root, "stl10_binary.tar.gz", "stl10_binary", "tar.gz" if as_tar else "folder")
     return path, arrays
-
-
-def read_back(shard_dir: Path) -> dict[int, tuple[np.ndarray, int | None]]:
-    import webdataset as wds
-
-    out = {}
-    for s in wds.WebDataset(read_manifest(shard_dir).tar_paths, shardshuffle=False):
-        img = Image.open(io.BytesIO(s["jpg"]))
-        assert img.format == "JPEG" and img.size == (96, 96)
-        out[int(s["__key__"])] = (np.asarray(img.convert("RGB")), int(s["cls"]) if "cls" in s else None)
-    return out
 
 
 def test_layout_helper_matches_the_official_reader():
@@ -92,15 +79,15 @@ def test_layout_helper_matches_the_official_reader():
 
 
 @pytest.mark.parametrize("as_tar", [True, False])
-def test_splits_read_back_with_pixels_and_labels(tmp_path, as_tar):
+def test_splits_read_back_with_pixels_and_labels(tmp_path, as_tar, make_stl10, read_shards):
     path, arrays = make_stl10(tmp_path, as_tar=as_tar)
     out = tmp_path / "out"
-    written = write_stl10_shards(path, out, samples_per_shard=7, progress=False)
-    assert sorted(written) == ["train", "unlabeled", "val"]
+    written = write_archive_shards(read_stl10(path), out, samples_per_shard=7, progress=False)
+    assert list(written) == ["train", "unlabeled", "val"]  # archive order
     for split, (images, labels) in arrays.items():
         m = read_manifest(out / split)
         assert m.classes == NAMES and m.total == len(images) and m.labeled is (labels is not None)
-        got = read_back(out / split)
+        got = {int(k): v for k, v in read_shards(out / split, size=(96, 96)).items()}
         assert sorted(got) == list(range(len(images)))  # key = archive row
         decoded = np.stack([got[i][0] for i in range(len(images))]).astype(np.int16)
         err = np.abs(decoded - images.astype(np.int16))
@@ -112,14 +99,16 @@ def test_splits_read_back_with_pixels_and_labels(tmp_path, as_tar):
         assert verify_shards(out / split) == []
 
 
-def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, capsys):
+def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, shards_cli, make_stl10):
     path, _ = make_stl10(tmp_path)
-    assert main(["shards", "stl10", str(path), str(tmp_path / "o"), "-q"]) == 0
-    out, err = capsys.readouterr()
-    assert "train 20 images" in out and "unlabeled 12 images" in out and "val 10 images" in out
+    status, out, err = shards_cli("stl10", path, tmp_path / "o")
+    assert status == 0 and "train 20 images" in out and "unlabeled 12 images" in out
+    assert "val 10 images" in out and "unlabeled has no labels" in out
     assert "note: train: 20 images" in err  # a subset of the official 5,000 is said
-    assert main(["shards", "stl10", str(path), str(tmp_path / "p"), "-q", "--no-unlabeled"]) == 0
+    assert shards_cli("stl10", path, tmp_path / "p", "--no-unlabeled")[0] == 0
     assert not (tmp_path / "p" / "unlabeled").exists() and (tmp_path / "p" / "val").is_dir()
+    status, _, err = shards_cli("stl10", tmp_path / "nothing.tar.gz", tmp_path / "q")
+    assert status == 2 and "nothing.tar.gz: no such file" in err
 
 
 @pytest.mark.parametrize(
@@ -135,15 +124,16 @@ def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, capsys):
         ({"class_names__txt": b"a\nb\n"}, "class_names.txt", "2 class names"),
     ],
 )
-def test_damaged_archives_name_the_member(tmp_path, damage, member, message):
+def test_damaged_archives_name_the_member(tmp_path, damage, member, message, make_stl10, shards_cli):
     path, _ = make_stl10(tmp_path, **damage)
     with pytest.raises(Stl10Error) as e:
         read_stl10(path)
     assert f"stl10_binary/{member}" in str(e.value) and message in str(e.value)
-    assert main(["shards", "stl10", str(path), str(tmp_path / "o"), "-q"]) == 2
+    status, _, err = shards_cli("stl10", path, tmp_path / "o")
+    assert status == 2 and f"stl10_binary/{member}" in err and err.count("\n") == 1  # one line
 
 
-def test_truncated_tar_names_the_member(tmp_path):
+def test_truncated_tar_names_the_member(tmp_path, make_stl10):
     # the tar header declares the full member but the archive ends inside it
     path, _ = make_stl10(tmp_path, as_tar=True)
     plain = tmp_path / "plain.tar"
@@ -155,5 +145,5 @@ def test_truncated_tar_names_the_member(tmp_path):
         x = t.getmember("stl10_binary/unlabeled_X.bin")
     plain.write_bytes(data[: x.offset_data + ROW * 3 + 100])  # 3 whole images, then the archive ends
     with pytest.raises(Stl10Error) as e:
-        write_stl10_shards(plain, tmp_path / "o", progress=False)
+        write_archive_shards(read_stl10(plain), tmp_path / "o", progress=False)
     assert "stl10_binary/unlabeled_X.bin" in str(e.value)

@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unmix.cli import main
-from unmix.pipeline.shards import read_manifest, verify_shards
-from unmix.pipeline.shards.tiny_imagenet import (
-    TinyImageNetError,
-    read_tiny_imagenet,
-    write_tiny_imagenet_shards,
-)
+from unmix.pipeline.shards import verify_shards
+from unmix.pipeline.shards.archives import write_archive_shards
+from unmix.pipeline.shards.tiny_imagenet import TinyImageNetError, read_tiny_imagenet
 
 WNIDS = ["n02124075", "n01443537", "n04067472"]  # wnids.txt order is not sorted
 WORDS = {"n01443537": "goldfish, Carassius auratus", "n02124075": "Egyptian cat", "n04067472": "reel"}
@@ -30,7 +26,12 @@ def _jpeg(seed: int, grey: bool = False) -> bytes:
     return buf.getvalue()
 
 
-def make_tiny(root: Path, per_class: int = 3, val_per_class: int = 2, as_zip: bool = True, edit=None):
+@pytest.fixture
+def make_tiny(pack_archive):
+    return lambda *args, **kwargs: _make_tiny(pack_archive, *args, **kwargs)
+
+
+def _make_tiny(pack, root: Path, per_class: int = 3, val_per_class: int = 2, as_zip: bool = True, edit=None):
     """A Tiny ImageNet archive; returns (path, {split: {member: (jpeg bytes, wnid)}}).
 
     ``edit(members)`` may change the member dict (relative path -> bytes) before it is written.
@@ -60,54 +61,37 @@ def make_tiny(root: Path, per_class: int = 3, val_per_class: int = 2, as_zip: bo
     members["test/images/test_0.JPEG"] = _jpeg(999)
     if edit is not None:
         edit(members)
-    if as_zip:
-        path = root / "tiny-imagenet-200.zip"
-        with zipfile.ZipFile(path, "w") as z:
-            for d in ("tiny-imagenet-200/", "tiny-imagenet-200/train/", "tiny-imagenet-200/val/"):
-                z.writestr(d, b"")  # directory entries, as the official zip has
-            for rel, data in members.items():
-                z.writestr(f"tiny-imagenet-200/{rel}", data)
-    else:
-        path = root / "tiny-imagenet-200"
-        for rel, data in members.items():
-            (path / rel).parent.mkdir(parents=True, exist_ok=True)
-            (path / rel).write_bytes(data)
+    path = pack(members, root, "tiny-imagenet-200.zip", "tiny-imagenet-200", "zip" if as_zip else "folder")
     return path, expect
 
 
-def read_back(shard_dir: Path) -> list[tuple[bytes, int]]:
-    import webdataset as wds
-
-    return [
-        (s["jpg"], int(s["cls"]))
-        for s in wds.WebDataset(read_manifest(shard_dir).tar_paths, shardshuffle=False)
-    ]
-
-
 @pytest.mark.parametrize("as_zip", [True, False])
-def test_train_and_val_read_back_with_pixels_and_labels(tmp_path, as_zip):
+def test_train_and_val_read_back_with_pixels_and_labels(tmp_path, as_zip, make_tiny, read_shards):
     path, expect = make_tiny(tmp_path, as_zip=as_zip)
-    train, val = write_tiny_imagenet_shards(path, tmp_path / "out", samples_per_shard=4, progress=False)
+    written = write_archive_shards(
+        read_tiny_imagenet(path), tmp_path / "out", samples_per_shard=4, progress=False
+    )
+    assert list(written) == ["train", "val"]
+    train, val = written["train"], written["val"]
     classes = sorted(WNIDS)  # ImageFolder order on train/
     for m, split in ((train, "train"), (val, "val")):
         assert m.classes == classes and m.class_names == [WORDS[w] for w in classes] and m.labeled
         assert m.total == len(expect[split])
-        got = read_back(tmp_path / "out" / split)
+        got = list(read_shards(tmp_path / "out" / split).values())
         want = sorted((data, classes.index(w)) for data, w in expect[split].values())
         assert sorted(got) == want  # every image once, byte for byte (copied), with its class
         assert verify_shards(tmp_path / "out" / split) == []
     # a greyscale original decodes to the same pixels as it had (the decoders give RGB)
     grey = expect["train"][f"train/{WNIDS[0]}/images/{WNIDS[0]}_0.JPEG"][0]
     assert Image.open(io.BytesIO(grey)).mode == "L" and any(
-        g == grey for g, _ in read_back(tmp_path / "out" / "train")
+        g == grey for g, _ in read_shards(tmp_path / "out" / "train").values()
     )
 
 
-def test_cli(tmp_path, capsys):
+def test_cli(tmp_path, shards_cli, make_tiny):
     path, _ = make_tiny(tmp_path)
-    assert main(["shards", "tiny-imagenet", str(path), str(tmp_path / "o"), "-q"]) == 0
-    out, err = capsys.readouterr()
-    assert "train 9 images" in out and "val 6 images" in out and "3 classes" in out
+    status, out, err = shards_cli("tiny-imagenet", path, tmp_path / "o")
+    assert status == 0 and "train 9 images" in out and "val 6 images" in out and "3 classes" in out
     assert "note: 3 classes (the official Tiny ImageNet has 200)" in err
 
 
@@ -153,15 +137,16 @@ def _annotations(fn):
         (lambda m: m.update({"wnids.txt": b"n02124075\nn02124075\n"}), "wnids.txt:2", "listed twice"),
     ],
 )
-def test_damaged_archives_name_the_member(tmp_path, edit, member, message):
+def test_damaged_archives_name_the_member(tmp_path, edit, member, message, make_tiny, shards_cli):
     path, _ = make_tiny(tmp_path, edit=edit)
     with pytest.raises(TinyImageNetError) as e:
         read_tiny_imagenet(path)
     assert f"tiny-imagenet-200/{member}" in str(e.value) and message in str(e.value)
-    assert main(["shards", "tiny-imagenet", str(path), str(tmp_path / "o"), "-q"]) == 2
+    status, _, err = shards_cli("tiny-imagenet", path, tmp_path / "o")
+    assert status == 2 and f"tiny-imagenet-200/{member}" in err and err.count("\n") == 1  # one line
 
 
-def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):
+def test_oversized_member_refused_before_reading(tmp_path, monkeypatch, make_tiny):
     import unmix.pipeline.shards.tiny_imagenet as tiny
 
     path, _ = make_tiny(tmp_path)
@@ -169,10 +154,10 @@ def test_oversized_member_refused_before_reading(tmp_path, monkeypatch):
     with pytest.raises(
         TinyImageNetError, match=r"tiny-imagenet-200/train/n\d+/images/n\d+_\d.JPEG: \d+ bytes, more than"
     ):
-        write_tiny_imagenet_shards(path, tmp_path / "o", progress=False)
+        write_archive_shards(read_tiny_imagenet(path), tmp_path / "o", progress=False)
 
 
-def test_corrupt_zip_member_names_it(tmp_path):
+def test_corrupt_zip_member_names_it(tmp_path, make_tiny):
     path, _ = make_tiny(tmp_path)
     data = bytearray(path.read_bytes())
     with zipfile.ZipFile(path) as z:
@@ -181,13 +166,13 @@ def test_corrupt_zip_member_names_it(tmp_path):
     data[start + 200] ^= 0xFF  # one flipped byte: the CRC check fails on reading
     path.write_bytes(bytes(data))
     with pytest.raises(TinyImageNetError, match="val/images/val_2.JPEG: cannot read"):
-        write_tiny_imagenet_shards(path, tmp_path / "o", progress=False)
+        write_archive_shards(read_tiny_imagenet(path), tmp_path / "o", progress=False)
 
 
-def test_split_total_checked_before_reading(tmp_path, monkeypatch):
+def test_split_total_checked_before_reading(tmp_path, monkeypatch, make_tiny):
     import unmix.pipeline.shards.tiny_imagenet as tiny
 
     path, _ = make_tiny(tmp_path)
     monkeypatch.setattr(tiny, "MAX_SPLIT_BYTES", 1000)
     with pytest.raises(TinyImageNetError, match=r"tiny-imagenet-200/train: 9 images of .* GB in all"):
-        write_tiny_imagenet_shards(path, tmp_path / "o", progress=False)
+        write_archive_shards(read_tiny_imagenet(path), tmp_path / "o", progress=False)
