@@ -75,8 +75,8 @@ def read_shards() -> Callable[..., dict[str, tuple[Any, int | None]]]:
 
 
 @pytest.fixture
-def shards_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
-    """``shards_cli(*args)``: ``unmix shards ARGS -q`` in this process; returns (exit status, stdout,
+def run_shards(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str, str]]:
+    """``run_shards(*args)``: ``unmix shards ARGS -q`` in this process; returns (exit status, stdout,
     stderr)."""
     from unmix.cli import main
 

@@ -93,14 +93,14 @@ def test_cifar100_fine_labels(tmp_path: Path, as_tar: bool, make_archive, check_
         check_split(tmp_path / "out" / split, *arrays[split], names)
 
 
-def test_cli(tmp_path: Path, shards_cli, make_archive):
+def test_cli(tmp_path: Path, run_shards, make_archive):
     path, _, _ = make_archive(tmp_path, CIFAR10, train_per_batch=4, n_test=10, as_tar=True)
-    status, out, _ = shards_cli("cifar", path, tmp_path / "out", "--quality", 90)
+    status, out, _ = run_shards("cifar", path, tmp_path / "out", "--quality", 90)
     assert status == 0 and "train 20 images" in out and "val 10 images" in out and "10 classes" in out
     assert "quality 90" in read_manifest(tmp_path / "out" / "val").source
-    status, _, err = shards_cli("cifar", tmp_path / "nothing.tar.gz", tmp_path / "o2")
+    status, _, err = run_shards("cifar", tmp_path / "nothing.tar.gz", tmp_path / "o2")
     assert status == 2 and "nothing.tar.gz: no such file" in err
-    status, _, err = shards_cli("cifar", path, tmp_path / "o3", "--quality", 0)
+    status, _, err = run_shards("cifar", path, tmp_path / "o3", "--quality", 0)
     assert status == 2 and "quality must be in 1..100, got 0" in err
 
 

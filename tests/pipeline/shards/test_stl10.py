@@ -99,15 +99,15 @@ def test_splits_read_back_with_pixels_and_labels(tmp_path, as_tar, make_stl10, r
         assert verify_shards(out / split) == []
 
 
-def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, shards_cli, make_stl10):
+def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, run_shards, make_stl10):
     path, _ = make_stl10(tmp_path)
-    status, out, err = shards_cli("stl10", path, tmp_path / "o")
+    status, out, err = run_shards("stl10", path, tmp_path / "o")
     assert status == 0 and "train 20 images" in out and "unlabeled 12 images" in out
     assert "val 10 images" in out and "unlabeled has no labels" in out
     assert "note: train: 20 images" in err  # a subset of the official 5,000 is said
-    assert shards_cli("stl10", path, tmp_path / "p", "--no-unlabeled")[0] == 0
+    assert run_shards("stl10", path, tmp_path / "p", "--no-unlabeled")[0] == 0
     assert not (tmp_path / "p" / "unlabeled").exists() and (tmp_path / "p" / "val").is_dir()
-    status, _, err = shards_cli("stl10", tmp_path / "nothing.tar.gz", tmp_path / "q")
+    status, _, err = run_shards("stl10", tmp_path / "nothing.tar.gz", tmp_path / "q")
     assert status == 2 and "nothing.tar.gz: no such file" in err
 
 
@@ -124,12 +124,12 @@ def test_cli_writes_all_three_sets_and_reports_counts(tmp_path, shards_cli, make
         ({"class_names__txt": b"a\nb\n"}, "class_names.txt", "2 class names"),
     ],
 )
-def test_damaged_archives_name_the_member(tmp_path, damage, member, message, make_stl10, shards_cli):
+def test_damaged_archives_name_the_member(tmp_path, damage, member, message, make_stl10, run_shards):
     path, _ = make_stl10(tmp_path, **damage)
     with pytest.raises(Stl10Error) as e:
         read_stl10(path)
     assert f"stl10_binary/{member}" in str(e.value) and message in str(e.value)
-    status, _, err = shards_cli("stl10", path, tmp_path / "o")
+    status, _, err = run_shards("stl10", path, tmp_path / "o")
     assert status == 2 and f"stl10_binary/{member}" in err and err.count("\n") == 1  # one line
 
 

@@ -88,9 +88,9 @@ def test_train_and_val_read_back_with_pixels_and_labels(tmp_path, as_zip, make_t
     )
 
 
-def test_cli(tmp_path, shards_cli, make_tiny):
+def test_cli(tmp_path, run_shards, make_tiny):
     path, _ = make_tiny(tmp_path)
-    status, out, err = shards_cli("tiny-imagenet", path, tmp_path / "o")
+    status, out, err = run_shards("tiny-imagenet", path, tmp_path / "o")
     assert status == 0 and "train 9 images" in out and "val 6 images" in out and "3 classes" in out
     assert "note: 3 classes (the official Tiny ImageNet has 200)" in err
 
@@ -137,12 +137,12 @@ def _annotations(fn):
         (lambda m: m.update({"wnids.txt": b"n02124075\nn02124075\n"}), "wnids.txt:2", "listed twice"),
     ],
 )
-def test_damaged_archives_name_the_member(tmp_path, edit, member, message, make_tiny, shards_cli):
+def test_damaged_archives_name_the_member(tmp_path, edit, member, message, make_tiny, run_shards):
     path, _ = make_tiny(tmp_path, edit=edit)
     with pytest.raises(TinyImageNetError) as e:
         read_tiny_imagenet(path)
     assert f"tiny-imagenet-200/{member}" in str(e.value) and message in str(e.value)
-    status, _, err = shards_cli("tiny-imagenet", path, tmp_path / "o")
+    status, _, err = run_shards("tiny-imagenet", path, tmp_path / "o")
     assert status == 2 and f"tiny-imagenet-200/{member}" in err and err.count("\n") == 1  # one line
 
 
