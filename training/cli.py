@@ -168,6 +168,6 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from unmix.training.bench import main
+    from unmix.training.bench_train import main
 
     return main(args)
