@@ -253,8 +253,8 @@ def _compare(args: argparse.Namespace) -> int:
     import os
 
     from unmix.eval import compare
+    from unmix.eval.eval_runs import existing_store
     from unmix.eval.jobs import fail
-    from unmix.eval.tracking import existing_store
     from unmix.training.atomic import WriteError
 
     try:
