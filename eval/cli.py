@@ -67,8 +67,8 @@ logreg's chosen l2, same standardisation) are fitted on those features and score
 divergence guard stops prints "stopped". With --augmented, moco and byol are also trained the paper's way
 (backbone forward on augmented batches every epoch).
 
-Part 2 (speed): one full-data loss + gradient of logreg's objective on synthetic features rows x dim with
-`classes` classes, timed on --speed-rows rows and scaled linearly to --target-rows (ImageNet: 1.28 M x
+Part 2 (speed): one full-data loss + gradient of logreg's objective on synthetic features (--dim wide,
+--classes classes), timed on --speed-rows rows and scaled linearly to --target-rows (ImageNet: 1.28 M x
 2048, 1000 classes), with the projected time of the grid and refit for the L-BFGS evaluations the digits
 run needed. Measured, not extrapolated, when the two row counts agree (on a GPU with memory for it).
 """
