@@ -19,13 +19,13 @@ import torch
 from torch import nn
 
 from unmix.eval import distributed
+from unmix.eval.eval_runs import EvalTracker, resolve_experiment, resolve_tracking_uri
 from unmix.eval.features import PixelFeatures, extract_features, freeze, state_fingerprint
-from unmix.eval.knn import knn_evaluate
 from unmix.eval.linear import cached_features, linear_eval
 from unmix.eval.logreg import logreg_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
-from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
 from unmix.training.atomic import check_writable, write_text
+from unmix.training.knn import knn_evaluate
 
 
 @dataclass

@@ -164,6 +164,23 @@ def test_no_top_level_imports_in_the_source() -> None:
     assert not offenders, "\n".join(offenders)
 
 
+PACKAGE_DIRS = ("unmix", "pipeline", "training", "eval")
+SHARED_NAMES = {"__init__.py", "__main__.py", "cli.py"}  # cli.py: each package registers its own commands
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A module name says which concept it holds: no ``knn.py`` in two packages (one a re-export), no
+    two ``tracking.py`` or ``bench.py`` (benchmarks are named after what they measure)."""
+    where: dict[str, list[str]] = {}
+    for package in PACKAGE_DIRS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "__pycache__" not in path.parts and path.name not in SHARED_NAMES:
+                where.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert where["knn.py"] == ["training/knn.py"]  # the scan sees the packages
+    shared = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert not shared, shared
+
+
 def _readme_block(heading: str) -> str:
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     section = readme.split(f"## {heading}", 1)[1]

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` to the ``unmix`` parser."""
     p = sub.add_parser(
         "train",
-        help="pretrain MoCo v2/v1 or BYOL (+ Un-Mix) under DeepSpeed; resumes",
+        help="pretrain MoCo v2/v1, BYOL or SimCLR (+ Un-Mix) under DeepSpeed; resumes",
         description=(
             "Pretrain according to CONFIG (YAML) with dotted key=value overrides, e.g. "
             "`unmix train configs/digits_mocov2_unmix.yaml optim.epochs=2 output_dir=runs/x`. "
@@ -168,6 +168,6 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from unmix.training.bench import main
+    from unmix.training.bench_train import main
 
     return main(args)

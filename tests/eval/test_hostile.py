@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from unmix.cli import main
+from unmix.eval.eval_runs import resolve_tracking_uri
 from unmix.eval.linear import check_labels, checked
-from unmix.eval.tracking import resolve_tracking_uri
 
 NO_CROP = ["device=cpu", "data.crop=16", "batch_size=64", "num_threads=1"]
 

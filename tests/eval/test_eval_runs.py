@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from unmix.eval.tracking import DEFAULT_EXPERIMENT, resolve_experiment, resolve_tracking_uri
+from unmix.eval.eval_runs import DEFAULT_EXPERIMENT, resolve_experiment, resolve_tracking_uri
 
 META = {"mlflow_tracking_uri": "sqlite:///from_meta.db", "mlflow_experiment": "pretraining"}
 

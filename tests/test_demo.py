@@ -72,7 +72,7 @@ def _result(linear: float, knn: float) -> dict:
 
 
 def test_summary_says_what_is_within_noise():
-    from unmix.eval.demo import summary
+    from unmix.demo import summary
 
     results = {
         "mocov2_s0": _result(90.0, 80.0),

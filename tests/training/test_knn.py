@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from unmix.eval.knn import knn_evaluate, knn_predict
+from unmix.training.knn import knn_evaluate, knn_predict
 
 
 def reference_knn(queries, bank, bank_labels, num_classes, k, t):

@@ -1,11 +1,12 @@
-"""``unmix linear``, ``unmix knn``, ``unmix compare`` (and ``unmix demo``, from :mod:`eval.demo`)."""
+"""The eval package's subcommands: ``unmix linear``, ``unmix knn``, ``unmix compare``, ``unmix bench probe``.
+
+Each handler imports its heavy dependencies (torch, MLflow) when it runs, so building the parser stays cheap.
+"""
 
 from __future__ import annotations
 
 import argparse
 import math
-
-from unmix.eval import demo
 
 LINEAR_EPILOG = """\
 key=value overrides:
@@ -57,11 +58,44 @@ number shows its protocol (tag unmix.protocol of the evaluation run).
 """
 
 
-def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``bench probe`` (:mod:`unmix.eval.bench_probe`)."""
-    from unmix.eval import bench_probe
+PROBE_DESCRIPTION = """\
+Part 1 (accuracy): for each built-in sample (written to a scratch directory) and each backbone (a
+random-init ResNet-10, the raw pixels, and any --backbone FILE), features are extracted once with the eval
+transform; then logreg (the reference), moco and byol with their defaults (BN head), both with
+head_norm=none and the published keys, and scikit-learn's LogisticRegression (lbfgs, C = 1 / (l2 n) with
+logreg's chosen l2, same standardisation) are fitted on those features and scored on val. A probe the
+divergence guard stops prints "stopped". With --augmented, moco and byol are also trained the paper's way
+(backbone forward on augmented batches every epoch).
 
-    bench_probe.register_bench(bench_sub)
+Part 2 (speed): one full-data loss + gradient of logreg's objective on synthetic features (--dim wide,
+--classes classes), timed on --speed-rows rows and scaled linearly to --target-rows (ImageNet: 1.28 M x
+2048, 1000 classes), with the projected time of the grid and refit for the L-BFGS evaluations the digits
+run needed. Measured, not extrapolated, when the two row counts agree (on a GPU with memory for it).
+"""
+
+PROBE_SAMPLES = ("digits", "photos")  # the built-in samples bench_probe knows the crop of (SAMPLES_CROP)
+
+
+def register_bench(bench_sub: argparse._SubParsersAction) -> None:
+    """Add ``bench probe`` (run by :func:`unmix.eval.bench_probe.main`)."""
+    p = bench_sub.add_parser(
+        "probe",
+        help="every linear probe (logreg, moco, byol, published, sklearn) on the same features; logreg speed",
+        description=PROBE_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--samples", nargs="*", default=["digits"], choices=PROBE_SAMPLES)
+    p.add_argument("--backbone", nargs="*", default=[], metavar="FILE", help="pretrained backbone.pt files")
+    p.add_argument("--augmented", action="store_true", help="also moco/byol on augmented features (slow)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    p.add_argument("--seeds", type=int, default=1, help="moco/byol defaults over seeds 0..N-1 (default 1)")
+    p.add_argument("--speed-rows", type=int, default=65536, help="rows timed (default 65,536)")
+    p.add_argument("--target-rows", type=int, default=1_281_167, help="rows projected (ImageNet train)")
+    p.add_argument("--dim", type=int, default=2048)
+    p.add_argument("--classes", type=int, default=1000)
+    p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--skip-speed", action="store_true")
+    p.set_defaults(func=_bench_probe)
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -156,8 +190,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", metavar="FILE", help="write loss and evaluation curves to this PNG")
     p.set_defaults(func=_compare)
 
-    demo.register(sub)
-
 
 def _spec(args: argparse.Namespace):  # -> jobs.BackboneSpec
     from unmix.eval.jobs import BackboneSpec
@@ -221,8 +253,8 @@ def _compare(args: argparse.Namespace) -> int:
     import os
 
     from unmix.eval import compare
+    from unmix.eval.eval_runs import existing_store
     from unmix.eval.jobs import fail
-    from unmix.eval.tracking import existing_store
     from unmix.training.atomic import WriteError
 
     try:
@@ -237,3 +269,9 @@ def _compare(args: argparse.Namespace) -> int:
         except WriteError as exc:
             return fail("compare", exc)
     return 0
+
+
+def _bench_probe(args: argparse.Namespace) -> int:
+    from unmix.eval.bench_probe import main
+
+    return main(args)

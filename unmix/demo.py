@@ -16,7 +16,6 @@ A re-run reuses the shards and resumes or skips finished pretraining runs (``unm
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import statistics
@@ -191,46 +190,8 @@ def summary(results: dict[str, dict], pairs: list[dict], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def _default_device() -> str:
+def default_device() -> str:
+    """``gpu`` when CUDA is available, else ``cpu`` (the default of ``--device``)."""
     import torch
 
     return "gpu" if torch.cuda.is_available() else "cpu"
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    device = args.device or _default_device()
-    run_demo(
-        Path(args.workdir),
-        device=device,
-        overrides=args.overrides,
-        linear_epochs=args.linear_epochs,
-        seeds=args.seeds,
-    )
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``demo``."""
-    p = sub.add_parser(
-        "demo",
-        help="the main job on built-in data: MoCo v2 +/- Un-Mix, eval, compare",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument(
-        "--workdir", default="demo", help="where data, runs, MLflow store and plot go (default: ./demo)"
-    )
-    p.add_argument(
-        "--device", choices=("cpu", "gpu"), default=None, help="default: gpu when CUDA is available, else cpu"
-    )
-    p.add_argument(
-        "--linear-epochs", type=int, default=30, help="epochs of the linear head on cached features"
-    )
-    p.add_argument(
-        "--seeds",
-        type=int,
-        default=2,
-        help="seeds per setting (default 2: the least that shows the spread; more narrow the interval)",
-    )
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for the pretraining config")
-    p.set_defaults(func=_cmd_demo)
