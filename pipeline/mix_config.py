@@ -26,9 +26,9 @@ class UnmixConfig:
     ``enabled: false``. Invalid values raise ``ValueError`` naming the key (``unmix.<field>``).
     """
 
-    enabled: bool = True
+    enabled: bool = True  # Un-Mix on/off (the loader then also yields `mixed` and `lam`)
     p_mixup: float = 0.5  # probability that a batch is mixed globally (mixup) rather than by a box (CutMix)
-    alpha: float = 1.0  # lam ~ Beta(alpha, alpha), one per batch (per sample with per_sample_lambda)
+    alpha: float = 1.0  # lam ~ Beta(alpha, alpha), alpha > 0; one per batch (per sample: per_sample_lambda)
     per_sample_lambda: bool = False  # a lam and a box per sample (the mode stays per batch)
     random_partner: bool = False  # pipeline only: a random partner permutation instead of the reversal
 
