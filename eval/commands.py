@@ -1,4 +1,4 @@
-"""``unmix linear``, ``unmix knn``, ``unmix compare`` (and ``unmix demo``, from :mod:`eval.demo`)."""
+"""``unmix linear``, ``unmix knn``, ``unmix compare`` (and ``unmix demo``, from :mod:`unmix.eval.demo`)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Weighted k-nearest-neighbour classification (``unmix knn``): see :mod:`training.knn`.
+"""Weighted k-nearest-neighbour classification (``unmix knn``): see :mod:`unmix.training.knn`.
 
 One implementation serves ``unmix knn`` and the kNN monitor of pretraining; it lives in
 ``unmix.training`` because training imports nothing from ``unmix.eval``.

@@ -13,7 +13,7 @@ of two live loaders (one measurement's noise on a shared machine is larger than 
 ``--stages`` cuts the DALI graph after each stage to show where its time goes.
 
 Without SHARDS (or with ``--make-data N``) an ImageNet-like workload is written first: N JPEGs of about
-500x375 cut from real photographs shipped by scikit-learn and matplotlib (``pipeline.sample``).
+500x375 cut from real photographs shipped by scikit-learn and matplotlib (``unmix.pipeline.sample``).
 """
 
 from __future__ import annotations
@@ -114,7 +114,7 @@ class _PilGaussianBlur:
 
 
 def torchvision_view(spec, crop: int):
-    """The torchvision/PIL transform of one view of a :class:`pipeline.augment.ViewSpec`."""
+    """The torchvision/PIL transform of one view of a :class:`unmix.pipeline.augment.ViewSpec`."""
     from torchvision import transforms as T
 
     from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -243,7 +243,7 @@ def _consumer(device: str):
 
 
 def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
-    """Images/s of :func:`pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
+    """Images/s of :func:`unmix.pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
     return _time_steps(
         _forever(_dali_loader(shards, args, unmix)), args.warmup, args.steps, _consumer(args.device)
     )

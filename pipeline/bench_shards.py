@@ -1,7 +1,7 @@
 """``unmix bench shards``: shard write throughput (images/s) for JPEG copy and for re-encode.
 
-Builds an ImageNet-like ImageFolder tree (:func:`pipeline.sample.write_photo_tree`: 500x375 JPEGs of
-~100 KB) and times :func:`pipeline.shards.write_shards` on it, once per worker count and mode:
+Builds an ImageNet-like ImageFolder tree (:func:`unmix.pipeline.sample.write_photo_tree`: 500x375 JPEGs of
+~100 KB) and times :func:`unmix.pipeline.shards.write_shards` on it, once per worker count and mode:
 
 - ``copy``: no re-encode, every JPEG copied byte for byte (the ImageNet train-set case);
 - ``reencode``: ``--max-side`` smaller than the images, so every image is decoded, resized, encoded.

@@ -10,7 +10,7 @@ or their extracted folders ``cifar-10-batches-py`` / ``cifar-100-python`` (or a 
   (``fine_label_names``). The 100 fine classes are the labels (the papers' CIFAR-100 setting).
 
 It writes ``OUT/train`` (the training batches, in archive order) and ``OUT/val`` (the test split) through
-:func:`pipeline.shards.write_shards`; sample keys are the image's index in its split (train:
+:func:`unmix.pipeline.shards.write_shards`; sample keys are the image's index in its split (train:
 ``data_batch_1`` rows first), so every sample traces back to its archive row.
 
 Images are stored as JPEG (the loaders decode JPEG only) at ``quality`` (default 100) with 4:4:4 chroma,

@@ -1,10 +1,10 @@
-"""The Un-Mix settings: one object for the pipeline (:mod:`pipeline.mixing`) and the trainer.
+"""The Un-Mix settings: one object for the pipeline (:mod:`unmix.pipeline.mixing`) and the trainer.
 
-The trainer's ``unmix:`` config section *is* this class (:mod:`training.config` imports it; the pipeline
+The trainer's ``unmix:`` config section *is* this class (:mod:`unmix.training.config` imports it; the pipeline
 imports nothing from ``training``). It imports neither DALI nor torch, so reading a config stays cheap.
 
 Options beyond the paper (off by default): ``per_sample_lambda`` (a lam and a box per sample; the mode
-stays per batch), which every loss pairs correctly (:func:`training.losses.unmix_weighted`: the reversed
+stays per batch), which every loss pairs correctly (:func:`unmix.training.losses.unmix_weighted`: the reversed
 mixture carries ``1 - lam.flip(0)``); and ``random_partner`` (a random permutation without fixed points
 instead of the reversal; the loader then also returns the partner indices). The losses pair each
 mixture with its partner by ``flip(0)``, so the trainer refuses ``random_partner`` (:func:`for_trainer`);

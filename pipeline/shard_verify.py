@@ -4,7 +4,7 @@ Checks, per shard: the tar exists with the manifest's size and sha256; its ``.id
 manifest's sha256 (when recorded) and equals the index re-derived from the tar (what ``wds2idx`` would
 write); every sample has ``.jpg`` and ``.cls`` (only ``.jpg`` in a set whose manifest says
 ``labeled: false``); ``.cls`` is a class index in range (parsed as strictly as the loaders do:
-:mod:`pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
+:mod:`unmix.pipeline.labels`) and within the manifest's ``label_range``; keys are unique across the set; the
 sample count matches. Every name in the manifest is a file beside it (``read_manifest`` refuses ``../``
 and absolute paths). ``fix=True`` records the index checksums and the label range in a manifest written
 before unmix recorded them, once everything else checks out.

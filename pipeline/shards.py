@@ -853,7 +853,8 @@ def write_shards(
 
     Args:
         src: ImageFolder root ``src/<class>/<image>``; with ``list_file``, the root its paths are relative to;
-            or a ready :class:`~pipeline.shard_sources.Source` (e.g. ``memory_source``, used by the samples).
+            or a ready :class:`~unmix.pipeline.shard_sources.Source` (e.g. ``memory_source``, used by the
+            samples).
         out: output directory (created). Re-running the same job there resumes it.
         list_file: ``relative/path,label`` lines instead of the class directories.
         classes_from: another shard set (dir or manifest.json) whose class mapping to use.
@@ -868,8 +869,8 @@ def write_shards(
         overwrite: allow replacing a different job's shards in ``out``.
         progress: show a progress bar and print a summary on stderr.
         source_name: what the manifest records as the source (default: ``src``'s absolute path).
-        keep_classes: a class list file (``--classes``, :mod:`pipeline.class_subset`): only these classes
-            are written, indexed in sorted order (or by ``classes_from``).
+        keep_classes: a class list file (``--classes``, :mod:`unmix.pipeline.class_subset`): only these
+            classes are written, indexed in sorted order (or by ``classes_from``).
         labeled: False writes no ``.cls`` members and a manifest saying the set has no labels (the
             source's labels are ignored; its classes are recorded for reference).
         class_names: human-readable names aligned with the source's classes, recorded in the manifest.
@@ -1096,7 +1097,7 @@ def verify_shards(
 ) -> list[Problem]:
     """Check a shard set against its manifest; returns the problems found (empty = all good).
 
-    See :func:`pipeline.shard_verify.verify_shards`.
+    See :func:`unmix.pipeline.shard_verify.verify_shards`.
     """
     from unmix.pipeline.shard_verify import verify_shards as _verify
 

@@ -11,7 +11,7 @@ Reads ``stl10_binary.tar.gz`` (https://cs.stanford.edu/~acoates/stl10/) or the e
 - ``*_y.bin``: one uint8 label per image, 1..10 (1 = the first line of ``class_names.txt``).
 
 It writes ``OUT/train`` (train_X), ``OUT/unlabeled`` and ``OUT/val`` (the test split) through
-:func:`pipeline.shards.write_shards`, labels 0-based (0..9) as in every other shard set. The unlabeled
+:func:`unmix.pipeline.shards.write_shards`, labels 0-based (0..9) as in every other shard set. The unlabeled
 set's samples hold no ``.cls`` member and its manifest says ``"labeled": false`` (its ``classes`` are the
 10 names, for reference); pretraining reads it, alone or with ``OUT/train`` (``data.train: [OUT/train,
 OUT/unlabeled]``: the paper's 105,000 images), and the evaluation loaders refuse it. Sample keys are the

@@ -10,8 +10,8 @@ Reads ``tiny-imagenet-200.zip`` (http://cs231n.stanford.edu/tiny-imagenet-200.zi
   one line per validation image (50 per class); ``test/`` has no labels and is not read.
 
 It writes ``OUT/train`` (100,000 images) and ``OUT/val`` (10,000) through
-:func:`pipeline.shards.write_shards`. Classes are the wnids in sorted order (torchvision's ``ImageFolder``
-order on ``train/``), so labels agree with tools that read the extracted tree; the manifest's
+:func:`unmix.pipeline.shards.write_shards`. Classes are the wnids in sorted order (torchvision's
+``ImageFolder`` order on ``train/``), so labels agree with tools that read the extracted tree; the manifest's
 ``class_names`` holds their ``words.txt`` names. Images are 64x64 JPEGs and are copied byte for byte
 (some are greyscale; the decoders output RGB); anything else is re-encoded at ``quality``. Sample keys
 are the index of the image's path in the split's sorted member list.
