@@ -29,8 +29,12 @@ class UnmixConfig:
     enabled: bool = True  # Un-Mix on/off (the loader then also yields `mixed` and `lam`)
     p_mixup: float = 0.5  # probability that a batch is mixed globally (mixup) rather than by a box (CutMix)
     alpha: float = 1.0  # lam ~ Beta(alpha, alpha), alpha > 0; one per batch (per sample: per_sample_lambda)
-    per_sample_lambda: bool = False  # a lam and a box per sample (the mode stays per batch)
-    random_partner: bool = False  # pipeline only: a random partner permutation instead of the reversal
+    # a lam and a box per sample (the mode stays per batch); DALI loader only (data.source=synthetic
+    # refuses it)
+    per_sample_lambda: bool = False
+    # pipeline only: a random partner permutation instead of the reversal (the trainer refuses it: its losses
+    # pair each mixture with its partner by the reversal)
+    random_partner: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_mixup <= 1.0:

@@ -67,9 +67,14 @@ class DataConfig:
     # share of each batch decoded by the GPU's hardware JPEG engines (data.device gpu; DALI's default 0.65
     # predates Hopper's seven engines; lower it if `unmix bench gpu` shows data wait on your GPUs)
     hw_decoder_load: float = 0.9
-    device_memory_padding: int = 211_025_920  # bytes nvJPEG's device buffers grow by (gpu; DALI's: 16 MB)
-    host_memory_padding: int = 140_544_512  # bytes nvJPEG's pinned host buffers grow by (gpu; DALI's: 8 MB)
-    dont_use_mmap: bool = False  # read() the tars instead of mmap: for network filesystems
+    # bytes nvJPEG's device buffers grow by (GPU decoder), as in DALI's ImageNet example (DALI's default:
+    # 16 MB)
+    device_memory_padding: int = 211_025_920
+    # bytes nvJPEG's pinned host buffers grow by (GPU decoder), as in DALI's ImageNet example (DALI's
+    # default: 8 MB)
+    host_memory_padding: int = 140_544_512
+    # the reader read()s the tars instead of memory-mapping them: for network filesystems (Lustre, GPFS, NFS)
+    dont_use_mmap: bool = False
 
 
 @dataclass
@@ -89,7 +94,9 @@ class MocoConfig:
     T: float | None = None  # InfoNCE temperature; null = 0.2 (v2) or 0.07 (v1)
     mlp: bool | None = None  # MLP projection head; null = true (v2) or false (v1)
     dim: int = 128  # embedding dimension
-    hidden_dim: int | None = None  # hidden width of the MLP head; null = the backbone's feature width
+    # hidden width of the MLP head; null = the backbone's feature width (2048 for ResNet-50, 512 for
+    # ResNet-18: the authors' fc.in_features)
+    hidden_dim: int | None = None
     # loss in both directions, the mixture scored against both clean keys (the paper's CIFAR runs)
     symmetric: bool = False
     # Shuffle-BN for the key encoder: across ranks, or on one process SplitBatchNorm + shuffle
