@@ -226,6 +226,7 @@ def resolve_dotted(dotted: str) -> str | None:
     return None
 
 
+_FROM_IMPORT = re.compile(r"^\s*from (unmix(?:\.\w+)+) import \(?([\w, ]+)", re.MULTILINE)
 _DOTTED = re.compile(r"(?<![\w./-])unmix(?:\.[A-Za-z_]\w*)+")
 # ``unmix.<key>`` is also the config section (unmix.enabled) and the MLflow tag prefix (unmix.kind): only a
 # path whose second part is a package or a module of unmix/ names code.
@@ -244,6 +245,13 @@ def path_problems(chunks: tuple[Chunk, ...] | list[Chunk]) -> list[str]:
             why = resolve_dotted(m.group(0).rstrip("."))
             if why:
                 problems.append(f"{c.where(m.start())}: {why}")
+        for m in _FROM_IMPORT.finditer(c.text):  # from unmix.x.y import a, b: each name exists there
+            if m.group(1).split(".")[1] not in _CODE_ROOTS:
+                continue
+            for name in filter(None, (part.split(" as ")[0].strip() for part in m.group(2).split(","))):
+                why = resolve_dotted(f"{m.group(1)}.{name}")
+                if why:
+                    problems.append(f"{c.where(m.start())}: from {m.group(1)} import {name}: {why}")
         for m in _BARE.finditer(c.text):
             package, name = m.group(1), m.group(2)
             after = c.text[m.end() : m.end() + 1]
@@ -271,9 +279,11 @@ def test_path_checker_catches_stale_paths() -> None:
         Chunk(here, 1, "see :func:`unmix.training.nowhere.f` and ``unmix.training.config.NoSuchThing``"),
         Chunk(here, 2, "# :mod:`training.config` imports it (pipeline.mixing too)"),
         Chunk(here, 3, "# written by pipeline/no_such_module.py and configs/nope.yaml"),
+        Chunk(here, 4, "from unmix.pipeline.shards import write_shards, no_such_function"),
     ]
     problems = path_problems(bad)
-    assert len(problems) == 6, problems
+    assert len(problems) == 7, problems
+    assert "import no_such_function" in problems[-1]
     good = [
         Chunk(here, 1, "unmix.training.config.load_config, `unmix.pipeline.mixing`, unmix.cli.main"),
         Chunk(here, 2, "eval.knn_k 200, eval.knn_every_epochs=1; see training.md and docs/training.md"),
