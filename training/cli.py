@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``train`` and ``config-docs`` to the ``unmix`` parser."""
     p = sub.add_parser(
         "train",
-        help="pretrain MoCo v2/v1 or BYOL (+ Un-Mix) under DeepSpeed; resumes",
+        help="pretrain MoCo v2/v1, BYOL or SimCLR (+ Un-Mix) under DeepSpeed; resumes",
         description=(
             "Pretrain according to CONFIG (YAML) with dotted key=value overrides, e.g. "
             "`unmix train configs/digits_mocov2_unmix.yaml optim.epochs=2 output_dir=runs/x`. "
