@@ -27,7 +27,8 @@ from typing import Any, Literal, get_args, get_origin
 from unmix.training import atomic
 from unmix.training import config as config_module
 
-DEFAULT_PATH = Path("docs/config.md")
+# The page in a source checkout: training/ and docs/ sit side by side at the top of the repository.
+DEFAULT_PATH = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 HEADER = """\
 # Configuration reference
@@ -208,14 +209,23 @@ def register(sub: argparse._SubParsersAction) -> None:
             "exits 1 when PATH differs from what the dataclasses give."
         ),
     )
-    p.add_argument("--path", default=str(DEFAULT_PATH), help=f"the page (default {DEFAULT_PATH})")
+    p.add_argument(
+        "--path", help="the page (default: docs/config.md of the source checkout this command runs from)"
+    )
     p.add_argument("--check", action="store_true", help="exit 1 if PATH is missing or out of date")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Write or check the page; exit status 0, 1 (out of date with ``--check``) or 2 (cannot write)."""
-    path = Path(args.path)
+    if args.path is None and not DEFAULT_PATH.parent.is_dir():
+        print(
+            f"unmix config-docs: error: {DEFAULT_PATH.parent} does not exist (not a source checkout); "
+            "give --path",
+            file=sys.stderr,
+        )
+        return 2
+    path = Path(args.path) if args.path is not None else DEFAULT_PATH
     text = render()
     if args.check:
         try:

@@ -31,7 +31,7 @@ def _leaf_keys(obj: object, prefix: str = "") -> list[str]:
 def test_docs_config_md_is_up_to_date() -> None:
     """Fails when a field, default or comment of training/config.py changed without `unmix config-docs`."""
     assert PAGE.read_text(encoding="utf-8") == config_docs.render(), (
-        "docs/config.md is out of date: run `unmix config-docs` from the repository root"
+        "docs/config.md is out of date: run `unmix config-docs`"
     )
 
 
@@ -115,3 +115,17 @@ def test_command_cannot_write_exits_2(tmp_path, capsys) -> None:
     assert main(["config-docs", "--path", str(blocker / "config.md")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("unmix config-docs: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_default_path_is_the_checkouts_page_whatever_the_working_directory(tmp_path, monkeypatch) -> None:
+    assert config_docs.DEFAULT_PATH == PAGE
+    monkeypatch.chdir(tmp_path)
+    assert main(["config-docs", "--check"]) == 0  # reads the checkout's docs/config.md, not ./docs
+    assert not (tmp_path / "docs").exists()
+
+
+def test_outside_a_checkout_the_path_must_be_given(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(config_docs, "DEFAULT_PATH", tmp_path / "site-packages" / "docs" / "config.md")
+    assert main(["config-docs"]) == 2
+    assert "give --path" in capsys.readouterr().err
+    assert not (tmp_path / "site-packages").exists()
