@@ -1,7 +1,7 @@
 """MLflow for evaluations: the eval run (in the pretraining run's experiment) and the metrics written back
 onto the pretraining run.
 
-Tags this package writes (and :mod:`eval.compare` reads):
+Tags this package writes (and :mod:`unmix.eval.compare` reads):
 
 - eval run: ``unmix.kind`` = ``linear_eval`` | ``knn_eval`` (a pretrained backbone) or ``random_init``
   (an untrained one, with ``random_init`` = ARCH) or ``pixels`` (``unmix linear --pixels``, the pixel

@@ -71,7 +71,7 @@ class _PilGaussianBlur:
 
 
 def torchvision_view(spec, crop: int):
-    """The torchvision/PIL transform of one view of a :class:`pipeline.augment.ViewSpec`."""
+    """The torchvision/PIL transform of one view of a :class:`unmix.pipeline.augment.ViewSpec`."""
     from torchvision import transforms as T
 
     from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD
@@ -200,7 +200,7 @@ def _consumer(device: str):
 
 
 def measure_dali(shards, args, unmix: bool) -> tuple[float, float]:
-    """Images/s of :func:`pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
+    """Images/s of :func:`unmix.pipeline.build_pretrain_loader` (views + mixture reach the consumer)."""
     return _time_steps(
         _forever(_dali_loader(shards, args, unmix)), args.warmup, args.steps, _consumer(args.device)
     )

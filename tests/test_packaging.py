@@ -1,7 +1,7 @@
 """One import namespace: the wheel installs only ``unmix``; the command runs from a non-editable install.
 
 Also checks the source itself: no module imports a top-level ``pipeline``/``training``/``eval``, and the
-README's standalone-pipeline example runs as written.
+standalone-pipeline example of docs/data.md runs as written.
 """
 
 from __future__ import annotations
@@ -181,15 +181,15 @@ def test_no_two_modules_share_a_name() -> None:
     assert not shared, shared
 
 
-def _readme_block(heading: str) -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split(f"## {heading}", 1)[1]
+def _docs_block(page: str, heading: str) -> str:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    section = text.split(f"## {heading}", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_standalone_pipeline_example_runs(tmp_path: Path) -> None:
-    """The README's "Using the data pipeline on its own" example, executed as written."""
-    code = _readme_block("Using the data pipeline on its own")
+def test_docs_standalone_pipeline_example_runs(tmp_path: Path) -> None:
+    """The "Using the data pipeline on its own" example of docs/data.md, executed as written."""
+    code = _docs_block("docs/data.md", "Using the data pipeline on its own")
     assert "from unmix.pipeline import" in code
     # Appended: which of our modules the example imported (the pipeline alone, not training or eval).
     probe = "\nimport sys\nprint('modules', sorted(m for m in sys.modules if m.startswith('unmix.')))\n"

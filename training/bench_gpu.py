@@ -271,7 +271,7 @@ def check_deepspeed_configs() -> tuple[str, dict]:
 
 
 def check_gpu_graphs() -> tuple[str, dict] | Check:
-    """The loaders' GPU graph definitions, through unmix.pipeline.graph_check (issue 12, section 1)."""
+    """The loaders' GPU graph definitions, through unmix.pipeline.graph_check."""
     try:
         from unmix.pipeline import graph_check
         from unmix.pipeline.graph_check import device_report

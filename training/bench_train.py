@@ -3,14 +3,14 @@
 All variants train on the same batches, taken once from the real loader and held in memory, so the
 figures measure the step (forward, backward, optimizer, EMA, queue), not the data pipeline:
 
-- ``trainer``: :func:`training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
+- ``trainer``: :func:`unmix.training.loop.train_step` (DeepSpeed engine, fp32 target and queue, schedules);
 - ``plain``: the same method and model in a plain PyTorch loop (``torch.optim``, no DeepSpeed) around a
   copy of the run's method object: the same loss (every Un-Mix term), targets, EMA and queue, and on one
   process the same SplitBatchNorm and key shuffle;
 - each with Un-Mix on and off. Single steps of the four variants are interleaved (rotating order) and
   the median step time of each is reported, so load changes on a shared machine hit all variants alike.
 
-The goals (issue 4): trainer / plain >= 0.95 on the CPU; Un-Mix on / off about 1.75x for MoCo (one more
+The goals: trainer / plain >= 0.95 on the CPU; Un-Mix on / off about 1.75x for MoCo (one more
 query forward and backward on top of query + key forwards and the query backward); each method states
 its expectation (``expected_unmix_cost``).
 """

@@ -15,11 +15,11 @@ from survives until ``keep`` newer intact ones exist). A checkpoint interrupted 
 :class:`~unmix.training.atomic.WriteError` naming the path, leaving the last good checkpoint in place.
 Loading (:func:`find_resumable`) takes the newest checkpoint whose files all match their recorded size
 and hash, and warns naming every newer one it skipped and why; it then refuses (:class:`ResumeError`)
-a checkpoint any of whose files needs more than a weights-only load (see :mod:`training.safe_load`),
+a checkpoint any of whose files needs more than a weights-only load (see :mod:`unmix.training.safe_load`),
 and :func:`load` keeps DeepSpeed's own loads weights-only. Our per-rank state holds only tensors and
 builtins (the RNG states as tensors and lists).
 
-Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`training.preemption`),
+Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`unmix.training.preemption`),
 and a process killed outright leaves at worst a directory without ``COMPLETE``.
 """
 

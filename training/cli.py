@@ -1,4 +1,4 @@
-"""``unmix train``, ``unmix bench train`` and ``unmix bench gpu``."""
+"""``unmix train``, ``unmix config-docs``, ``unmix bench train`` and ``unmix bench gpu``."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``train`` to the ``unmix`` parser."""
+    """Add ``train`` and ``config-docs`` to the ``unmix`` parser."""
     p = sub.add_parser(
         "train",
         help="pretrain MoCo v2/v1, BYOL or SimCLR (+ Un-Mix) under DeepSpeed; resumes",
@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resume even though the config differs from the checkpoint's in keys that change the run",
     )
     p.set_defaults(func=_train)
+    from unmix.training import config_docs  # imports no torch: `unmix --help` stays fast
+
+    config_docs.register(sub)
 
 
 def _train(args: argparse.Namespace) -> int:

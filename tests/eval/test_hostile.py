@@ -1,4 +1,4 @@
-"""Issue 19, evaluation side: hostile and damaged inputs to ``unmix linear`` / ``knn`` / ``compare``.
+"""Evaluation side: hostile and damaged inputs to ``unmix linear`` / ``knn`` / ``compare``.
 
 Each test builds its input and asserts: exit status 2 and one line naming the file/key/value, nothing the
 input carries runs, nothing is created where the input says (items 1, 10, 13).

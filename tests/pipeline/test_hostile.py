@@ -1,4 +1,4 @@
-"""Hostile and damaged data inputs (issue 19): each test builds the input and asserts the outcome — refused
+"""Hostile and damaged data inputs: each test builds the input and asserts the outcome — refused
 with one line naming the file/key/value (CLI exit 2), nothing deleted, nothing run — and that the good
 input next to it still works.
 

@@ -1,4 +1,4 @@
-"""Issue 5 end to end with `unmix train` on tiny real shards (48 digits, 6 steps per epoch, CPU fp32):
+"""Fault tolerance end to end with `unmix train` on tiny real shards (48 digits, 6 steps per epoch, CPU fp32):
 SIGKILL and SIGTERM mid-epoch then resume == an uninterrupted run, bitwise, in one MLflow run; SIGUSR1 to
 one of two ranks; a corrupted latest checkpoint; a non-finite loss; a config change refused on resume."""
 
