@@ -58,10 +58,12 @@ number shows its protocol (tag unmix.protocol of the evaluation run).
 
 
 def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``bench probe`` (:mod:`unmix.eval.bench_probe`)."""
-    from unmix.eval import bench_probe
+    """Add ``bench probe`` (:mod:`unmix.eval.bench_probe`) and ``bench fidelity``
+    (:mod:`unmix.eval.bench_fidelity`)."""
+    from unmix.eval import bench_fidelity, bench_probe
 
     bench_probe.register_bench(bench_sub)
+    bench_fidelity.register_bench(bench_sub)
 
 
 def _add_backbone_args(p: argparse.ArgumentParser) -> None:
