@@ -56,16 +56,16 @@ def test_each_package_registers_its_commands() -> None:
         register(sub)
         return sorted(sub.choices)
 
-    assert commands(training_cli.register) == ["train"]
+    assert commands(training_cli.register) == ["config-docs", "train"]
     assert commands(eval_cli.register) == ["compare", "knn", "linear"]
     assert commands(training_cli.register_bench) == ["gpu", "train"]
-    assert commands(eval_cli.register_bench) == ["probe"]
+    assert commands(eval_cli.register_bench) == ["fidelity", "probe"]
     top = build_parser()._subparsers._group_actions[0].choices
     bench = top["bench"]._subparsers._group_actions[0].choices
-    own = {"train", "compare", "knn", "linear", "demo", "bench"}
+    own = {"train", "config-docs", "compare", "knn", "linear", "demo", "bench"}
     assert own <= set(top) and set(top) - own == set(commands(pipeline_cli.register))
-    assert {"gpu", "train", "probe"} <= set(bench)
-    assert set(bench) - {"gpu", "train", "probe"} == set(commands(pipeline_cli.register_bench))
+    assert {"gpu", "train", "probe", "fidelity"} <= set(bench)
+    assert set(bench) - {"gpu", "train", "probe", "fidelity"} == set(commands(pipeline_cli.register_bench))
 
 
 def test_demo_command_passes_its_options_to_run_demo(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:

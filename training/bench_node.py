@@ -144,12 +144,17 @@ def _same_everywhere(t: torch.Tensor) -> bool:
     return bool(all(torch.equal(gathered[0], g) for g in gathered[1:]))
 
 
-def _flat_state(run) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(online weights, target network, queue) of a run, each flattened to one fp32 vector."""
+def _flat_state(run) -> tuple[torch.Tensor, torch.Tensor]:
+    """(online weights, the method's replicated state) of a run, each flattened to one fp32 vector.
+
+    The replicated state is what :meth:`Method.replicated` names: the tensors every rank must hold
+    bitwise equal (MoCo: key encoder and queue; BYOL: target network; SimCLR: nothing).
+    """
     online = torch.cat([p.detach().float().reshape(-1) for p in run.engine.module.parameters()])
-    target = torch.cat([p.detach().float().reshape(-1) for p in run.method.target.parameters()])
-    queue = run.method.queue.queue.reshape(-1) if run.method.queue is not None else torch.zeros(1)
-    return online, target, queue.to(online.device)
+    tensors = run.method.replicated()
+    if not tensors:
+        return online, torch.zeros(1, device=online.device)
+    return online, torch.cat([t.detach().float().reshape(-1).to(online.device) for t in tensors])
 
 
 def check_shuffle_bn(device: torch.device) -> tuple[str, dict]:
@@ -282,19 +287,20 @@ def check_zero(spec: dict[str, Any], stage: int) -> tuple[str, dict]:
     try:
         before = _flat_state(run)[0].clone()
         _, losses = _steps(run, 2)
-        online, target, queue = _flat_state(run)
+        online, replicated = _flat_state(run)
         if run.engine.zero_optimization_stage() != stage:
             raise AssertionError(f"the engine runs ZeRO stage {run.engine.zero_optimization_stage()}")
         if not all(torch.isfinite(torch.tensor(losses))):
             raise AssertionError(f"non-finite loss {losses}")
         if torch.equal(before, online):
             raise AssertionError("the optimizer steps changed no weight")
-        same = [_same_everywhere(t) for t in (online, target, queue)]
+        same = [_same_everywhere(t) for t in (online, replicated)]
         if not all(same):
-            raise AssertionError(f"differs between ranks (online, target, queue): {[not s for s in same]}")
-        return f"2 steps, loss {losses[-1]:.3f}; weights, target and queue identical on every rank", {
-            "losses": losses
-        }
+            names = ("online weights", "method state (target, queue)")
+            wrong = [n for n, ok in zip(names, same, strict=True) if not ok]
+            raise AssertionError(f"differs between ranks: {', '.join(wrong)}")
+        same_text = "weights and method state (target, queue) identical on every rank"
+        return f"2 steps, loss {losses[-1]:.3f}; {same_text}", {"losses": losses}
     finally:
         _free(run)
 
@@ -331,7 +337,7 @@ def check_checkpoint(spec: dict[str, Any]) -> tuple[str, dict]:
         client, _ = checkpoint.load(second.engine, path)
         second.method.load_state_dict(client["method"])
         loaded = _flat_state(second)
-        names = ("online weights", "target", "queue")
+        names = ("online weights", "method state (target, queue)")
         wrong = [n for n, a, b in zip(names, saved, loaded, strict=True) if not torch.equal(a, b)]
         if wrong:
             raise AssertionError(f"after loading, {', '.join(wrong)} differ from the saved run")

@@ -182,3 +182,50 @@ class PaperBYOL(nn.Module):
         """``xi <- tau * xi + (1 - tau) * theta`` after the optimizer step."""
         for p_t, p_o in zip(self.target.parameters(), self._projection.parameters(), strict=True):
             p_t.data = tau * p_t.data + (1 - tau) * p_o.data
+
+
+class Embed(nn.Module):
+    """The references' encoder over the trainer's network: images -> unnormalised embeddings.
+
+    ``head(backbone(x))`` (the online projection), then the predictor where the network has one and
+    ``predictor`` is set (BYOL's online branch). It shares the network's parameters: a reference that
+    trains it trains ``net``.
+    """
+
+    def __init__(self, net: nn.Module, predictor: bool = True):
+        super().__init__()
+        self.net, self.predictor = net, predictor
+
+    def forward(self, x: Tensor) -> Tensor:
+        z = self.net.head(self.net.backbone(x))  # z: NxC
+        return self.net.predictor(z) if self.predictor and self.net.predictor is not None else z
+
+
+def paper_nt_xent(a: Tensor, b: Tensor, T: float) -> Tensor:
+    """SimCLR's Algorithm 1 (Chen et al. 2020): the 2N x 2N cosine similarity matrix of ``[a; b]``, self
+    masked, cross-entropy on the partner index; the mean over all 2N anchors."""
+    n = a.shape[0]
+    z = F.normalize(torch.cat([a, b]).float(), dim=1)  # 2N x C
+    sim = z @ z.T / T
+    sim.fill_diagonal_(float("-inf"))
+    target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)]).to(sim.device)
+    return F.cross_entropy(sim, target)
+
+
+def paper_simclr_loss(z1: Tensor, z2: Tensor, z_m: Tensor, lam: float, T: float) -> Tensor:
+    """SimCLR + Un-Mix in plain PyTorch: ``L(z1, z2) + lam L(z_m, z2) + (1 - lam) L(z_m.flip(0), z2)``
+    (the authors' general rule, szq0214/Un-Mix issue 4, with NT-Xent as the criterion)."""
+    L = paper_nt_xent
+    return L(z1, z2, T) + lam * L(z_m, z2, T) + (1 - lam) * L(z_m.flip(0), z2, T)
+
+
+class PaperSimCLR(nn.Module):
+    """SimCLR + Un-Mix from the paper: ``encoder`` maps images to the projection z (no target network)."""
+
+    def __init__(self, encoder: nn.Module, T: float):
+        super().__init__()
+        self.encoder, self.T = encoder, T
+
+    def forward(self, v1: Tensor, v2: Tensor, mixed: Tensor, lam: float) -> Tensor:
+        z1, z2, z_m = self.encoder(v1), self.encoder(v2), self.encoder(mixed)  # z: NxC
+        return paper_simclr_loss(z1, z2, z_m, lam, self.T)

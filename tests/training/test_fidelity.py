@@ -17,13 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from unmix.pipeline.torch_mixing import MixDraw, mix
 from unmix.training import byol, ema, loop, moco
 from unmix.training.bench_train import MemoryLoader
 from unmix.training.config import load_config
-from unmix.training.fidelity import AuthorsMoCo, PaperBYOL, authors_mix, byol_tau
+from unmix.training.fidelity import AuthorsMoCo, Embed, PaperBYOL, authors_mix, byol_tau
 
 STEPS = 24
 MUTANT_STEPS = 6  # each mutant shows by step 2; the clean pairs stay equal over STEPS
@@ -89,18 +88,6 @@ def _overrides(case: Case) -> list[str]:
     ]  # fmt: skip
 
 
-class _Embed(nn.Module):
-    """Their encoder: images -> unnormalised embeddings (``head`` only: the online projection)."""
-
-    def __init__(self, net: nn.Module, predictor: bool = True):
-        super().__init__()
-        self.net, self.predictor = net, predictor
-
-    def forward(self, x):
-        z = self.net.head(self.net.backbone(x))
-        return self.net.predictor(z) if self.predictor and self.net.predictor is not None else z
-
-
 @pytest.fixture
 def one_process(monkeypatch):
     """``setup`` starts a one-process gloo group here: keep its rendezvous out of os.environ, and tear
@@ -128,9 +115,9 @@ def lockstep(case: Case, steps: int = STEPS) -> dict:
     net = copy.deepcopy(run.engine.module)  # the same initial weights (the trainer's are untouched so far)
     start = {k: v.detach().clone() for k, v in net.named_parameters()}
     if case.method == "byol":
-        ref = PaperBYOL(_Embed(net), _Embed(net, predictor=False))
+        ref = PaperBYOL(Embed(net), Embed(net, predictor=False))
     else:
-        ref = AuthorsMoCo(_Embed(net), run.method.queue.queue.clone(), cfg.method.moco.m, 0.2, case.symmetric)
+        ref = AuthorsMoCo(Embed(net), run.method.queue.queue.clone(), cfg.method.moco.m, 0.2, case.symmetric)
     opt = torch.optim.SGD(ref.parameters(), lr=0.0, momentum=0.9, weight_decay=cfg.optim.weight_decay)
     ours, theirs = [], []
     for step, batch in enumerate(batches):

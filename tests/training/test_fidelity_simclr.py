@@ -20,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from unmix.training.fidelity import paper_simclr_loss
 from unmix.training.losses import nt_xent, nt_xent_unmix
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -239,21 +240,6 @@ def test_a_gradient_cutting_gather_is_caught(tmp_path):
 # ------------------------------------------------------------------- lockstep with a plain SimCLR step
 
 
-def plain_simclr_loss(z1, z2, z_m, lam: float, T: float) -> torch.Tensor:
-    """SimCLR's Algorithm 1 in plain PyTorch (2N x 2N similarity matrix, self masked, cross-entropy on
-    the partner index), plus Un-Mix's rule ``lam * L(z_m, z2) + (1 - lam) * L(z_m.flip(0), z2)``."""
-
-    def nt_xent_paper(a, b):
-        n = a.shape[0]
-        z = F.normalize(torch.cat([a, b]).float(), dim=1)
-        sim = z @ z.T / T
-        sim.fill_diagonal_(float("-inf"))
-        target = torch.cat([torch.arange(n, 2 * n), torch.arange(0, n)])
-        return F.cross_entropy(sim, target)
-
-    return nt_xent_paper(z1, z2) + lam * nt_xent_paper(z_m, z2) + (1 - lam) * nt_xent_paper(z_m.flip(0), z2)
-
-
 def _tiny_simclr_cfg(extra=()):
     from unmix.training.config import load_config
 
@@ -311,7 +297,7 @@ def test_trainer_step_in_lockstep_with_a_plain_simclr_step():
     for step, b in enumerate(batches):
         loss, _, _ = train_step(run, b, step, lr, 0.0)
         z1, z2, z_m = plain(b["view1"], b["view2"], b["mixed"])
-        ref = plain_simclr_loss(z1, z2, z_m, float(b["lam"][0]), 0.5)
+        ref = paper_simclr_loss(z1, z2, z_m, float(b["lam"][0]), 0.5)
         opt.zero_grad()
         ref.backward()
         opt.step()
