@@ -30,7 +30,8 @@ import torch
 from unmix.pipeline.devices import local_cuda_device
 from unmix.training import checkpoint, dist, methods, sync_bn
 from unmix.training.atomic import write_text
-from unmix.training.backbones import build_backbone, save_backbone
+from unmix.training.backbone_file import BackboneMeta, save_backbone
+from unmix.training.backbones import build_backbone
 from unmix.training.batchnorm import plain_batchnorm
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from unmix.training.ema import update_momentum
@@ -248,17 +249,18 @@ class Progress:
 
 def _export_backbone(run: Run, out: Path, tracker: Tracker) -> Path:
     backbone = plain_batchnorm(copy.deepcopy(run.engine.module.backbone).float().cpu())  # torchvision BN
-    meta = {
-        "method": run.cfg.method.name,
-        "unmix": run.cfg.unmix.enabled,
-        "epochs": run.cfg.optim.epochs,
-        "steps": run.state["step"],
-        "crop": run.cfg.data.crop,
-        "seed": run.cfg.seed,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_tracking_uri": tracker.uri if tracker.run_id else None,
-        "mlflow_experiment": run.cfg.mlflow.experiment,
-    }
+    meta = BackboneMeta.of(
+        backbone,
+        crop=run.cfg.data.crop,
+        method=run.cfg.method.name,
+        unmix=run.cfg.unmix.enabled,
+        epochs=run.cfg.optim.epochs,
+        steps=run.state["step"],
+        seed=run.cfg.seed,
+        mlflow_run_id=tracker.run_id,
+        mlflow_tracking_uri=tracker.uri if tracker.run_id else None,
+        mlflow_experiment=run.cfg.mlflow.experiment,
+    )
     return save_backbone(out / "backbone.pt", backbone, meta)
 
 

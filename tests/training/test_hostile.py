@@ -348,20 +348,18 @@ def test_item9_cli_refuses_before_any_work(tmp_path):
 
 
 def test_item10_tracking_uri_is_stored_without_credentials(tmp_path):
-    from unmix.training.backbones import build_backbone, load_backbone, save_backbone
+    from unmix.training.backbone_file import BackboneMeta, load_backbone, save_backbone
+    from unmix.training.backbones import build_backbone
 
     uri = "https://alice:s3cret@mlflow.example.org:5000/base?token=abc&experiment=3"
     assert without_credentials(uri) == "https://mlflow.example.org:5000/base?experiment=3"
     assert without_credentials("postgresql://u:pw@db/mlflow") == "postgresql://db/mlflow"
     assert without_credentials("sqlite:////runs/mlflow.db") == "sqlite:////runs/mlflow.db"
-    path = save_backbone(
-        tmp_path / "backbone.pt", build_backbone("resnet10", width=8), {"mlflow_tracking_uri": uri}
-    )
+    net = build_backbone("resnet10", width=8)
+    path = save_backbone(tmp_path / "backbone.pt", net, BackboneMeta.of(net, mlflow_tracking_uri=uri))
     raw = path.read_bytes()
     assert b"s3cret" not in raw and b"alice" not in raw and b"abc" not in raw
-    assert (
-        load_backbone(path)[1]["mlflow_tracking_uri"] == "https://mlflow.example.org:5000/base?experiment=3"
-    )
+    assert load_backbone(path)[1].mlflow_tracking_uri == "https://mlflow.example.org:5000/base?experiment=3"
 
 
 # ---------------------------------------------------------------------------- item 12: YAML pass-through
