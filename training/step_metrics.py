@@ -38,14 +38,8 @@ class StepMetrics:
         unmix: bool,
         clock: Callable[[], float] = time.perf_counter,
     ):
-        self.device, self.world, self.accum, self.global_batch, self.unmix = (
-            device,
-            world,
-            accum,
-            global_batch,
-            unmix,
-        )
-        self.clock = clock
+        self.device, self.world, self.accum = device, world, accum
+        self.global_batch, self.unmix, self.clock = global_batch, unmix, clock
         self.lr, self.momentum = 0.0, 0.0  # of the last optimizer step
         self._sums = torch.zeros(4, device=device)  # Σ loss, loss_clean, loss_mix, λ over the window
         self._zero = torch.zeros((), device=device)
@@ -55,10 +49,15 @@ class StepMetrics:
         self._steps, self._start, self._wait = 0, clock(), 0.0
 
     def add(
-        self, step: int, loss: torch.Tensor, loss_clean: torch.Tensor, loss_mix: torch.Tensor, lam
+        self,
+        step: int,
+        loss: torch.Tensor,
+        loss_clean: torch.Tensor,
+        loss_mix: torch.Tensor,
+        lam: torch.Tensor | None,
     ) -> None:
-        """One micro-step of optimizer step ``step`` (1-based); ``lam`` the batch's λ [N] (None without
-        Un-Mix). No host sync."""
+        """One micro-step of optimizer step ``step`` (1-based): its losses (scalars on the device) and
+        ``lam``, the batch's λ (N,; None without Un-Mix). No host sync."""
         lam = lam.float().mean().to(self.device) if self.unmix and lam is not None else self._zero
         self._sums += torch.stack([loss.float(), loss_clean.float(), loss_mix.float(), lam])
         self._epoch_sum += loss.float()
