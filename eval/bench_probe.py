@@ -1,24 +1,14 @@
 """``unmix bench probe``: every linear probe on the same cached features, and the reference probe's speed.
 
-Part 1 (accuracy): for each built-in sample (written to a scratch directory) and each backbone (a
-random-init ResNet-10, the raw pixels, and any ``--backbone FILE``), features are extracted once with the
-eval transform; then ``logreg`` (the reference), ``moco`` and ``byol`` with their defaults (BN head),
-both with ``head_norm=none`` and the published keys, and scikit-learn's ``LogisticRegression`` (lbfgs,
-``C = 1 / (l2 n)`` with logreg's chosen ``l2``, same standardisation) are fitted on those features and
-scored on val. A probe the divergence guard stops prints "stopped". With ``--augmented``, moco and byol
-are also trained the paper's way (backbone forward on augmented batches every epoch).
-
-Part 2 (speed): one full-data loss + gradient of :class:`~unmix.eval.logreg.Objective` on synthetic
-features ``rows x dim`` with ``classes`` classes, timed on ``--speed-rows`` rows and scaled linearly to
-``--target-rows`` (ImageNet: 1.28 M x 2048, 1000 classes), with the projected time of the grid and refit
-for the L-BFGS evaluations the digits run needed. Measured, not extrapolated, when the two row counts
-agree (on a GPU with memory for it).
+:func:`accuracy_table` (part 1) and :func:`speed` (part 2); what each measures, and the options, are the
+command's description in :mod:`unmix.eval.cli` (``unmix bench probe --help``), which registers it.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -98,7 +88,7 @@ def accuracy_table(
     from unmix.eval.features import PixelFeatures
     from unmix.eval.logreg import Standardiser, logreg_eval
     from unmix.eval.protocols import byol_protocol, moco_protocol
-    from unmix.pipeline.sample import write_sample
+    from unmix.pipeline.shards.sample import write_sample
     from unmix.training.backbone_file import load_backbone
     from unmix.training.backbones import build_backbone
 
@@ -178,32 +168,11 @@ def speed(rows: int, target_rows: int, dim: int, classes: int, device: torch.dev
     )
 
 
-def register_bench(bench_sub: argparse._SubParsersAction) -> None:
-    """Add ``bench probe``."""
-    p = bench_sub.add_parser(
-        "probe",
-        help="every linear probe (logreg, moco, byol, published, sklearn) on the same features; logreg speed",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--samples", nargs="*", default=["digits"], choices=sorted(SAMPLES_CROP))
-    p.add_argument("--backbone", nargs="*", default=[], metavar="FILE", help="pretrained backbone.pt files")
-    p.add_argument("--augmented", action="store_true", help="also moco/byol on augmented features (slow)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--seeds", type=int, default=1, help="moco/byol defaults over seeds 0..N-1 (default 1)")
-    p.add_argument("--speed-rows", type=int, default=65536, help="rows timed (default 65,536)")
-    p.add_argument("--target-rows", type=int, default=1_281_167, help="rows projected (ImageNet train)")
-    p.add_argument("--dim", type=int, default=2048)
-    p.add_argument("--classes", type=int, default=1000)
-    p.add_argument("--skip-accuracy", action="store_true")
-    p.add_argument("--skip-speed", action="store_true")
-    p.set_defaults(func=_main)
-
-
-def _main(args: argparse.Namespace) -> int:
+def main(args: argparse.Namespace) -> int:
+    """Run ``unmix bench probe`` with its parsed arguments; returns the exit status."""
     device = torch.device("cuda" if args.device == "gpu" else "cpu")
     if args.device == "gpu" and not torch.cuda.is_available():
-        print("unmix bench probe: error: --device gpu: no CUDA device is visible")
+        print("unmix bench probe: error: --device gpu: no CUDA device is visible", file=sys.stderr)
         return 2
     if not args.skip_accuracy:
         print(accuracy_table(args.samples, args.backbone, args.augmented, device, args.seeds))

@@ -1,7 +1,7 @@
 """Process-group handling for evaluation: one process, ``torchrun``, or ``srun``.
 
 Ranks come from RANK/WORLD_SIZE/LOCAL_RANK (torchrun) or, when those are absent, from the srun
-step's SLURM_* variables through :func:`training.dist.map_slurm_env` (which also sets MASTER_ADDR from
+step's SLURM_* variables through :func:`unmix.training.dist.map_slurm_env` (which also sets MASTER_ADDR from
 the node list and MASTER_PORT from the job id); 127.0.0.1:29500 is the single-node default.
 """
 

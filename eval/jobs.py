@@ -19,14 +19,14 @@ import torch
 from torch import nn
 
 from unmix.eval import distributed
+from unmix.eval.eval_runs import EvalTracker, resolve_experiment, resolve_tracking_uri
 from unmix.eval.features import PixelFeatures, extract_features, freeze, state_fingerprint
-from unmix.eval.knn import knn_evaluate
 from unmix.eval.linear import cached_features, linear_eval
 from unmix.eval.logreg import logreg_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
-from unmix.eval.tracking import EvalTracker, resolve_experiment, resolve_tracking_uri
 from unmix.training.atomic import check_writable, write_text
 from unmix.training.backbone_file import BackboneMeta
+from unmix.training.knn import knn_evaluate
 
 
 @dataclass
@@ -79,14 +79,14 @@ def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, Ba
 
 def num_classes_of(train_dir: str) -> int:
     """Number of classes in the shard set's manifest."""
-    from unmix.pipeline.shards import read_manifest
+    from unmix.pipeline.shards.manifest import read_manifest
 
     return read_manifest(train_dir).num_classes
 
 
 def check_val_count(val_dir: str, counted: int) -> None:
     """Every val sample must be counted exactly once over all ranks: compare with the manifest."""
-    from unmix.pipeline.shards import read_manifest
+    from unmix.pipeline.shards.manifest import read_manifest
 
     total = read_manifest(val_dir).total
     if counted != total:

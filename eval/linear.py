@@ -312,7 +312,7 @@ def linear_eval(
 ) -> LinearResult:
     """Linear evaluation of a frozen ``backbone`` on shards ``train_dir``/``val_dir`` (moco, byol).
 
-    ``make_loader(shards, batch_size, split, ...)`` is :func:`pipeline.build_eval_loader` (injected so
+    ``make_loader(shards, batch_size, split, ...)`` is :func:`unmix.pipeline.build_eval_loader` (injected so
     tests can pass another loader). ``features=augmented`` runs the backbone on augmented train batches
     every epoch (the paper's protocol); ``features=cached`` extracts train and val features once with the
     val transform and trains on those.

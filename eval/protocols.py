@@ -116,7 +116,8 @@ def byol_protocol(head_norm: str = "bn") -> LinearProtocol:
 
 
 def logreg_protocol() -> LinearProtocol:
-    """The reference probe: L-BFGS logistic regression on cached, standardised features (eval.logreg)."""
+    """The reference probe: L-BFGS logistic regression on cached, standardised features
+    (:mod:`unmix.eval.logreg`)."""
     return LinearProtocol(protocol="logreg", features="cached", epochs=1, lr=1.0, head_norm="none")
 
 

@@ -4,6 +4,7 @@ Standalone: imports nothing from ``unmix.training`` or ``unmix.eval``.
 
     from unmix.pipeline import build_pretrain_loader, build_eval_loader, UnmixConfig
     from unmix.pipeline import pretrain_pipeline, eval_pipeline, device_report  # the graphs, checked
+    from unmix.pipeline.shards import write_shards, verify_shards, read_manifest  # shard sets
 
 The loaders (and DALI) are imported lazily, so ``import unmix.pipeline`` stays cheap for the CLI.
 """

@@ -2,7 +2,7 @@
 
 Like DALI's EfficientNet example, nothing here knows where the images come from: each function takes
 decoded images (uint8 HWC, on ``device``) and returns DALI data nodes, so the same graph serves the
-webdataset reader of :mod:`pipeline.loaders`, a file reader or an external source.
+webdataset reader of :mod:`unmix.pipeline.loaders`, a file reader or an external source.
 
 Recipes carry the papers' parameters:
 

@@ -1,7 +1,7 @@
 """Which CUDA device a process uses: one rule for the loaders, training and evaluation.
 
 Launchers give each process a local rank (``LOCAL_RANK``, or Slurm's ``SLURM_LOCALID`` mapped to it by
-``training.dist.map_slurm_env``), and the usual rule is "local rank r uses ``cuda:r``". That breaks
+``unmix.training.dist.map_slurm_env``), and the usual rule is "local rank r uses ``cuda:r``". That breaks
 under ``srun --gpus-per-task=1`` or ``--gpu-bind``: Slurm then sets ``CUDA_VISIBLE_DEVICES`` per task,
 each task sees only its own GPU(s) as ``cuda:0``..., while its local rank is still 0..7, and
 ``torch.cuda.set_device(3)`` fails with "invalid device ordinal". :func:`local_cuda_index` indexes the

@@ -89,8 +89,8 @@ Shards = str | os.PathLike | list | tuple | ShardFiles
 
 def _one_set(shards: str | os.PathLike) -> tuple[list[str], list[str], int, bool, int]:
     """One set's tars, indices, total, labeled and number of classes, after the cheap checks every reader
-    needs (:func:`unmix.pipeline.shards.check_shard_set`: sizes, each ``.idx``'s sha256)."""
-    from unmix.pipeline.shards import check_shard_set
+    needs (:func:`unmix.pipeline.shards.manifest.check_shard_set`: sizes, each ``.idx``'s sha256)."""
+    from unmix.pipeline.shards.manifest import check_shard_set
 
     m = check_shard_set(shards)
     return m.tar_paths, m.index_paths, int(m.total), m.labeled, m.num_classes

@@ -1,10 +1,10 @@
-"""The Un-Mix settings: one object for the pipeline (:mod:`pipeline.mixing`) and the trainer.
+"""The Un-Mix settings: one object for the pipeline (:mod:`unmix.pipeline.mixing`) and the trainer.
 
-The trainer's ``unmix:`` config section *is* this class (:mod:`training.config` imports it; the pipeline
+The trainer's ``unmix:`` config section *is* this class (:mod:`unmix.training.config` imports it; the pipeline
 imports nothing from ``training``). It imports neither DALI nor torch, so reading a config stays cheap.
 
 Options beyond the paper (off by default): ``per_sample_lambda`` (a lam and a box per sample; the mode
-stays per batch), which every loss pairs correctly (:func:`training.losses.unmix_weighted`: the reversed
+stays per batch), which every loss pairs correctly (:func:`unmix.training.losses.unmix_weighted`: the reversed
 mixture carries ``1 - lam.flip(0)``); and ``random_partner`` (a random permutation without fixed points
 instead of the reversal; the loader then also returns the partner indices). The losses pair each
 mixture with its partner by ``flip(0)``, so the trainer refuses ``random_partner`` (:func:`for_trainer`);
@@ -26,11 +26,15 @@ class UnmixConfig:
     ``enabled: false``. Invalid values raise ``ValueError`` naming the key (``unmix.<field>``).
     """
 
-    enabled: bool = True
+    enabled: bool = True  # Un-Mix on/off (the loader then also yields `mixed` and `lam`)
     p_mixup: float = 0.5  # probability that a batch is mixed globally (mixup) rather than by a box (CutMix)
-    alpha: float = 1.0  # lam ~ Beta(alpha, alpha), one per batch (per sample with per_sample_lambda)
-    per_sample_lambda: bool = False  # a lam and a box per sample (the mode stays per batch)
-    random_partner: bool = False  # pipeline only: a random partner permutation instead of the reversal
+    alpha: float = 1.0  # lam ~ Beta(alpha, alpha), alpha > 0; one per batch (per sample: per_sample_lambda)
+    # a lam and a box per sample (the mode stays per batch); DALI loader only (data.source=synthetic
+    # refuses it)
+    per_sample_lambda: bool = False
+    # pipeline only: a random partner permutation instead of the reversal (the trainer refuses it: its losses
+    # pair each mixture with its partner by the reversal)
+    random_partner: bool = False
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.p_mixup <= 1.0:

@@ -21,7 +21,7 @@ pixels, and the returned ``mixed`` is then exactly ``lam * view1 + (1 - lam) * p
 pixel-wise selection of ``view1`` and ``partner`` (CutMix: the box copied from the partner with
 ``fn.multi_paste``, see :func:`paste_box`).
 
-Options beyond the paper (off by default), in :class:`pipeline.mix_config.UnmixConfig`:
+Options beyond the paper (off by default), in :class:`unmix.pipeline.mix_config.UnmixConfig`:
 ``per_sample_lambda`` (a lam and a box per sample; the mode stays per batch) and ``random_partner`` (a
 random permutation without fixed points instead of the reversal; the loader then also returns the
 partner indices; pipeline only, the trainer refuses it).

@@ -24,7 +24,7 @@
 # and output_dir are the values `unmix train` will use; relative paths are made absolute. Slurm's
 # logs go to OUTPUT_DIR/slurm-<job name>-<job id>.out.
 #
-# Environment: UNMIX_VENV / UNMIX_PYTHON (the Python that can import `training`, default
+# Environment: UNMIX_VENV / UNMIX_PYTHON (the Python that can import `unmix.training`, default
 # $UNMIX_VENV/bin/python or python3), and everything pretrain.sbatch and linear.sbatch read
 # (UNMIX_VENV, UNMIX_SETUP, UNMIX_SRUN_ARGS, UNMIX_LINEAR_ARGS, UNMIX_KNN_ARGS, UNMIX_EVAL, ...): sbatch
 # exports the submitting environment to the jobs (unless the site sets SBATCH_EXPORT).

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def sample_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The built-in `digits` sample written once per test session: ``<root>/train`` and ``<root>/val``."""
-    from unmix.pipeline.sample import write_sample
+    from unmix.pipeline.shards.sample import write_sample
 
     root = tmp_path_factory.mktemp("digits")
     write_sample("digits", root)

@@ -1,7 +1,7 @@
 """One import namespace: the wheel installs only ``unmix``; the command runs from a non-editable install.
 
 Also checks the source itself: no module imports a top-level ``pipeline``/``training``/``eval``, and the
-README's standalone-pipeline example runs as written.
+standalone-pipeline example of docs/data.md runs as written.
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ def test_wheel_has_one_top_level_name(wheel: Path) -> None:
         "unmix/__main__.py",
         "unmix/cli.py",
         "unmix/pipeline/loaders.py",
+        "unmix/pipeline/shards/manifest.py",  # a subpackage: listed in pyproject's packages
         "unmix/training/loop.py",
         "unmix/eval/linear.py",
     ):
@@ -163,15 +164,32 @@ def test_no_top_level_imports_in_the_source() -> None:
     assert not offenders, "\n".join(offenders)
 
 
-def _readme_block(heading: str) -> str:
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
-    section = readme.split(f"## {heading}", 1)[1]
+PACKAGE_DIRS = ("unmix", "pipeline", "training", "eval")
+SHARED_NAMES = {"__init__.py", "__main__.py", "cli.py"}  # cli.py: each package registers its own commands
+
+
+def test_no_two_modules_share_a_name() -> None:
+    """A module name says which concept it holds: no ``knn.py`` in two packages (one a re-export), no
+    two ``tracking.py`` or ``bench.py`` (benchmarks are named after what they measure)."""
+    where: dict[str, list[str]] = {}
+    for package in PACKAGE_DIRS:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if "__pycache__" not in path.parts and path.name not in SHARED_NAMES:
+                where.setdefault(path.name, []).append(str(path.relative_to(ROOT)))
+    assert where["knn.py"] == ["training/knn.py"]  # the scan sees the packages
+    shared = {name: paths for name, paths in where.items() if len(paths) > 1}
+    assert not shared, shared
+
+
+def _docs_block(page: str, heading: str) -> str:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    section = text.split(f"## {heading}", 1)[1]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
-def test_readme_standalone_pipeline_example_runs(tmp_path: Path) -> None:
-    """The README's "Using the data pipeline on its own" example, executed as written."""
-    code = _readme_block("Using the data pipeline on its own")
+def test_docs_standalone_pipeline_example_runs(tmp_path: Path) -> None:
+    """The "Using the data pipeline on its own" example of docs/data.md, executed as written."""
+    code = _docs_block("docs/data.md", "Using the data pipeline on its own")
     assert "from unmix.pipeline import" in code
     # Appended: which of our modules the example imported (the pipeline alone, not training or eval).
     probe = "\nimport sys\nprint('modules', sorted(m for m in sys.modules if m.startswith('unmix.')))\n"

@@ -1,1 +1,1 @@
-"""unmix pretraining: MoCo v2 / BYOL with the Un-Mix loss under DeepSpeed."""
+"""unmix pretraining: MoCo v2/v1, BYOL and SimCLR with the Un-Mix loss under DeepSpeed."""

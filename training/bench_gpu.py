@@ -271,7 +271,7 @@ def check_deepspeed_configs() -> tuple[str, dict]:
 
 
 def check_gpu_graphs() -> tuple[str, dict] | Check:
-    """The loaders' GPU graph definitions, through unmix.pipeline.graph_check (issue 12, section 1)."""
+    """The loaders' GPU graph definitions, through unmix.pipeline.graph_check."""
     try:
         from unmix.pipeline import graph_check
         from unmix.pipeline.graph_check import device_report
@@ -441,7 +441,7 @@ def dali_version() -> str | None:
 
 def sample_data(root: Path) -> Path:
     """``unmix shards sample photos`` (``SAMPLE_IMAGES`` images) under ``root``; the train split."""
-    from unmix.pipeline.sample import write_sample
+    from unmix.pipeline.shards.sample import write_sample
 
     write_sample("photos", root, n_images=SAMPLE_IMAGES)
     return root / "train"

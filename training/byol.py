@@ -1,8 +1,8 @@
 """BYOL with the Un-Mix loss: online = backbone + projector + predictor; target = EMA of the first two.
 
 The target is fp32 and lives here, outside the DeepSpeed engine; the loop updates it with
-:func:`training.ema.update_momentum` after each optimizer step, at the cosine tau of that step.
-:class:`BYOL` implements :class:`training.methods.Method`.
+:func:`unmix.training.ema.update_momentum` after each optimizer step, at the cosine tau of that step.
+:class:`BYOL` implements :class:`unmix.training.methods.Method`.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ DeepSpeed's own loads weights-only. The client state is a typed, versioned recor
 (:class:`~unmix.training.checkpoint_state.ClientState`, where the format versions are listed); our
 per-rank state holds only tensors and builtins (the RNG states as tensors and lists).
 
-Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`training.preemption`),
+Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`unmix.training.preemption`),
 and a process killed outright leaves at worst a directory without ``COMPLETE``.
 """
 

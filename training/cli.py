@@ -1,4 +1,4 @@
-"""``unmix train``, ``unmix bench train`` and ``unmix bench gpu``."""
+"""``unmix train``, ``unmix config-docs``, ``unmix bench train`` and ``unmix bench gpu``."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``train`` to the ``unmix`` parser."""
+    """Add ``train`` and ``config-docs`` to the ``unmix`` parser."""
     p = sub.add_parser(
         "train",
-        help="pretrain MoCo v2/v1 or BYOL (+ Un-Mix) under DeepSpeed; resumes",
+        help="pretrain MoCo v2/v1, BYOL or SimCLR (+ Un-Mix) under DeepSpeed; resumes",
         description=(
             "Pretrain according to CONFIG (YAML) with dotted key=value overrides, e.g. "
             "`unmix train configs/digits_mocov2_unmix.yaml optim.epochs=2 output_dir=runs/x`. "
@@ -31,6 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="resume even though the config differs from the checkpoint's in keys that change the run",
     )
     p.set_defaults(func=_train)
+    from unmix.training import config_docs  # imports no torch: `unmix --help` stays fast
+
+    config_docs.register(sub)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,7 +56,7 @@ def _train(args: argparse.Namespace) -> int:
         return 2
     for line in warnings if cfg.data.device == "gpu" else []:
         print(f"unmix train: warning: {line}", file=sys.stderr)
-    from unmix.pipeline.shards import ShardSetError, check_shard_set
+    from unmix.pipeline.shards.manifest import ShardSetError, check_shard_set
     from unmix.training.config import train_sets
 
     try:  # cheap data checks before any process group, DeepSpeed engine or MLflow run exists
@@ -168,6 +171,6 @@ def _bench_gpu(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from unmix.training.bench import main
+    from unmix.training.bench_train import main
 
     return main(args)

@@ -25,7 +25,7 @@ import yaml
 from unmix.pipeline.mix_config import UnmixConfig, for_trainer
 from unmix.training import methods
 
-# Backbones :func:`training.backbones.build_backbone` builds; here so that reading a config imports no torch.
+# Backbones :func:`unmix.training.backbones.build_backbone` builds; here so reading a config imports no torch.
 ARCHS = ("resnet10", "resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "wide_resnet50_2")
 _BOTTLENECK_ARCHS = ("resnet50", "resnet101", "resnet152", "wide_resnet50_2")  # block expansion 4
 
@@ -54,61 +54,85 @@ class DataConfig:
     device: Literal["gpu", "cpu"] = "gpu"  # where DALI decodes and augments
     crop: int = 224  # side of the square views; <= 64 selects the small-image ResNet stem
     threads: int = 4  # DALI CPU threads per process
-    recipe: str = ""  # loader augmentation (pipeline/augment.py RECIPES); "" = the method's own
-    source: Literal["dali", "synthetic"] = "dali"  # synthetic: random images made on the device (benchmarks)
+    # loader augmentation (pipeline/augment.py RECIPES); "" = the method's own (moco_v2, moco_v1, byol,
+    # simclr); moco_cifar: the MoCo/Un-Mix CIFAR recipe (crop scale 0.08-1, no blur); simclr_cifar: SimCLR's
+    # CIFAR-10 recipe (jitter strength 0.5, no blur)
+    recipe: str = ""
+    # synthetic: random normalised images made on data.device, mixed by the Un-Mix rule; no shards, no DALI
+    # (benchmarks, `unmix bench gpu`)
+    source: Literal["dali", "synthetic"] = "dali"
     synthetic_samples: int = 1_281_167  # epoch size of data.source=synthetic (ImageNet-1k train)
     # reader / nvJPEG decoder (unmix.pipeline.decoding.DecoderOptions; paddings: DALI's ImageNet example)
-    hw_decoder_load: float = 0.9  # share of each batch decoded by the GPU's hardware JPEG engines (gpu)
-    device_memory_padding: int = 211_025_920  # bytes nvJPEG's device buffers grow by (gpu)
-    host_memory_padding: int = 140_544_512  # bytes nvJPEG's pinned host buffers grow by (gpu)
-    dont_use_mmap: bool = False  # read() the tars instead of mmap: for network filesystems
+
+    # share of each batch decoded by the GPU's hardware JPEG engines (data.device gpu; DALI's default 0.65
+    # predates Hopper's seven engines; lower it if `unmix bench gpu` shows data wait on your GPUs)
+    hw_decoder_load: float = 0.9
+    # bytes nvJPEG's device buffers grow by (GPU decoder), as in DALI's ImageNet example (DALI's default:
+    # 16 MB)
+    device_memory_padding: int = 211_025_920
+    # bytes nvJPEG's pinned host buffers grow by (GPU decoder), as in DALI's ImageNet example (DALI's
+    # default: 8 MB)
+    host_memory_padding: int = 140_544_512
+    # the reader read()s the tars instead of memory-mapping them: for network filesystems (Lustre, GPFS, NFS)
+    dont_use_mmap: bool = False
 
 
 @dataclass
 class ModelConfig:
-    arch: str = "resnet50"  # torchvision ResNet name or resnet10
-    small_images: bool | None = None  # force the CIFAR stem on/off; None = automatic from data.crop
+    arch: str = "resnet50"  # backbone: resnet10/18/34/50/101/152 or wide_resnet50_2 (ARCHS; torchvision's)
+    small_images: bool | None = None  # force the CIFAR stem on/off; null = automatic from data.crop
     width: int = 64  # base channels of the ResNet (torchvision: 64); narrower trunks for CPU runs
-    channels_last: bool | None = None  # None = on for CUDA, off on the CPU
+    # null = on for CUDA, off on the CPU; the loader then emits channels_last batches (the weights stay
+    # contiguous)
+    channels_last: bool | None = None
 
 
 @dataclass
 class MocoConfig:
     K: int = 65536  # queue length (negatives)
     m: float = 0.999  # momentum of the key encoder
-    T: float | None = None  # InfoNCE temperature; None = 0.2 (v2) or 0.07 (v1)
-    mlp: bool | None = None  # MLP projection head; None = True (v2) or False (v1)
+    T: float | None = None  # InfoNCE temperature; null = 0.2 (v2) or 0.07 (v1)
+    mlp: bool | None = None  # MLP projection head; null = true (v2) or false (v1)
     dim: int = 128  # embedding dimension
-    hidden_dim: int | None = None  # hidden width of the MLP head; None = the backbone's feature width
-    symmetric: bool = False  # loss in both directions (the paper's CIFAR runs)
-    shuffle_bn: bool = True  # Shuffle-BN across ranks for the key encoder
-    bn_splits: int | None = (
-        None  # one process with shuffle_bn: BN groups of the batch; None = auto (8), 0/1 off
-    )
-    sync_bn: bool = False  # SyncBatchNorm in the query encoder instead (CUDA only)
+    # hidden width of the MLP head; null = the backbone's feature width (2048 for ResNet-50, 512 for
+    # ResNet-18: the authors' fc.in_features)
+    hidden_dim: int | None = None
+    # loss in both directions, the mixture scored against both clean keys (the paper's CIFAR runs)
+    symmetric: bool = False
+    # Shuffle-BN for the key encoder: across ranks, or on one process SplitBatchNorm + shuffle
+    shuffle_bn: bool = True
+    # one process with shuffle_bn: BN groups per batch in both encoders (as 8 GPUs); null = 8, or for a batch
+    # 8 does not divide the most groups of >= 2 images below 8 (printed at start); 0 or 1 = off; an explicit
+    # value must divide the per-process batch
+    bn_splits: int | None = None
+    # SyncBatchNorm in the query encoder only, on several CUDA processes (the key encoder keeps per-rank BN)
+    sync_bn: bool = False
 
 
 @dataclass
 class ByolConfig:
-    proj_hidden_dim: int = 4096
-    proj_dim: int = 256
-    pred_hidden_dim: int = 4096
+    proj_hidden_dim: int = 4096  # projector hidden width
+    proj_dim: int = 256  # projector (and predictor) output dimension
+    pred_hidden_dim: int = 4096  # predictor hidden width
     tau_base: float = 0.996  # EMA momentum at step 0; cosine schedule to 1 at the end
-    sync_bn: bool = True  # SyncBatchNorm on several CUDA processes
-    mix_targets: Literal["both", "view2"] = "both"  # clean targets the mixture is regressed onto
+    sync_bn: bool = True  # SyncBatchNorm in the online and target networks on several CUDA processes
+    # target projections the mixture is regressed onto: both clean views (the symmetric form, our derivation:
+    # the authors released no BYOL code), or view 2's only (the one-target form of unmix 0.1.0)
+    mix_targets: Literal["both", "view2"] = "both"
 
 
 @dataclass
 class SimclrConfig:
     T: float = 0.1  # NT-Xent temperature (SimCLR ImageNet: 0.1; CIFAR-10: 0.5)
-    proj_hidden_dim: int | None = None  # hidden width of the projection MLP; None = the backbone's width
+    proj_hidden_dim: int | None = None  # hidden width of the projection MLP; null = the backbone's width
     proj_dim: int = 128  # embedding dimension (SimCLR: 128)
     sync_bn: bool = True  # SyncBatchNorm on several CUDA processes (SimCLR's global BN)
 
 
 @dataclass
 class MethodConfig:
-    name: str = "moco_v2"  # a name in training/methods.py METHODS: moco_v2, moco_v1, byol, simclr
+    # moco_v2 / moco_v1 (linear head, T 0.07) / byol / simclr: a name in training/methods.py METHODS
+    name: str = "moco_v2"
     moco: MocoConfig = field(default_factory=MocoConfig)
     byol: ByolConfig = field(default_factory=ByolConfig)
     simclr: SimclrConfig = field(default_factory=SimclrConfig)
@@ -116,15 +140,16 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    epochs: int = 200
+    epochs: int = 200  # epochs; raising it on a finished output_dir extends the run
     batch_size: int = 256  # global batch, over all processes and accumulation steps
     grad_accum: int = 1  # gradient accumulation steps per optimizer step
     lr: float = 0.03  # per 256 images; the run uses lr * batch_size / 256
-    optimizer: Literal["sgd", "lars"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 0.0  # linear warm-up from 0, then cosine to 0
-    schedule: Literal["cosine", "step", "constant"] = "cosine"  # step: x0.1 at each milestone (MoCo v1)
+    optimizer: Literal["sgd", "lars"] = "sgd"  # sgd (MoCo) / lars (BYOL, SimCLR; deepspeed.zero_stage 0 only)
+    momentum: float = 0.9  # SGD/LARS momentum
+    weight_decay: float = 1e-4  # weight decay
+    warmup_epochs: float = 0.0  # linear warm-up from 0, then the schedule
+    # after the warm-up: cosine to 0 / step (x0.1 at each milestone, MoCo v1) / constant
+    schedule: Literal["cosine", "step", "constant"] = "cosine"
     milestones: list = field(default_factory=lambda: [120, 160])  # epochs, for schedule: step
     lars_eta: float = 0.001  # LARS trust coefficient
     lars_exclude_bias_norm: bool = True  # biases and norm parameters: no LARS adaptation, no weight decay
@@ -132,27 +157,30 @@ class OptimConfig:
 
 @dataclass
 class MlflowConfig:
-    enabled: bool = True
-    experiment: str = "unmix"
+    enabled: bool = True  # false: no MLflow at all
+    experiment: str = "unmix"  # experiment name
     tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///<output_dir parent>/mlflow.db
     run_name: str = ""  # "" = the output directory's name
-    system_metrics: bool = True
+    system_metrics: bool = True  # log_system_metrics (psutil; pynvml on GPUs)
 
 
 @dataclass
 class DeepspeedConfig:
+    # bf16: DeepSpeed torch_autocast, fp32 weights / fp16: loss scaling / fp32 (CPU runs)
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
     zero_stage: int = 0  # 0, 1 or 2; 3 is refused (it partitions parameters, breaking the EMA target)
     gradient_clipping: float = 0.0  # 0 = off, as in the papers (DeepSpeed's own default is 1.0)
-    config: dict = field(default_factory=dict)  # passed through into the DeepSpeed config (wins)
+    config: dict = field(default_factory=dict)  # DeepSpeed tuning keys passed through (win): see below
 
 
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0 = off
     every_epochs: int = 1  # 0 = off; a checkpoint is also written at the end and on SIGUSR1/SIGTERM
-    keep: int = 2  # complete checkpoints kept (the newest ones)
-    signal_check_every: int = 10  # steps between the ranks' all-reduce of a SIGUSR1/SIGTERM flag (1 = every)
+    keep: int = 2  # verified complete checkpoints kept (the newest ones)
+    # steps between the ranks' agreement on a SIGUSR1/SIGTERM (an all-reduce; also at every epoch end);
+    # 1 = every step
+    signal_check_every: int = 10
 
 
 @dataclass
@@ -163,7 +191,7 @@ class LogConfig:
 
 @dataclass
 class EvalConfig:
-    """The kNN monitor during pretraining (:mod:`training.knn_monitor`); it reads ``data.val``."""
+    """The kNN monitor during pretraining (:mod:`unmix.training.knn_monitor`); it reads ``data.val``."""
 
     knn_every_epochs: int = 0  # weighted-kNN top-1 on data.val every N epochs and at the last; 0 = off
     knn_k: int = 200  # neighbours (the authors' CIFAR code: 200)
@@ -178,8 +206,8 @@ class Config:
     # the pipeline's own settings object (pipeline/mix_config.py); off unless the config turns it on
     unmix: UnmixConfig = field(default_factory=lambda: UnmixConfig(enabled=False))
     optim: OptimConfig = field(default_factory=OptimConfig)
-    seed: int = 0
-    output_dir: str = "runs/pretrain"
+    seed: int = 0  # model init, queue init, Shuffle-BN permutations, loader seed
+    output_dir: str = "runs/pretrain"  # config.yaml, deepspeed_config.json, checkpoints/, backbone.pt
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     deepspeed: DeepspeedConfig = field(default_factory=DeepspeedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -9,8 +9,8 @@ Queries (val features, each counted once over ranks) are gathered; every rank co
 top-k for a chunk of queries, the (similarity, label) candidates of all ranks are gathered and merged
 into the global top-k, so the result equals the single-process one.
 
-It lives in ``unmix.training`` because pretraining's kNN monitor (:mod:`training.knn_monitor`) uses it
-and training imports nothing from ``unmix.eval``; ``unmix knn`` (:mod:`eval.knn`) is the same code.
+It lives in ``unmix.training`` because pretraining's kNN monitor (:mod:`unmix.training.knn_monitor`) uses it
+and training imports nothing from ``unmix.eval``; ``unmix knn`` (:mod:`unmix.eval.jobs`) runs the same code.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ transform, no augmentation) and the validation split; each validation image is c
 ``eval.knn_k`` nearest training features, weighted exp(sim / ``eval.knn_t``) (k = 200, t = 0.1); the
 top-1 accuracy is logged to MLflow as ``knn_top1`` at the current optimizer step.
 
-The same code computes ``unmix knn`` (:func:`training.knn.knn_evaluate`, data through
+The same code computes ``unmix knn`` (:func:`unmix.training.knn.knn_evaluate`, data through
 ``build_eval_loader(split="val")``), so the monitor's value on a backbone equals ``unmix knn``'s on it.
 It embeds in the dtype of the engine's parameters, without autocast: fp32 on fp32 and bf16 runs
 (DeepSpeed's bf16 mode autocasts an fp32 module), like ``unmix knn`` on the exported backbone; fp16 on an
@@ -58,7 +58,7 @@ class KnnMonitor:
 
     def bank_sets(self) -> str | list[str]:
         """The kNN memory bank: ``data.train``, or the labelled sets of a ``data.train`` list."""
-        from unmix.pipeline.shards import read_manifest
+        from unmix.pipeline.shards.manifest import read_manifest
 
         if not isinstance(self.cfg.data.train, list):
             return self.cfg.data.train
@@ -128,7 +128,7 @@ class KnnMonitor:
 
     def evaluate(self, backbone: nn.Module) -> KnnResult:
         """kNN top-1/top-5 (%) of ``backbone`` (put in eval mode, restored after) on ``data.val``."""
-        from unmix.pipeline.shards import read_manifest
+        from unmix.pipeline.shards.manifest import read_manifest
 
         val = read_manifest(self.cfg.data.val)
         bank = self.bank_sets()

@@ -103,7 +103,8 @@ def nt_xent_log_probs(
             ``(a[i], b[i])``.
         T: temperature.
         gather: concatenates a tensor over ranks along dim 0 *with* its gradient (identity on one process;
-            :func:`training.simclr.gather_with_grad`); it must put this rank's rows at ``offset = rank * N``.
+            :func:`unmix.training.simclr.gather_with_grad`); it must put this rank's rows at
+            ``offset = rank * N``.
     Returns:
         ``(log_p, offset)``: ``log_p`` (2N x 2WN), row ``i`` for anchor ``a[i]`` and row ``N + i`` for
         ``b[i]``; columns are ``[gather(a); gather(b)]``, so ``a[i]`` is column ``offset + i`` and ``b[i]``

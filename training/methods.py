@@ -4,7 +4,7 @@
 validation ask the registry (:data:`METHODS`) or the method object (:class:`Method`), never compare the
 name to a literal (a test scans the sources for that). Adding a method = an entry in :data:`METHODS`, its
 module (a ``build`` function and a class implementing :class:`Method`), its config section
-(``method.<section>`` in :mod:`training.config`), its YAML configs and its tests.
+(``method.<section>`` in :mod:`unmix.training.config`), its YAML configs and its tests.
 
 This module imports no torch (reading a config must stay cheap); the implementation module of a method
 is imported when a run builds it.

@@ -1,9 +1,9 @@
 """MoCo v2 (and v1) with the Un-Mix loss, after facebookresearch/moco ``builder.py``.
 
 The query encoder (``online``) is the module DeepSpeed trains; the key encoder and the queue are fp32
-and live here, outside the engine. :class:`MoCo` implements :class:`training.methods.Method`: the loop
+and live here, outside the engine. :class:`MoCo` implements :class:`unmix.training.methods.Method`: the loop
 calls ``targets`` (keys, no gradient, Shuffle-BN), the engine's forward, ``loss``, the optimizer step,
-then the momentum update (:func:`training.ema.update_momentum`) and ``after_step`` (the queue update) on
+then the momentum update (:func:`unmix.training.ema.update_momentum`) and ``after_step`` (the queue update) on
 the keys gathered from all ranks.
 """
 

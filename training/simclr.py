@@ -6,11 +6,11 @@ each anchor are the other 2N-2 views of the *global* batch, so every rank gather
 all ranks, with their gradient (:func:`gather_with_grad`): a plain ``all_gather`` returns tensors
 without a gradient, and each rank would then train only through its own slice of the similarity matrix.
 
-Un-Mix (the authors' rule for any base method, their repository's issue 4): the mixture of view 1 with
+Un-Mix (the authors' rule for any base method, szq0214/Un-Mix issue 4): the mixture of view 1 with
 its reversed batch is embedded by the same network and scored against view 2,
 ``L(z1, z2) + lam * L(z_m, z2) + (1 - lam) * L(z_m.flip(0), z2)``; which embeddings are the negatives of
-a mixture anchor, and why: :func:`training.losses.nt_xent_unmix`.
-:class:`SimCLR` implements :class:`training.methods.Method`.
+a mixture anchor, and why: :func:`unmix.training.losses.nt_xent_unmix`.
+:class:`SimCLR` implements :class:`unmix.training.methods.Method`.
 """
 
 from __future__ import annotations

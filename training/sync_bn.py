@@ -1,6 +1,6 @@
 """SyncBatchNorm: which networks synchronise their batch statistics across ranks, and the conversion.
 
-Each method says it itself (``sync_bn``, ``sync_target`` of :class:`training.methods.Method`):
+Each method says it itself (``sync_bn``, ``sync_target`` of :class:`unmix.training.methods.Method`):
 
 - MoCo: the query encoder only (``method.moco.sync_bn``). The key encoder must keep per-rank BN: its
   decorrelation from the queries is what Shuffle-BN provides (MoCo §3.3), and synchronised statistics

@@ -1,4 +1,4 @@
-"""unmix: self-supervised pretraining with Un-Mix image mixtures (MoCo v2, BYOL) on DALI and DeepSpeed.
+"""unmix: self-supervised pretraining with Un-Mix mixtures (MoCo v2/v1, BYOL, SimCLR) on DALI and DeepSpeed.
 
 One import namespace for the three packages, whose folders sit at the top of the repository:
 

@@ -61,10 +61,10 @@ DATA = {"train": task(70, 1), "val": task(41, 2)}  # 41 val samples: uneven spli
 def main() -> None:
     from unmix.eval import distributed
     from unmix.eval.features import extract_features, freeze
-    from unmix.eval.knn import knn_evaluate
     from unmix.eval.linear import linear_eval
     from unmix.eval.logreg import logreg_eval
     from unmix.eval.protocols import moco_protocol
+    from unmix.training.knn import knn_evaluate
 
     out, features = Path(sys.argv[1]), sys.argv[2]
     ctx = distributed.setup("cpu")

@@ -77,7 +77,7 @@ def test_two_ranks(tmp_path, features):
         finally:
             sys.path.pop(0)
         from unmix.eval.features import extract_features, freeze
-        from unmix.eval.knn import knn_evaluate
+        from unmix.training.knn import knn_evaluate
 
         net = freeze(dist_worker.backbone())
         kw = dict(batch_size=8, split="val", shard_id=0, num_shards=1)

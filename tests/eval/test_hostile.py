@@ -1,4 +1,4 @@
-"""Issue 19, evaluation side: hostile and damaged inputs to ``unmix linear`` / ``knn`` / ``compare``.
+"""Evaluation side: hostile and damaged inputs to ``unmix linear`` / ``knn`` / ``compare``.
 
 Each test builds its input and asserts: exit status 2 and one line naming the file/key/value, nothing the
 input carries runs, nothing is created where the input says (items 1, 10, 13).
@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from unmix.cli import main
+from unmix.eval.eval_runs import resolve_tracking_uri
 from unmix.eval.linear import check_labels, checked
-from unmix.eval.tracking import resolve_tracking_uri
 
 NO_CROP = ["device=cpu", "data.crop=16", "batch_size=64", "num_threads=1"]
 

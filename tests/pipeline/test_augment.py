@@ -33,8 +33,8 @@ def _first(loader):
 @pytest.fixture(scope="module")
 def small_photos(tmp_path_factory):
     """64 small (64x48) colour photographs as shards: colour operations are visible on them."""
-    from unmix.pipeline.sample import write_photo_tree
     from unmix.pipeline.shards import write_shards
+    from unmix.pipeline.shards.sample import write_photo_tree
 
     root = tmp_path_factory.mktemp("small_photos")
     tree = write_photo_tree(root / "tree", 64, n_classes=4, size=(64, 48))

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from unmix.pipeline.bench import torch_unmix
+from unmix.pipeline.bench_pipeline import torch_unmix
 
 
 def test_bench_pipeline_cli_tiny(tmp_path):
@@ -68,7 +68,7 @@ def test_baseline_unmix_is_the_reference_mixing():
 
 def test_stage_recipes_switch_off_what_comes_after_the_stage():
     from unmix.pipeline.augment import get_recipe
-    from unmix.pipeline.bench import _stage_recipe
+    from unmix.pipeline.bench_pipeline import _stage_recipe
 
     byol = get_recipe("byol")
     crop = _stage_recipe(byol, "crop")

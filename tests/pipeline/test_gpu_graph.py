@@ -1,4 +1,4 @@
-"""The GPU graphs of the loaders, defined and checked without CUDA (issue 12, section 1).
+"""The GPU graphs of the loaders, defined and checked without CUDA.
 
 ``pretrain_pipeline`` / ``eval_pipeline`` are what the loaders build; with ``device="gpu"`` and
 ``device_id=None`` they are defined and serialized on a machine without a GPU, and

@@ -1,4 +1,4 @@
-"""Hostile and damaged data inputs (issue 19): each test builds the input and asserts the outcome — refused
+"""Hostile and damaged data inputs: each test builds the input and asserts the outcome — refused
 with one line naming the file/key/value (CLI exit 2), nothing deleted, nothing run — and that the good
 input next to it still works.
 
@@ -25,9 +25,7 @@ import pytest
 from PIL import Image
 
 from unmix.cli import main
-from unmix.pipeline.dali_index import index_for_tar
 from unmix.pipeline.labels import LabelError, parse_labels
-from unmix.pipeline.shard_sources import SourceError, scan_tree
 from unmix.pipeline.shards import (
     ManifestError,
     ShardSetError,
@@ -36,6 +34,8 @@ from unmix.pipeline.shards import (
     verify_shards,
     write_shards,
 )
+from unmix.pipeline.shards.dali_index import index_for_tar
+from unmix.pipeline.shards.sources import SourceError, scan_tree
 
 
 def _jpeg(seed: int) -> bytes:
@@ -136,7 +136,7 @@ def test_cifar_dtype_state_cannot_forge_pointers(tmp_path: Path):
     came back and printing them crashed the process (SIGSEGV), which this child would report."""
     code = (
         "import sys\n"
-        "from unmix.pipeline.cifar import CifarError, safe_load\n"
+        "from unmix.pipeline.shards.cifar import CifarError, safe_load\n"
         "try:\n"
         "    d = safe_load(open(sys.argv[1], 'rb').read(), 'test_batch')\n"
         "except CifarError as e:\n"
@@ -152,7 +152,7 @@ def test_cifar_dtype_state_cannot_forge_pointers(tmp_path: Path):
 
 
 def test_cifar_member_size_capped_before_reading(tmp_path: Path):
-    from unmix.pipeline import cifar
+    from unmix.pipeline.shards import cifar
 
     folder = _cifar_folder(tmp_path)
     with open(folder / "batches.meta", "r+b") as f:  # sparse: a huge member costs no disk here

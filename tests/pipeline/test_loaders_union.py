@@ -11,8 +11,8 @@ from PIL import Image
 
 from unmix.pipeline import build_eval_loader, build_pretrain_loader
 from unmix.pipeline.loaders import shard_files
-from unmix.pipeline.shard_sources import memory_source
 from unmix.pipeline.shards import write_shards
+from unmix.pipeline.shards.sources import memory_source
 
 CROP = 32
 BATCH = 16

@@ -1,4 +1,4 @@
-"""Hostile inputs to the Slurm scripts (issue 19, items 3 and 11), as scripts: no cluster is started.
+"""Hostile inputs to the Slurm scripts (items 3 and 11 of the hostile-input tests): no cluster is started.
 
 localcluster.py runs as root: a ``--dir`` that is a link, another user's or writable by others is
 refused (one line, exit 2, nothing written through it), and every start writes a new munge key, 0400.

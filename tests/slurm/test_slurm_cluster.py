@@ -19,7 +19,7 @@ def test_two_idle_nodes(slurm_cluster):
 
 
 def test_srun_spans_both_nodes_and_maps_ranks(slurm_cluster, tmp_path):
-    """A 2-node step: each task maps SLURM_* with training.dist and can reach MASTER_ADDR by name."""
+    """A 2-node step: each task maps SLURM_* with unmix.training.dist and can reach MASTER_ADDR by name."""
     probe = tmp_path / "probe.py"
     probe.write_text(
         "import json, os, socket\n"

@@ -13,7 +13,7 @@ import torch
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from unmix.training import dist  # noqa: E402
-from unmix.training.bench import MemoryLoader  # noqa: E402
+from unmix.training.bench_train import MemoryLoader  # noqa: E402
 from unmix.training.config import load_config  # noqa: E402
 from unmix.training.loop import setup, train_step  # noqa: E402
 

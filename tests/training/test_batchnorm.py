@@ -168,7 +168,7 @@ _ONE_PROCESS_RUN = """
 import json, sys, types
 import torch
 from unmix.training.batchnorm import SplitBatchNorm2d, num_splits
-from unmix.training.bench import MemoryLoader
+from unmix.training.bench_train import MemoryLoader
 from unmix.training.config import load_config
 from unmix.training.loop import _export_backbone, setup, train_step
 from pathlib import Path

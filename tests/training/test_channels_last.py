@@ -12,7 +12,7 @@ import sys
 
 SCRIPT = r"""
 import math, torch
-from unmix.training.bench import MemoryLoader
+from unmix.training.bench_train import MemoryLoader
 from unmix.training.config import load_config
 from unmix.training.loop import _to_device, setup, train_step
 

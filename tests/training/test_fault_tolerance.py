@@ -1,4 +1,4 @@
-"""Issue 5 end to end with `unmix train` on tiny real shards (48 digits, 6 steps per epoch, CPU fp32):
+"""Fault tolerance end to end with `unmix train` on tiny real shards (48 digits, 6 steps per epoch, CPU fp32):
 SIGKILL and SIGTERM mid-epoch then resume == an uninterrupted run, bitwise, in one MLflow run; SIGUSR1 to
 one of two ranks; a corrupted latest checkpoint; a non-finite loss; a config change refused on resume."""
 
@@ -28,8 +28,8 @@ DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture(scope="module")
 def tiny_train(sample_train: Path, tmp_path_factory) -> Path:
     """48 images of the digits sample as their own shard set."""
-    from unmix.pipeline.shard_sources import memory_source
     from unmix.pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.shards.sources import memory_source
 
     manifest = read_manifest(sample_train)
     images = []

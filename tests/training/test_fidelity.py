@@ -21,7 +21,7 @@ from torch import nn
 
 from unmix.pipeline.torch_mixing import MixDraw, mix
 from unmix.training import byol, ema, loop, moco
-from unmix.training.bench import MemoryLoader
+from unmix.training.bench_train import MemoryLoader
 from unmix.training.config import load_config
 from unmix.training.fidelity import AuthorsMoCo, PaperBYOL, authors_mix, byol_tau
 

@@ -296,7 +296,7 @@ def _batches(n: int):
 
 
 def test_trainer_step_in_lockstep_with_a_plain_simclr_step():
-    from unmix.training.bench import MemoryLoader
+    from unmix.training.bench_train import MemoryLoader
     from unmix.training.loop import setup, train_step
 
     cfg = _tiny_simclr_cfg()

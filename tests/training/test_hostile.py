@@ -1,4 +1,4 @@
-"""Issue 19, training side: hostile and damaged inputs. Each test builds its input and asserts the outcome:
+"""Hostile and damaged inputs, training side. Each test builds its input and asserts the outcome:
 refused with exit status 2 and one line naming the file/key/value, nothing in it run, nothing good deleted.
 
 Items: 1 (checkpoint files holding code), 4 (pruning by verified checkpoints), 9 (config numbers),

@@ -27,8 +27,8 @@ DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 @pytest.fixture(scope="module")
 def two_sets(sample_train: Path, tmp_path_factory) -> tuple[Path, Path]:
     """24 labelled and 24 unlabeled digits (different images) as two shard sets: 6 steps of 8 per epoch."""
-    from unmix.pipeline.shard_sources import memory_source
     from unmix.pipeline.shards import read_manifest, write_shards
+    from unmix.pipeline.shards.sources import memory_source
 
     manifest = read_manifest(sample_train)
     images = []
