@@ -89,7 +89,8 @@ def accuracy_table(
     from unmix.eval.logreg import Standardiser, logreg_eval
     from unmix.eval.protocols import byol_protocol, moco_protocol
     from unmix.pipeline.shards.sample import write_sample
-    from unmix.training.backbones import build_backbone, load_backbone
+    from unmix.training.backbone_file import load_backbone
+    from unmix.training.backbones import build_backbone
 
     cols = ["logreg", "moco", "byol", "moco none", "byol none", "sklearn"]
     if augmented:
@@ -109,10 +110,8 @@ def accuracy_table(
             nets["raw pixels"] = PixelFeatures(crop)
             for path in backbones:
                 net, meta = load_backbone(path)
-                if int(meta.get("crop") or crop) == crop:
-                    nets[
-                        f"{meta.get('method', 'backbone')} {meta.get('epochs', '?')} ep ({Path(path).name})"
-                    ] = net
+                if int(meta.crop or crop) == crop:
+                    nets[f"{meta.method or 'backbone'} {meta.epochs or '?'} ep ({Path(path).name})"] = net
             for name, net in nets.items():
                 f_tr, y_tr, f_va, y_va = _features(net, train, val, crop, device)
                 ref = logreg_eval(f_tr, y_tr, f_va, y_va, classes, seed=0)

@@ -73,15 +73,14 @@ def backbone_store(uri: Any) -> tuple[str | None, str]:
     return uri, ""
 
 
-def resolve_tracking_uri(cli_uri: str | None, meta: Mapping[str, Any], announce: bool = False) -> str | None:
-    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's ``mlflow_tracking_uri`` > default.
+def resolve_tracking_uri(cli_uri: str | None, recorded: str | None, announce: bool = False) -> str | None:
+    """``--tracking-uri`` > ``MLFLOW_TRACKING_URI`` > the backbone's tracking URI (``recorded``) > default.
 
     The backbone's URI is used only when it names a local store that exists (:func:`backbone_store`);
     otherwise MLflow's default, with one line on stderr when ``announce``.
     """
     if cli_uri or os.environ.get("MLFLOW_TRACKING_URI"):
         return cli_uri or os.environ["MLFLOW_TRACKING_URI"]
-    recorded = meta.get("mlflow_tracking_uri")
     uri, why = backbone_store(recorded)
     if uri is None and recorded and announce:
         print(
@@ -117,14 +116,9 @@ def existing_store(uri: str | None) -> str:
     return uri
 
 
-def resolve_experiment(cli_experiment: str | None, meta: Mapping[str, Any]) -> str:
+def resolve_experiment(cli_experiment: str | None, recorded: str | None) -> str:
     """``--experiment`` > the backbone's ``mlflow_experiment`` > ``MLFLOW_EXPERIMENT_NAME`` > ``unmix``."""
-    return (
-        cli_experiment
-        or meta.get("mlflow_experiment")
-        or os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        or DEFAULT_EXPERIMENT
-    )
+    return cli_experiment or recorded or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
 
 
 class EvalTracker:

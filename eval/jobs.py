@@ -25,6 +25,7 @@ from unmix.eval.linear import cached_features, linear_eval
 from unmix.eval.logreg import logreg_eval
 from unmix.eval.protocols import DEFAULT_CROP, LinearProtocol, as_params, with_crop
 from unmix.training.atomic import check_writable, write_text
+from unmix.training.backbone_file import BackboneMeta
 from unmix.training.knn import knn_evaluate
 
 
@@ -51,30 +52,24 @@ class BackboneSpec:
         return "pixels" if self.pixels else ("random_init" if self.random_init else None)
 
 
-def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, dict[str, Any]]:
+def load(spec: BackboneSpec, crop: int | None, seed: int) -> tuple[nn.Module, BackboneMeta]:
     """The frozen backbone and its metadata (``random_init`` = ARCH for an untrained one).
 
     A random-init backbone is built for ``crop`` (default 224; <= 64 gives the CIFAR stem); ``pixels``
     is :class:`~unmix.eval.features.PixelFeatures` at ``crop``.
     """
-    from unmix.training.backbones import build_backbone, load_backbone
+    from unmix.training.backbone_file import load_backbone
+    from unmix.training.backbones import build_backbone
 
     if spec.pixels:
         crop = crop or DEFAULT_CROP
         pix = PixelFeatures(crop)
-        return freeze(pix), {"crop": crop, "arch": "pixels", "pixels": True, "feature_dim": pix.feature_dim}
+        return freeze(pix), BackboneMeta("pixels", None, None, pix.feature_dim, crop=crop)
     if spec.random_init:
         torch.manual_seed(seed)
         crop = crop or DEFAULT_CROP
         net = build_backbone(spec.random_init, crop=crop, width=spec.width)
-        meta = {
-            "crop": crop,
-            "arch": spec.random_init,
-            "random_init": True,
-            "small_images": net.small_images,
-            "width": net.width,
-            "feature_dim": net.feature_dim,
-        }
+        meta = BackboneMeta.of(net, crop=crop)
     else:
         if spec.path is None:
             raise ValueError("give --backbone PATH or --random-init ARCH")
@@ -107,7 +102,7 @@ def default_loader() -> Callable[..., Any]:
 def _tracker(
     kind: str,
     spec: BackboneSpec,
-    meta: dict[str, Any],
+    meta: BackboneMeta,
     ctx: distributed.DistContext,
     track: bool,
     tracking_uri: str | None,
@@ -115,7 +110,7 @@ def _tracker(
     params: dict[str, Any],
     protocol: str,
 ) -> EvalTracker:
-    pretrain_run_id = None if spec.floor_kind else meta.get("mlflow_run_id")
+    pretrain_run_id = None if spec.floor_kind else meta.mlflow_run_id
     tags = {
         "unmix.kind": spec.floor_kind or f"{kind}_eval",
         "unmix.eval": kind,
@@ -126,19 +121,22 @@ def _tracker(
         tags["random_init"] = spec.random_init
     if pretrain_run_id:
         tags["unmix.pretrain_run_id"] = pretrain_run_id
-    for key in ("method", "unmix"):
-        if key in meta:
-            tags[key] = str(meta[key]).lower() if key != "unmix" else ("on" if meta[key] else "off")
-    source = spec.random_init or ("pixels" if spec.pixels else meta.get("method", "backbone"))
+    if meta.method is not None:
+        tags["method"] = meta.method.lower()
+    if meta.unmix is not None:
+        tags["unmix"] = "on" if meta.unmix else "off"
+    source = spec.random_init or ("pixels" if spec.pixels else meta.method or "backbone")
     name = f"{kind}-{protocol}-{source}" if kind == "linear" else f"{kind}-{source}"
     return EvalTracker(
         enabled=track and ctx.is_main,
-        tracking_uri=resolve_tracking_uri(tracking_uri, meta, announce=track and ctx.is_main),
-        experiment=resolve_experiment(experiment, meta),
+        tracking_uri=resolve_tracking_uri(
+            tracking_uri, meta.mlflow_tracking_uri, announce=track and ctx.is_main
+        ),
+        experiment=resolve_experiment(experiment, meta.mlflow_experiment),
         run_name=name,
         tags=tags,
         params={
-            "model.arch": meta.get("arch"),
+            "model.arch": meta.arch,
             "backbone": spec.label,
             "world_size": ctx.world_size,
             **params,
@@ -166,7 +164,7 @@ class EvalJob:
     spec: BackboneSpec
     ctx: distributed.DistContext
     backbone: nn.Module
-    meta: dict[str, Any]
+    meta: BackboneMeta
     proto: LinearProtocol  # crop resolved from the backbone's metadata
     num_classes: int
     tracker: EvalTracker
@@ -187,7 +185,7 @@ class EvalJob:
             "run_id": self.tracker.run_id,
             "pretrain_run_id": self.tracker.pretrain_run_id,
             "val_samples": val_samples,
-            "arch": self.meta.get("arch"),
+            "arch": self.meta.arch,
         }
         metrics = {f"{self.kind}_top1": top1, f"{self.kind}_top5": top5}
         self.tracker.log_metrics(metrics)
@@ -222,7 +220,7 @@ def eval_job(
     tracker = None
     try:
         backbone, meta = load(spec, proto.crop, proto.seed)
-        proto = with_crop(proto, meta)
+        proto = with_crop(proto, meta.crop)
         fingerprint = state_fingerprint(backbone)
         num_classes = num_classes_of(train_dir)
         run_params = {**params(proto), "train": train_dir, "val": val_dir}

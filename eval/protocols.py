@@ -58,7 +58,7 @@ class LinearProtocol:
     schedule: str = "step"  # "step" (x0.1 at `milestones`) or "cosine"
     milestones: tuple[int, ...] = (60, 80)
     device: str = "gpu"
-    crop: int | None = None  # None: the backbone's pretraining crop (backbone.pt meta "crop"), else 224
+    crop: int | None = None  # None: the backbone's pretraining crop (BackboneMeta.crop), else 224
     features: str = "augmented"  # "augmented": backbone forward on augmented batches each epoch
     num_threads: int = 4
     seed: int = 0
@@ -234,11 +234,11 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
     return proto
 
 
-def with_crop(proto: LinearProtocol, meta: dict) -> LinearProtocol:
+def with_crop(proto: LinearProtocol, pretrain_crop: int | None) -> LinearProtocol:
     """``proto`` with ``crop`` filled in: ``data.crop`` if given, else the pretraining crop, else 224."""
     if proto.crop is not None:
         return proto
-    return dataclasses.replace(proto, crop=int(meta.get("crop") or DEFAULT_CROP))
+    return dataclasses.replace(proto, crop=int(pretrain_crop or DEFAULT_CROP))
 
 
 def as_params(proto: LinearProtocol) -> dict[str, object]:

@@ -1,33 +1,21 @@
-"""Backbones and the exported-backbone file format.
+"""Backbones: the ResNet trunks every method trains and every evaluation reads.
 
 The backbone is a torchvision ResNet with ``fc`` replaced by ``nn.Identity`` (output: the pooled
 feature, ``[N, feature_dim]``). For small images (crop <= 64) the CIFAR variant is used: a 3x3
 stride-1 stem and no max-pool, as in the Un-Mix paper's CIFAR experiments.
 
-``backbone.pt`` (written at the end of pretraining, read by ``eval``) is a plain dict::
-
-    {"state_dict": <backbone state_dict, torchvision key names without fc.*>,
-     "meta": {"arch": "resnet50", "small_images": False, "feature_dim": 2048, "method": "moco_v2",
-              "unmix": True, "epochs": 200, "mlflow_run_id": "...", "mlflow_tracking_uri": "...", ...}}
-
-so evaluation needs neither DeepSpeed nor any key rewriting. A bare torchvision state_dict (with or
-without ``fc.*``) loads too, given the architecture.
+The exported file (``backbone.pt``) is :mod:`unmix.training.backbone_file`.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import torch
 import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
-from unmix.training import safe_load
-from unmix.training.atomic import replacing
 from unmix.training.config import ARCHS
-from unmix.training.tracking import without_credentials
 
 SMALL_IMAGE_MAX_CROP = 64
 
@@ -88,100 +76,3 @@ def build_backbone(
     net.small_images = bool(small_images)
     net.width = width
     return net
-
-
-def save_backbone(path: str | Path, backbone: nn.Module, meta: dict[str, Any]) -> Path:
-    """Write ``backbone.pt`` atomically (temporary file, then rename); a tracking URI in ``meta`` is
-    stored without credentials."""
-    path = Path(path)
-    meta = {
-        "arch": backbone.arch,
-        "small_images": backbone.small_images,
-        "width": backbone.width,
-        "feature_dim": backbone.feature_dim,
-        **meta,
-    }
-    if "mlflow_tracking_uri" in meta:
-        meta["mlflow_tracking_uri"] = without_credentials(meta["mlflow_tracking_uri"])
-    state = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    with replacing(path) as tmp:
-        torch.save({"state_dict": state, "meta": meta}, tmp)
-    return path
-
-
-def _why_unreadable(path: Path, exc: Exception) -> str:
-    """What is wrong with a file ``torch.load`` refused, in words (not the unpickler's opcode number)."""
-    if path.is_dir():
-        return "it is a directory (give the backbone.pt file inside a run's output_dir)"
-    size = path.stat().st_size
-    if size == 0:
-        return "the file is empty"
-    with open(path, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"PK"):
-        return (
-            f"a torch.save zip archive ({size} bytes) that cannot be loaded, truncated or damaged "
-            f"({type(exc).__name__})"
-        )
-    if head[:1] == b"\x80":  # a pickle (legacy torch.save format or plain pickle)
-        return f"a pickle file torch cannot load as tensors only ({type(exc).__name__}: {exc})"
-    return (
-        f"not written by torch.save (it starts with {head!r}); expected a backbone.pt from `unmix train` "
-        "or a torchvision ResNet state_dict"
-    )
-
-
-def load_backbone(
-    path: str | Path,
-    *,
-    arch: str | None = None,
-    small_images: bool | None = None,
-    crop: int | None = None,
-    width: int | None = None,
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load an exported backbone (or a bare torchvision ResNet state_dict, with ``arch`` given).
-
-    Returns the module (CPU, eval mode, parameters as stored) and its metadata. Keys that do not match
-    the architecture raise ``ValueError`` listing the missing and unexpected keys.
-    """
-    path = Path(path)
-    try:
-        obj = safe_load.load(path)  # weights only: a file holding code is refused, naming the global
-    except (FileNotFoundError, safe_load.UnsafeFileError):
-        raise
-    except Exception as exc:  # truncated or not a torch file
-        raise ValueError(f"{path}: not a readable backbone file: {_why_unreadable(path, exc)}") from exc
-    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        state, meta = obj["state_dict"], dict(obj.get("meta", {}))
-    elif isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        state, meta = obj, {}
-    else:
-        raise ValueError(f"{path}: expected a backbone.pt dict or a ResNet state_dict")
-    arch = arch or meta.get("arch")
-    if arch is None:
-        raise ValueError(f"{path}: no architecture in the file's metadata; pass the architecture explicitly")
-    if small_images is None:
-        small_images = meta.get("small_images")
-    if small_images is None and crop is None and "conv1.weight" in state:
-        small_images = tuple(state["conv1.weight"].shape[-2:]) == (3, 3)
-    if width is None:
-        width = meta.get("width") or (int(state["bn1.weight"].shape[0]) if "bn1.weight" in state else 64)
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    net = build_backbone(arch, small_images=small_images, crop=crop, width=width)
-    expected = set(net.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: keys do not match {arch} (small_images={net.small_images}): "
-            f"missing {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "
-            f"unexpected {unexpected[:10]}{' ...' if len(unexpected) > 10 else ''} ({len(unexpected)})"
-        )
-    try:
-        net.load_state_dict(state, strict=True)
-    except RuntimeError as exc:  # shape mismatch
-        raise ValueError(f"{path}: does not fit {arch}: {exc}") from exc
-    meta.setdefault("arch", arch)
-    meta.setdefault("small_images", net.small_images)
-    meta.setdefault("width", net.width)
-    meta.setdefault("feature_dim", net.feature_dim)
-    return net.eval(), meta

@@ -313,7 +313,8 @@ def run_world() -> int:
 
 def check_checkpoint(spec: dict[str, Any]) -> tuple[str, dict]:
     from unmix.training import checkpoint, dist
-    from unmix.training.config import load_config
+    from unmix.training.checkpoint_state import ClientState
+    from unmix.training.config import load_config, to_dict
     from unmix.training.loop import setup, train_step
 
     cfg = load_config(None, _overrides(spec, "moco_v2", 1, spec["batch"] * run_world()))
@@ -321,10 +322,8 @@ def check_checkpoint(spec: dict[str, Any]) -> tuple[str, dict]:
     first = setup(cfg)
     try:
         _steps(first, 2)
-        client = {"method": first.method.state_dict(), "step": 2, "epoch": 0, "pos": 2}
-        path = checkpoint.save(
-            first.engine, ckpt_dir, 2, client, {"loader": first.loader.state_dict()}, keep=1
-        )
+        client = ClientState(2, 0, 2, to_dict(cfg), first.method.state_dict(), mlflow_run_id=None)
+        path = checkpoint.save(first.engine, ckpt_dir, client, {"loader": first.loader.state_dict()}, keep=1)
         saved = [t.clone() for t in _flat_state(first)]
         batch = next(iter(first.loader))
         loss_a = float(train_step(first, batch, 2, first.base_lr, first.method.momentum(2, 10**6))[0])
@@ -335,7 +334,7 @@ def check_checkpoint(spec: dict[str, Any]) -> tuple[str, dict]:
     second = setup(cfg)
     try:
         client, _ = checkpoint.load(second.engine, path)
-        second.method.load_state_dict(client["method"])
+        second.method.load_state_dict(client.method)
         loaded = _flat_state(second)
         names = ("online weights", "method state (target, queue)")
         wrong = [n for n, a, b in zip(names, saved, loaded, strict=True) if not torch.equal(a, b)]

@@ -15,9 +15,11 @@ from survives until ``keep`` newer intact ones exist). A checkpoint interrupted 
 :class:`~unmix.training.atomic.WriteError` naming the path, leaving the last good checkpoint in place.
 Loading (:func:`find_resumable`) takes the newest checkpoint whose files all match their recorded size
 and hash, and warns naming every newer one it skipped and why; it then refuses (:class:`ResumeError`)
-a checkpoint any of whose files needs more than a weights-only load (see :mod:`unmix.training.safe_load`),
-and :func:`load` keeps DeepSpeed's own loads weights-only. Our per-rank state holds only tensors and
-builtins (the RNG states as tensors and lists).
+a checkpoint of a format version this unmix cannot read (``COMPLETE`` records it) or any of whose files
+needs more than a weights-only load (see :mod:`unmix.training.safe_load`), and :func:`load` keeps
+DeepSpeed's own loads weights-only. The client state is a typed, versioned record
+(:class:`~unmix.training.checkpoint_state.ClientState`, where the format versions are listed); our
+per-rank state holds only tensors and builtins (the RNG states as tensors and lists).
 
 Signals cannot corrupt a checkpoint: the handlers only set a flag (see :mod:`unmix.training.preemption`),
 and a process killed outright leaves at worst a directory without ``COMPLETE``.
@@ -36,7 +38,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from unmix.training import atomic, dist, safe_load
+from unmix.training import atomic, checkpoint_state, dist, safe_load
+from unmix.training.checkpoint_state import ClientState
 
 COMPLETE = "COMPLETE"
 
@@ -84,15 +87,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(
-    engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], rank_state: dict[str, Any], keep: int
-) -> Path:
-    """Write checkpoint ``step`` on every rank; returns its directory. Collective: call on all ranks.
+def save(engine, ckpt_dir: Path, client: ClientState, rank_state: dict[str, Any], keep: int) -> Path:
+    """Write checkpoint ``client.step`` on every rank; returns its directory. Collective: call on all ranks.
 
-    ``client_state`` (identical on all ranks) goes into DeepSpeed's model-states file; ``rank_state``
-    (this rank's data-loader position) and the RNG states into ``rank<r>_state.pt``.
+    ``client`` (identical on all ranks) goes into DeepSpeed's model-states file, its config also into
+    ``config.json``; ``rank_state`` (this rank's data-loader position) and the RNG states into
+    ``rank<r>_state.pt``.
     """
     ckpt_dir = Path(ckpt_dir)
+    step = client.step
     tag = tag_for(step)
     path = ckpt_dir / tag
     # The same step may already be on disk: intact (e.g. the end-of-run checkpoint right after an epoch's)
@@ -107,10 +110,10 @@ def save(
     if state[0]:
         return path
     try:
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client.to_saved(), save_latest=False)
         torch.save({"rng": rng_state(), **rank_state}, path / f"rank{dist.rank()}_state.pt")
-        if dist.rank() == 0 and "config" in client_state:  # readable without loading the checkpoint
-            atomic.write_text(path / "config.json", json.dumps(client_state["config"], indent=1))
+        if dist.rank() == 0:  # readable without loading the checkpoint
+            atomic.write_text(path / "config.json", json.dumps(client.config, indent=1))
     except (OSError, RuntimeError) as exc:  # torch's writer reports a full disk as a RuntimeError
         _write_failed(ckpt_dir, path, exc)
     dist.barrier()  # every rank's files are on disk
@@ -120,6 +123,7 @@ def save(
             record = {
                 "step": step,
                 "world_size": dist.world_size(),
+                **checkpoint_state.stamp(),
                 "files": {str(p.relative_to(path)): [p.stat().st_size, _sha256(p)] for p in files},
             }
             atomic.write_text(path / COMPLETE, json.dumps(record, indent=1))
@@ -241,8 +245,11 @@ def find_resumable(ckpt_dir: Path, world_size: int) -> Path | None:
             if reason is None:
                 _remember_intact(path)
                 choice[0] = str(path)
-                written_by = _record(path).get("world_size")
-                if written_by != world_size:
+                record = _record(path)
+                written_by = record.get("world_size")
+                if (refusal := _format_refusal(path, record)) is not None:
+                    choice[1] = refusal
+                elif written_by != world_size:
                     choice[1] = (
                         f"{path}: written by {written_by} process(es), this job has {world_size}; resume "
                         f"with {written_by} process(es), or start a new output_dir"
@@ -275,22 +282,39 @@ def check_files(path: Path) -> str | None:
     return None
 
 
-def newest_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """The resolved config stored with the newest checkpoint that has a COMPLETE marker (no hashing)."""
-    for path in _tags(Path(ckpt_dir)):
-        if (path / COMPLETE).exists() and (path / "config.json").exists():
-            try:
-                return path, json.loads((path / "config.json").read_text())
-            except (OSError, json.JSONDecodeError):
-                continue
+def _format_refusal(path: Path, record: dict[str, Any]) -> str | None:
+    """None if this unmix reads the format version ``COMPLETE`` records (none: version 1), else why not."""
+    try:
+        checkpoint_state.check_version(record.get("format_version", 1), path, record.get("written_by"))
+    except checkpoint_state.FormatError as exc:
+        return str(exc)
     return None
 
 
-def load(engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+def newest_config(ckpt_dir: Path) -> tuple[Path, dict] | None:
+    """The resolved config stored with the newest checkpoint that has a COMPLETE marker (no hashing).
+
+    Raises :class:`ResumeError` when that checkpoint's format version is one this unmix cannot read (its
+    config would be compared against the wrong keys).
+    """
+    for path in _tags(Path(ckpt_dir)):
+        if (path / COMPLETE).exists() and (path / "config.json").exists():
+            try:
+                record, config = _record(path), json.loads((path / "config.json").read_text())
+            except (OSError, ValueError):  # JSONDecodeError is a ValueError
+                continue
+            if (refusal := _format_refusal(path, record)) is not None:
+                raise ResumeError(refusal)
+            return path, config
+    return None
+
+
+def load(engine, path: Path) -> tuple[ClientState, dict[str, Any]]:
     """Load engine + optimizer state from ``path``; returns (client state, this rank's state).
 
     Also restores this rank's RNG states. Every load is weights-only (DeepSpeed's too): call it on a
-    checkpoint :func:`find_resumable` chose, which has checked the files.
+    checkpoint :func:`find_resumable` chose, which has checked the files and the format version. A
+    client state of format version 1 is migrated; one that cannot be read raises :class:`ResumeError`.
     """
     with safe_load.deepspeed_loads():
         loaded, client_state = engine.load_checkpoint(
@@ -298,9 +322,13 @@ def load(engine, path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         )
     if loaded is None:
         raise RuntimeError(f"{path}: DeepSpeed could not load this checkpoint")
+    try:
+        client = ClientState.from_saved(client_state, path)
+    except checkpoint_state.FormatError as exc:
+        raise ResumeError(str(exc)) from None
     rank_state = safe_load.load(path / f"rank{dist.rank()}_state.pt")
     set_rng_state(rank_state.pop("rng"))
-    return client_state, rank_state
+    return client, rank_state
 
 
 def write_diagnostics(ckpt_dir: Path, step: int, info: dict[str, Any]) -> Path:

@@ -5,11 +5,13 @@ Read it top to bottom: set up (processes, model, target, engine, loader, resume,
 loss, backward, optimizer step, (4) the momentum update of the target, (5) the enqueue of the gathered
 keys. The learning rate and the momentum come from per-step schedules computed here and passed in.
 
-Host-device syncs stay out of the step: losses accumulate on the device and are read (one sync) every
-``log.every_steps``, which is also when a non-finite loss is detected (the error names the first bad
-step, recorded on the device). Every random draw of the loop (Shuffle-BN's permutation) comes from a
-generator seeded by (seed, step), and the loader's own state is checkpointed, so a resumed run repeats
-an uninterrupted one bitwise (CPU, fp32).
+Host-device syncs stay out of the step: losses accumulate on the device
+(:class:`~unmix.training.step_metrics.StepMetrics`) and are read (one sync) every ``log.every_steps``,
+which is also when a non-finite loss is detected (the error names the first bad step, recorded on the
+device). Every random draw of the loop (Shuffle-BN's permutation) comes from a generator seeded by
+(seed, step), and the loader's own state is checkpointed beside the run's typed, versioned record
+(:class:`~unmix.training.checkpoint_state.ClientState`), so a resumed run repeats an uninterrupted one
+bitwise (CPU, fp32).
 """
 
 from __future__ import annotations
@@ -30,14 +32,17 @@ import torch
 from unmix.pipeline.devices import local_cuda_device
 from unmix.training import checkpoint, dist, methods, sync_bn
 from unmix.training.atomic import write_text
-from unmix.training.backbones import build_backbone, save_backbone
+from unmix.training.backbone_file import BackboneMeta, save_backbone
+from unmix.training.backbones import build_backbone
 from unmix.training.batchnorm import plain_batchnorm
+from unmix.training.checkpoint_state import ClientState
 from unmix.training.config import Config, ConfigError, check_world, diff, dump, flatten, from_dict, to_dict
 from unmix.training.ema import update_momentum
 from unmix.training.engine import build_engine, input_dtype, set_lr
 from unmix.training.knn_monitor import KnnMonitor
 from unmix.training.preemption import EXIT_REQUEUE, Preemption
 from unmix.training.schedules import learning_rate
+from unmix.training.step_metrics import StepMetrics
 from unmix.training.tracking import Tracker
 
 
@@ -248,17 +253,18 @@ class Progress:
 
 def _export_backbone(run: Run, out: Path, tracker: Tracker) -> Path:
     backbone = plain_batchnorm(copy.deepcopy(run.engine.module.backbone).float().cpu())  # torchvision BN
-    meta = {
-        "method": run.cfg.method.name,
-        "unmix": run.cfg.unmix.enabled,
-        "epochs": run.cfg.optim.epochs,
-        "steps": run.state["step"],
-        "crop": run.cfg.data.crop,
-        "seed": run.cfg.seed,
-        "mlflow_run_id": tracker.run_id,
-        "mlflow_tracking_uri": tracker.uri if tracker.run_id else None,
-        "mlflow_experiment": run.cfg.mlflow.experiment,
-    }
+    meta = BackboneMeta.of(
+        backbone,
+        crop=run.cfg.data.crop,
+        method=run.cfg.method.name,
+        unmix=run.cfg.unmix.enabled,
+        epochs=run.cfg.optim.epochs,
+        steps=run.state["step"],
+        seed=run.cfg.seed,
+        mlflow_run_id=tracker.run_id,
+        mlflow_tracking_uri=tracker.uri if tracker.run_id else None,
+        mlflow_experiment=run.cfg.mlflow.experiment,
+    )
     return save_backbone(out / "backbone.pt", backbone, meta)
 
 
@@ -280,18 +286,18 @@ def _resume(run: Run, ckpt_dir: Path, force_config: bool) -> str | None:
     if path is None:
         return None
     client, rank_state = checkpoint.load(run.engine, path)
-    check_resume_config(run.cfg, client["config"], path, force_config)
-    run.method.load_state_dict(client["method"])
+    check_resume_config(run.cfg, client.config, path, force_config)
+    run.method.load_state_dict(client.method)
     run.loader.load_state_dict(rank_state["loader"])
-    run.state.update(step=client["step"], epoch=client["epoch"], pos=client["pos"])
+    run.state.update(step=client.step, epoch=client.epoch, pos=client.pos)
     if run.rank == 0:
         print(
-            f"[unmix] resumed from {path} (step {client['step']}, epoch {client['epoch']}, "
-            f"{client['pos']} steps into it)",
+            f"[unmix] resumed from {path} (step {client.step}, epoch {client.epoch}, "
+            f"{client.pos} steps into it)",
             file=sys.stderr,
             flush=True,
         )
-    return client.get("mlflow_run_id")
+    return client.mlflow_run_id
 
 
 def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> int:
@@ -339,169 +345,125 @@ def train(cfg: Config, *, force_config: bool = False, loader_factory=None) -> in
 
 
 def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> int:
-    cfg, engine, st = run.cfg, run.engine, run.state
-    accum, spe = cfg.optim.grad_accum, run.steps_per_epoch
+    """Train from ``run.state`` to the last epoch; 0 when done, :data:`EXIT_REQUEUE` after a signal."""
+    cfg, st, accum, spe = run.cfg, run.state, run.cfg.optim.grad_accum, run.steps_per_epoch
     warmup_steps = round(cfg.optim.warmup_epochs * spe)
     milestone_steps = tuple(m * spe for m in cfg.optim.milestones)
+    every_e, every_s = cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps
     progress = Progress(cfg, run.total_steps, st["step"], run.rank == 0)
-    global_batch = cfg.optim.batch_size
+    metrics = StepMetrics(run.device, run.world, accum, cfg.optim.batch_size, cfg.unmix.enabled)
     knn = KnnMonitor(cfg, run.rank, run.world, run.device, run.micro_batch)  # eval.knn_every_epochs
-
-    def client_state() -> dict:
-        return {
-            "step": st["step"],
-            "epoch": st["epoch"],
-            "pos": st["pos"],
-            "config": to_dict(cfg),
-            "method": run.method.state_dict(),
-            "mlflow_run_id": tracker.run_id,
-        }
-
-    def save() -> None:
-        check_finite()  # never write a checkpoint holding NaNs
-        checkpoint.save(
-            engine,
-            ckpt_dir,
-            st["step"],
-            client_state(),
-            {"loader": run.loader.state_dict()},
-            cfg.checkpoint.keep,
-        )
-
-    # Device-side accumulators: read only at log steps (one sync per interval).
-    zero = torch.zeros((), device=run.device)
-    sums = torch.zeros(4, device=run.device)  # loss, loss_clean, loss_mix, lam
-    epoch_sum = zero.clone()
-    epoch_n = 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=run.device)
-    n_in_window, t_window, wait_window = 0, time.perf_counter(), 0.0
-    last_lr, last_m = 0.0, 0.0
-
-    def check_finite() -> None:
-        bad = first_bad.clone()
-        bad = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
-        if run.world > 1:
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        bad_step = int(bad.item())
-        if bad_step < 2**62:
-            info = {
-                "step": bad_step,
-                "detected_at_step": st["step"],
-                "epoch": st["epoch"],
-                "lr": last_lr,
-                "momentum": last_m,
-                "last_good_checkpoint": (ckpt_dir / "latest").read_text().strip()
-                if (ckpt_dir / "latest").exists()
-                else None,
-                "nonfinite_params": [
-                    n for n, p in engine.module.named_parameters() if not torch.isfinite(p).all()
-                ][:50],
-            }
-            path = checkpoint.write_diagnostics(ckpt_dir, bad_step, info) if run.rank == 0 else None
-            raise NonFiniteLossError(
-                f"non-finite loss at step {bad_step} (optimizer step, 1-based; "
-                f"detected at step {st['step']}); "
-                f"diagnostics: {path or ckpt_dir}; last good checkpoint: {info['last_good_checkpoint']}"
-            )
-
-    def log() -> None:
-        nonlocal sums, n_in_window, t_window, wait_window
-        check_finite()
-        if n_in_window == 0:
-            return
-        vals = sums / (n_in_window * accum)
-        if run.world > 1:
-            torch.distributed.all_reduce(vals)
-            vals = vals / run.world
-        loss, loss_clean, loss_mix, lam = vals.tolist()  # the one host sync of the interval
-        elapsed = time.perf_counter() - t_window
-        ips = n_in_window * global_batch / max(elapsed, 1e-9)
-        metrics = {
-            "loss": loss,
-            "loss_clean": loss_clean,
-            "loss_mix": loss_mix,
-            "lr": last_lr,
-            "momentum": last_m,
-            "images_per_s": ips,
-            "data_wait_fraction": wait_window / max(elapsed, 1e-9),
-            "epoch": st["epoch"] + st["pos"] / spe,
-        }
-        if cfg.unmix.enabled:
-            metrics["lam"] = lam
-        tracker.log_metrics(metrics, step=st["step"])
-        eta = (run.total_steps - st["step"]) * elapsed / n_in_window
-        progress.update(st["step"], n_in_window, loss, ips, eta, st["epoch"] + (st["pos"] > 0))  # 1-based
-        sums = torch.zeros_like(sums)
-        n_in_window, t_window, wait_window = 0, time.perf_counter(), 0.0
-
     micro_step = st["step"] * accum
     stop = False
     while st["epoch"] < cfg.optim.epochs and not stop:
         micro_in_epoch = st["pos"] * accum
-        it = iter(run.loader)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(it, None)
-            wait_window += time.perf_counter() - t0
-            if batch is None:
-                break
+        for batch in metrics.timed(run.loader):
             if micro_in_epoch >= spe * accum or stop:
                 continue  # drain the epoch's leftover micro-batches so the loader starts the next epoch
-            last_lr = learning_rate(
+            lr = learning_rate(
                 st["step"], run.total_steps, run.base_lr, warmup_steps, cfg.optim.schedule, milestone_steps
             )
-            last_m = run.method.momentum(st["step"], run.total_steps)
-            loss, loss_clean, loss_mix = train_step(run, batch, micro_step, last_lr, last_m)
+            m = run.method.momentum(st["step"], run.total_steps)
+            loss, loss_clean, loss_mix = train_step(run, batch, micro_step, lr, m)
             micro_step += 1
             micro_in_epoch += 1
-            lam = batch["lam"].float().mean().to(run.device) if cfg.unmix.enabled else zero
-            sums += torch.stack([loss.float(), loss_clean.float(), loss_mix.float(), lam])
-            epoch_sum += loss.float()
-            first_bad = torch.where(
-                torch.isfinite(loss) | (first_bad >= 0), first_bad, torch.full_like(first_bad, st["step"] + 1)
-            )
+            lam = batch["lam"] if cfg.unmix.enabled else None  # lam: N
+            metrics.add(st["step"] + 1, loss, loss_clean, loss_mix, lam)
             if micro_in_epoch % accum:
                 continue
             st["step"] += 1
             st["pos"] += 1
-            epoch_n += 1
-            n_in_window += 1
+            metrics.stepped(lr, m)
             last_of_epoch = st["pos"] == spe
             if st["step"] % cfg.log.every_steps == 0:
-                log()
+                _log(run, metrics, tracker, progress, ckpt_dir)
             signalled = preempt.agreed(st["step"], force=last_of_epoch)
             if last_of_epoch:
                 stop = signalled  # checkpoint after the epoch ends (the loader then sits at the next one)
                 continue
-            if signalled or (cfg.checkpoint.every_steps and st["step"] % cfg.checkpoint.every_steps == 0):
-                log()
-                save()
+            if signalled or (every_s and st["step"] % every_s == 0):
+                _log(run, metrics, tracker, progress, ckpt_dir)
+                _save(run, metrics, tracker, ckpt_dir)
             if signalled:
                 progress.close()
                 return EXIT_REQUEUE
         # End of the epoch: the loader has rolled over to the next one.
         st["epoch"] += 1
         st["pos"] = 0
-        log()
-        if epoch_n:
-            tracker.log_metrics({"epoch_loss": (epoch_sum / (epoch_n * accum)).item()}, step=st["step"])
-        epoch_sum.zero_()
-        epoch_n = 0
+        _log(run, metrics, tracker, progress, ckpt_dir)
+        if (epoch_loss := metrics.epoch_loss()) is not None:
+            tracker.log_metrics({"epoch_loss": epoch_loss}, step=st["step"])
         last = st["epoch"] >= cfg.optim.epochs
-        every_e, every_s = cfg.checkpoint.every_epochs, cfg.checkpoint.every_steps
         if (
             stop
             or last
             or (every_e and st["epoch"] % every_e == 0)
             or (every_s and st["step"] % every_s == 0)
         ):
-            save()
-        knn.after_epoch(st["epoch"], st["step"], engine.module.backbone, tracker)  # after the checkpoint
+            _save(run, metrics, tracker, ckpt_dir)
+        knn.after_epoch(st["epoch"], st["step"], run.engine.module.backbone, tracker)  # after the checkpoint
         if stop:
             progress.close()
             return EXIT_REQUEUE
-    check_finite()
+    _check_finite(run, metrics, ckpt_dir)
     if st["step"] > 0 and not (ckpt_dir / checkpoint.tag_for(st["step"]) / checkpoint.COMPLETE).exists():
-        save()
+        _save(run, metrics, tracker, ckpt_dir)
     progress.close()
     return 0
+
+
+def _log(run: Run, metrics: StepMetrics, tracker: Tracker, progress: Progress, ckpt_dir: Path) -> None:
+    """Check the losses are finite, then log the interval's means (one host sync) and show progress."""
+    _check_finite(run, metrics, ckpt_dir)
+    window = metrics.window()
+    if window is None:
+        return
+    values, steps, seconds = window
+    st, spe = run.state, run.steps_per_epoch
+    tracker.log_metrics({**values, "epoch": st["epoch"] + st["pos"] / spe}, step=st["step"])
+    eta = (run.total_steps - st["step"]) * seconds / steps
+    epoch = st["epoch"] + (st["pos"] > 0)  # 1-based
+    progress.update(st["step"], steps, values["loss"], values["images_per_s"], eta, epoch)
+
+
+def _save(run: Run, metrics: StepMetrics, tracker: Tracker, ckpt_dir: Path) -> None:
+    """Checkpoint where the run stands (collective); never one holding a non-finite loss."""
+    _check_finite(run, metrics, ckpt_dir)
+    st = run.state
+    client = ClientState(
+        step=st["step"],
+        epoch=st["epoch"],
+        pos=st["pos"],
+        config=to_dict(run.cfg),
+        method=run.method.state_dict(),
+        mlflow_run_id=tracker.run_id,
+    )
+    checkpoint.save(
+        run.engine, ckpt_dir, client, {"loader": run.loader.state_dict()}, run.cfg.checkpoint.keep
+    )
+
+
+def _check_finite(run: Run, metrics: StepMetrics, ckpt_dir: Path) -> None:
+    """Raise :class:`NonFiniteLossError` (diagnostics written beside the checkpoints) if any rank's loss
+    was NaN/inf since the start. Collective."""
+    bad_step = metrics.first_nonfinite()
+    if bad_step is None:
+        return
+    latest = ckpt_dir / "latest"
+    info = {
+        "step": bad_step,
+        "detected_at_step": run.state["step"],
+        "epoch": run.state["epoch"],
+        "lr": metrics.lr,
+        "momentum": metrics.momentum,
+        "last_good_checkpoint": latest.read_text().strip() if latest.exists() else None,
+        "nonfinite_params": [
+            n for n, p in run.engine.module.named_parameters() if not torch.isfinite(p).all()
+        ][:50],
+    }
+    path = checkpoint.write_diagnostics(ckpt_dir, bad_step, info) if run.rank == 0 else None
+    raise NonFiniteLossError(
+        f"non-finite loss at step {bad_step} (optimizer step, 1-based; "
+        f"detected at step {run.state['step']}); diagnostics: {path or ckpt_dir}; "
+        f"last good checkpoint: {info['last_good_checkpoint']}"
+    )

@@ -58,7 +58,8 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
     """linear (augmented, the paper's path) and knn on a backbone.pt whose pretraining run is FINISHED."""
     from mlflow.tracking import MlflowClient
 
-    from unmix.training.backbones import build_backbone, save_backbone
+    from unmix.training.backbone_file import BackboneMeta, save_backbone
+    from unmix.training.backbones import build_backbone
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -66,19 +67,18 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
     pre = client.create_run(exp, run_name="moco", tags={"unmix.kind": "pretrain", "method": "moco_v2"})
     client.set_terminated(pre.info.run_id, "FINISHED")
     torch.manual_seed(0)
-    path = save_backbone(
-        tmp_path / "backbone.pt",
-        build_backbone("resnet10", crop=16),
-        {
-            "method": "moco_v2",
-            "unmix": True,
-            "epochs": 1,
-            "mlflow_run_id": pre.info.run_id,
-            "mlflow_tracking_uri": uri,
-            "mlflow_experiment": "pretraining",
-            "crop": 16,
-        },
+    net = build_backbone("resnet10", crop=16)
+    meta = BackboneMeta.of(
+        net,
+        method="moco_v2",
+        unmix=True,
+        epochs=1,
+        mlflow_run_id=pre.info.run_id,
+        mlflow_tracking_uri=uri,
+        mlflow_experiment="pretraining",
+        crop=16,
     )
+    path = save_backbone(tmp_path / "backbone.pt", net, meta)
     file_bytes = path.read_bytes()
 
     lin_json, knn_json = tmp_path / "lin.json", tmp_path / "knn.json"

@@ -71,14 +71,12 @@ def test_backbone_store_is_used_only_when_local_and_present(tmp_path, monkeypatc
         ("postgresql://db.example.org/mlflow", "not a local store"),
         (f"file://{tmp_path / 'nowhere'}", f"no store directory at {tmp_path / 'nowhere'}"),
     ):
-        assert resolve_tracking_uri(None, {"mlflow_tracking_uri": uri}, announce=True) is None
+        assert resolve_tracking_uri(None, uri, announce=True) is None
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"note: not logging to the backbone's tracking store '{uri}': {why}"), err
         assert len(err.splitlines()) == 1
     assert not chosen.parent.exists()
-    assert (
-        resolve_tracking_uri("sqlite:///mine.db", {"mlflow_tracking_uri": "http://x"}) == "sqlite:///mine.db"
-    )
+    assert resolve_tracking_uri("sqlite:///mine.db", "http://x") == "sqlite:///mine.db"
 
 
 def test_knn_never_creates_the_database_a_backbone_names(
@@ -86,17 +84,16 @@ def test_knn_never_creates_the_database_a_backbone_names(
 ):
     """A received backbone.pt naming ``sqlite:///<somewhere>/evil.db``: the eval logs to MLflow's default
     store in the working directory, says so in one line, and creates nothing at the named path."""
-    from unmix.training.backbones import build_backbone, save_backbone
+    from unmix.training.backbone_file import BackboneMeta, save_backbone
+    from unmix.training.backbones import build_backbone
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)
     chosen = tmp_path / "somewhere" / "evil.db"
     torch.manual_seed(0)
-    path = save_backbone(
-        tmp_path / "backbone.pt",
-        build_backbone("resnet10", crop=16, width=8),
-        {"mlflow_tracking_uri": f"sqlite:///{chosen}", "mlflow_run_id": "0" * 32, "crop": 16},
-    )
+    net = build_backbone("resnet10", crop=16, width=8)
+    meta = BackboneMeta.of(net, mlflow_tracking_uri=f"sqlite:///{chosen}", mlflow_run_id="0" * 32, crop=16)
+    path = save_backbone(tmp_path / "backbone.pt", net, meta)
     args = ["knn", "--backbone", str(path), "--train", str(sample_train), "--val", str(sample_val)]
     assert main([*args, "--k", "5", *NO_CROP]) == 0
     err = capsys.readouterr().err

@@ -131,9 +131,9 @@ def test_overrides_apply_and_unknown_keys_are_named():
 
 
 def test_crop_defaults_to_the_pretraining_crop():
-    assert with_crop(moco_protocol(), {"crop": 32}).crop == 32
-    assert with_crop(moco_protocol(), {}).crop == 224
-    assert with_crop(resolve_protocol({"data.crop": "64"}), {"crop": 32}).crop == 64
+    assert with_crop(moco_protocol(), 32).crop == 32
+    assert with_crop(moco_protocol(), None).crop == 224
+    assert with_crop(resolve_protocol({"data.crop": "64"}), 32).crop == 64
 
 
 class FakeLoader:

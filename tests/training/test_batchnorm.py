@@ -201,7 +201,7 @@ def test_one_process_run_uses_split_bn_and_exports_a_plain_resnet(tmp_path):
     import subprocess
     import sys
 
-    from unmix.training.backbones import load_backbone
+    from unmix.training.backbone_file import load_backbone
 
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from unmix.training import checkpoint
+from unmix.training.checkpoint_state import ClientState
 
 
 class FakeEngine:
@@ -23,7 +24,8 @@ class FakeEngine:
 
 
 def _save(ckpt: Path, step: int, keep: int = 2) -> Path:
-    return checkpoint.save(FakeEngine(), ckpt, step, {"step": step}, {"loader": {"pos": step}}, keep)
+    client = ClientState(step=step, epoch=0, pos=step, config={}, method={}, mlflow_run_id=None)
+    return checkpoint.save(FakeEngine(), ckpt, client, {"loader": {"pos": step}}, keep)
 
 
 def test_save_writes_complete_record_pointer_and_prunes(tmp_path):
@@ -34,7 +36,7 @@ def test_save_writes_complete_record_pointer_and_prunes(tmp_path):
     assert (ckpt / "latest").read_text() == "step_00000006"
     record = json.loads((ckpt / "step_00000006" / "COMPLETE").read_text())
     assert record["step"] == 6 and record["world_size"] == 1
-    assert set(record["files"]) == {"mp_rank_00_model_states.pt", "rank0_state.pt"}
+    assert set(record["files"]) == {"mp_rank_00_model_states.pt", "rank0_state.pt", "config.json"}
     assert checkpoint.verify(ckpt / "step_00000006") is None
     assert checkpoint.find_resumable(ckpt, 1) == ckpt / "step_00000006"
 

@@ -24,7 +24,9 @@ import pytest
 import torch
 import yaml
 
+import unmix
 from unmix.training import atomic, checkpoint, safe_load
+from unmix.training.checkpoint_state import FORMAT_VERSION, ClientState
 from unmix.training.config import NUMBER_RANGES, Config, ConfigError, load_config
 from unmix.training.tracking import without_credentials
 
@@ -239,6 +241,50 @@ def test_item1_allow_list_covers_deepspeed_zero_0_1_2(tmp_path):
     assert "optim_states" in oks[1] and "optim_states" in oks[2]  # the ZeRO files with DeepSpeed classes
 
 
+# ------------------------------------------------------------------------ versioned checkpoint format
+
+
+def _as_version_1(ckpt: Path) -> None:
+    """Rewrite checkpoint ``ckpt`` as the unversioned layout wrote it: no ``format_version`` and no
+    ``written_by`` in the client state or in COMPLETE, every other byte of state as it was."""
+    states = ckpt / "mp_rank_00_model_states.pt"
+    saved = torch.load(states, weights_only=False)  # our own file, trusted here
+    record = json.loads((ckpt / checkpoint.COMPLETE).read_text())
+    for d in (saved, record):
+        del d["format_version"], d["written_by"]
+    torch.save(saved, states)
+    (ckpt / checkpoint.COMPLETE).write_text(json.dumps(record))
+    _rehash(ckpt)
+
+
+def test_unversioned_checkpoint_is_migrated_and_resumes_exactly_as_the_versioned_one(trained, tmp_path):
+    versioned, old = _copy_run(trained, tmp_path / "v2"), _copy_run(trained, tmp_path / "v1")
+    _as_version_1(old / "checkpoints" / "step_00000004")
+    for run in (versioned, old):
+        proc = _train(_write_config(tmp_path / f"{run.name}.yaml", run, **{"optim.epochs": 2}))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert f"resumed from {run / 'checkpoints' / 'step_00000004'} (step 4, epoch 1," in proc.stderr
+    a, b = (torch.load(r / "backbone.pt", weights_only=True)["state_dict"] for r in (versioned, old))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise
+    record = json.loads((old / "checkpoints" / "step_00000008" / checkpoint.COMPLETE).read_text())
+    assert record["format_version"] == FORMAT_VERSION  # the resumed run writes the current format
+
+
+def test_checkpoint_of_a_newer_format_is_refused_in_one_line_before_any_work(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    record = json.loads((ckpt / checkpoint.COMPLETE).read_text())
+    record.update(format_version=FORMAT_VERSION + 1, written_by="9.0")
+    (ckpt / checkpoint.COMPLETE).write_text(json.dumps(record))
+    proc = _train(_write_config(tmp_path / "c.yaml", run, **{"optim.epochs": 2}))
+    assert _error_line(proc) == (
+        f"unmix train: error: {ckpt}: checkpoint format version 3 (written by unmix 9.0) is newer than this "
+        f"unmix ({unmix.__version__}) reads (1 to 2); resume with the unmix version that wrote it, or start "
+        "a new output_dir"
+    )
+    assert sorted(p.name for p in ckpt.parent.iterdir() if p.is_dir()) == [ckpt.name]  # nothing touched
+
+
 # --------------------------------------------------------------------- item 4: prune by verified only
 
 
@@ -252,7 +298,8 @@ class FakeEngine:
 
 
 def _save(ckpt: Path, step: int, keep: int) -> Path:
-    return checkpoint.save(FakeEngine(), ckpt, step, {"step": step}, {"loader": {"pos": step}}, keep)
+    client = ClientState(step=step, epoch=0, pos=step, config={}, method={}, mlflow_run_id=None)
+    return checkpoint.save(FakeEngine(), ckpt, client, {"loader": {"pos": step}}, keep)
 
 
 def test_item4_resumed_checkpoint_survives_until_a_newer_verified_one(tmp_path):
@@ -348,20 +395,18 @@ def test_item9_cli_refuses_before_any_work(tmp_path):
 
 
 def test_item10_tracking_uri_is_stored_without_credentials(tmp_path):
-    from unmix.training.backbones import build_backbone, load_backbone, save_backbone
+    from unmix.training.backbone_file import BackboneMeta, load_backbone, save_backbone
+    from unmix.training.backbones import build_backbone
 
     uri = "https://alice:s3cret@mlflow.example.org:5000/base?token=abc&experiment=3"
     assert without_credentials(uri) == "https://mlflow.example.org:5000/base?experiment=3"
     assert without_credentials("postgresql://u:pw@db/mlflow") == "postgresql://db/mlflow"
     assert without_credentials("sqlite:////runs/mlflow.db") == "sqlite:////runs/mlflow.db"
-    path = save_backbone(
-        tmp_path / "backbone.pt", build_backbone("resnet10", width=8), {"mlflow_tracking_uri": uri}
-    )
+    net = build_backbone("resnet10", width=8)
+    path = save_backbone(tmp_path / "backbone.pt", net, BackboneMeta.of(net, mlflow_tracking_uri=uri))
     raw = path.read_bytes()
     assert b"s3cret" not in raw and b"alice" not in raw and b"abc" not in raw
-    assert (
-        load_backbone(path)[1]["mlflow_tracking_uri"] == "https://mlflow.example.org:5000/base?experiment=3"
-    )
+    assert load_backbone(path)[1].mlflow_tracking_uri == "https://mlflow.example.org:5000/base?experiment=3"
 
 
 # ---------------------------------------------------------------------------- item 12: YAML pass-through

@@ -36,7 +36,8 @@ def test_schedule_and_off_switches():
 def test_monitor_equals_unmix_knn_and_leaves_the_backbone_alone(sample_train, sample_val, tmp_path):
     from unmix.eval.jobs import BackboneSpec, run_knn
     from unmix.eval.protocols import LinearProtocol
-    from unmix.training.backbones import build_backbone, save_backbone
+    from unmix.training.backbone_file import BackboneMeta, save_backbone
+    from unmix.training.backbones import build_backbone
 
     torch.manual_seed(0)
     backbone = build_backbone("resnet10", crop=16, width=8)
@@ -45,7 +46,7 @@ def test_monitor_equals_unmix_knn_and_leaves_the_backbone_alone(sample_train, sa
             mod.running_mean.uniform_(-0.1, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
     before = {k: v.clone() for k, v in backbone.state_dict().items()}
-    path = save_backbone(tmp_path / "backbone.pt", backbone, {"crop": 16})
+    path = save_backbone(tmp_path / "backbone.pt", backbone, BackboneMeta.of(backbone, crop=16))
 
     cfg = _cfg(sample_train, sample_val, "eval.knn_every_epochs=1", "eval.knn_k=20", "eval.knn_t=0.07")
     backbone.train()
