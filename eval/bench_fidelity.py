@@ -21,7 +21,8 @@ mean and std (the authors' CIFAR script uses CIFAR's: a documented departure of 
 of this comparison). What is left to differ is the views (DALI's operators against torchvision's), the
 loop, the schedule's granularity and the engine. The table gives, per epoch, each arm's median and range
 over seeds and the mean seed-paired difference (unmix - reference) with its 95 % Student-t interval;
-the verdict at the last epoch is "agree" when each arm's median lies inside the other arm's range.
+the verdict at the last epoch says whether each arm's median lies inside the other arm's range and
+whether the paired interval holds 0.
 """
 
 from __future__ import annotations
@@ -320,7 +321,14 @@ def summarise(curves: list[SeedCurves]) -> dict[str, Any]:
     last = rows[-1]
     u, r = last["unmix"], last["reference"]
     agree = r["min"] <= u["median"] <= r["max"] and u["min"] <= r["median"] <= u["max"]
-    return {"rows": rows, "agree": agree, "seeds": [c.seed for c in curves]}
+    d = last["diff"]
+    holds_zero = None if d["lo"] is None else d["lo"] <= 0 <= d["hi"]
+    return {
+        "rows": rows,
+        "agree": agree,
+        "interval_holds_zero": holds_zero,
+        "seeds": [c.seed for c in curves],
+    }
 
 
 def format_table(summary: dict[str, Any], title: str) -> str:
@@ -345,11 +353,21 @@ def format_table(summary: dict[str, Any], title: str) -> str:
             cells.append(f"{d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]")
         lines.append("| " + " | ".join(cells) + " |")
     n = len(summary["seeds"])
-    verdict = (
-        "agree: each arm's median lies inside the other's range" if summary["agree"]
-        else "DISAGREE: a median lies outside the other arm's range"
-    )  # fmt: skip
-    lines += ["", f"last epoch, {n} seed(s): {verdict}"]
+    last = summary["rows"][-1]
+    u, r, d = last["unmix"], last["reference"], last["diff"]
+    ranges = (
+        "each arm's median lies inside the other's range"
+        if summary["agree"]
+        else f"the medians do NOT lie inside each other's range (unmix {u['median']:.1f} in "
+        f"{r['min']:.1f}-{r['max']:.1f}? reference {r['median']:.1f} in {u['min']:.1f}-{u['max']:.1f}?)"
+    )
+    if summary["interval_holds_zero"] is None:
+        paired = "one seed: no interval"
+    else:
+        paired = f"the seed-paired difference {d['mean']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}] " + (
+            "holds 0 (within noise)" if summary["interval_holds_zero"] else "excludes 0 (a real difference)"
+        )
+    lines += ["", f"last epoch, {n} seed(s): {ranges}; {paired}"]
     return "\n".join(lines)
 
 

@@ -86,16 +86,18 @@ def test_summary_medians_ranges_and_paired_interval():
     half = 4.302652729911275 * statistics.stdev(diffs) / math.sqrt(3)  # t(0.975, 2)
     assert last["diff"]["mean"] == pytest.approx(statistics.fmean(diffs))
     assert last["diff"]["lo"] == pytest.approx(statistics.fmean(diffs) - half, rel=1e-6)
-    assert s["agree"] is True
+    assert s["agree"] is True and s["interval_holds_zero"] is True
     table = format_table(s, "t")
     assert "| init | 50.0 (50.0-50.0) | 50.0 (50.0-50.0) | 0 (same weights) |" in table
-    assert "agree" in table.splitlines()[-1]
+    assert "each arm's median lies inside the other's range" in table.splitlines()[-1]
+    assert "holds 0 (within noise)" in table.splitlines()[-1]
 
 
 def test_summary_disagrees_when_a_median_leaves_the_other_range():
     s = summarise(_curves([[50, 70], [50, 72], [50, 71]], [[50, 60], [50, 62], [50, 61]]))
-    assert s["agree"] is False
-    assert "DISAGREE" in format_table(s, "t")
+    assert s["agree"] is False and s["interval_holds_zero"] is False
+    last = format_table(s, "t").splitlines()[-1]
+    assert "do NOT lie inside" in last and "+10.0 [" in last and "excludes 0" in last
 
 
 def test_bench_fidelity_end_to_end_from_the_same_weights(sample_root, tmp_path):
