@@ -7,7 +7,9 @@ and train for the same number of optimizer steps on the same shard set:
   the pipeline's Un-Mix mixing, ``loop.train_step`` (the DeepSpeed engine, the method's target and
   queue), the trainer's per-step schedule;
 - ``reference``: a plain-PyTorch loop in the style of the authors' ``unmix_c10.py``: the shard images
-  decoded by PIL, torchvision transforms built from the same recipe, a ``torch.utils.data.DataLoader``,
+  decoded by PIL, torchvision transforms built from the same recipe
+  (:func:`unmix.pipeline.bench_pipeline.torchvision_view`, the baseline of ``unmix bench pipeline``),
+  a ``torch.utils.data.DataLoader``,
   the authors' mixing (:func:`~unmix.training.fidelity.authors_mix`) and the reference step of
   :mod:`unmix.training.fidelity` (MoCo: the authors' ``ModelMoCo``; BYOL and SimCLR: written from their
   papers), ``torch.optim.SGD`` with momentum (LARS where the config asks for it: the trainer's
@@ -118,29 +120,6 @@ def read_shard_images(shards: str | Path) -> tuple[list[Any], list[int]]:
     return images, labels
 
 
-def torchvision_view(spec: Any, crop: int) -> Any:
-    """The torchvision transform of one recipe view (``unmix.pipeline.augment.ViewSpec``), in torchvision's
-    order: crop, colour jitter (random order of its four parts), grayscale, blur, solarize, flip,
-    ImageNet normalisation."""
-    from torchvision import transforms as T
-
-    from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, blur_window
-
-    ops: list[Any] = [T.RandomResizedCrop(crop, scale=spec.scale, ratio=spec.ratio)]
-    if spec.p_jitter > 0:
-        ops.append(T.RandomApply([T.ColorJitter(*spec.jitter)], p=spec.p_jitter))
-    if spec.p_gray > 0:
-        ops.append(T.RandomGrayscale(p=spec.p_gray))
-    if spec.p_blur > 0:
-        ops.append(T.RandomApply([T.GaussianBlur(blur_window(crop), sigma=spec.blur_sigma)], p=spec.p_blur))
-    if spec.p_solarize > 0:
-        ops.append(T.RandomSolarize(128, p=spec.p_solarize))
-    if spec.p_flip > 0:
-        ops.append(T.RandomHorizontalFlip(p=spec.p_flip))
-    ops += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    return T.Compose(ops)
-
-
 class TwoViews(torch.utils.data.Dataset):
     """The authors' ``CIFAR10Pair``: two independently augmented views of each image."""
 
@@ -194,6 +173,8 @@ def run_reference(
 
     recipe = get_recipe(cfg.data.recipe or _default_recipe(cfg))
     images, _ = read_shard_images(cfg.data.train if isinstance(cfg.data.train, str) else cfg.data.train[0])
+    from unmix.pipeline.bench_pipeline import torchvision_view
+
     data = TwoViews(
         images, torchvision_view(recipe.view1, cfg.data.crop), torchvision_view(recipe.view2, cfg.data.crop)
     )

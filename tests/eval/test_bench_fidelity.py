@@ -16,8 +16,9 @@ import pytest
 import torch
 from PIL import Image
 
-from unmix.eval.bench_fidelity import SeedCurves, format_table, read_shard_images, summarise, torchvision_view
+from unmix.eval.bench_fidelity import SeedCurves, format_table, read_shard_images, summarise
 from unmix.pipeline.augment import IMAGENET_MEAN, IMAGENET_STD, RECIPES, ViewSpec
+from unmix.pipeline.bench_pipeline import torchvision_view
 from unmix.pipeline.shards import read_manifest
 
 
