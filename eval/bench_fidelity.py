@@ -97,7 +97,7 @@ def read_shard_images(shards: str | Path) -> tuple[list[Any], list[int]]:
     """Every ``(PIL image, label)`` of a shard set, in manifest order (decoded by PIL, RGB)."""
     from PIL import Image
 
-    from unmix.pipeline.shards import read_manifest
+    from unmix.pipeline.shards.manifest import read_manifest
 
     m = read_manifest(shards)
     images, labels = [], []
@@ -363,7 +363,7 @@ def main(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="unmix-fidelity-") as tmp:
         data = Path(args.data) if args.data else Path(tmp) / "digits"
         if not args.data:
-            from unmix.pipeline.sample import write_sample
+            from unmix.pipeline.shards.sample import write_sample
 
             write_sample("digits", data)
         for split in ("train", "val"):
