@@ -97,6 +97,8 @@ def read_shard_images(shards: str | Path) -> tuple[list[Any], list[int]]:
     """Every ``(PIL image, label)`` of a shard set, in manifest order (decoded by PIL, RGB)."""
     from PIL import Image
 
+    from unmix.pipeline.labels import parse_label
+    from unmix.pipeline.shards.dali_index import split_name
     from unmix.pipeline.shards.manifest import read_manifest
 
     m = read_manifest(shards)
@@ -107,14 +109,17 @@ def read_shard_images(shards: str | Path) -> tuple[list[Any], list[int]]:
             for info in tar:
                 if not info.isfile():
                     continue
-                key, _, ext = info.name.rpartition(".")
+                key, ext = split_name(info.name)  # the WebDataset key, as wds2idx and DALI split it
                 data = tar.extractfile(info)
                 members.setdefault(key, {})[ext] = data.read() if data is not None else b""
         for key, parts in members.items():
             if "jpg" not in parts or "cls" not in parts:
                 raise ValueError(f"{shard.path}: sample {key!r} lacks a .jpg or .cls member")
+            try:
+                labels.append(parse_label(parts["cls"], m.num_classes))
+            except ValueError as exc:
+                raise ValueError(f"{shard.path}: sample {key!r}: {exc}") from None
             images.append(Image.open(io.BytesIO(parts["jpg"])).convert("RGB"))
-            labels.append(int(parts["cls"].decode().strip()))
     if len(images) != m.total:
         raise ValueError(f"{m.root}: read {len(images)} samples, the manifest lists {m.total}")
     return images, labels
