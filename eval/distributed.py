@@ -63,9 +63,16 @@ def setup(device: str = "gpu") -> DistContext:
     return DistContext(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
 
 
-def teardown(ctx: DistContext) -> None:
-    """Leave the process group if :func:`setup` joined one."""
+def teardown(ctx: DistContext, *, wait: bool = True) -> None:
+    """Leave the process group if :func:`setup` joined one.
+
+    With ``wait`` (the normal end) every rank first meets at a barrier, so no rank tears gloo down while
+    another's collective is still in flight (which can abort the process in gloo's worker thread); after
+    an error pass ``wait=False``, since the other ranks may never arrive.
+    """
     if ctx.distributed and dist.is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

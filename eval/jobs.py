@@ -218,6 +218,7 @@ def eval_job(
     """
     ctx = distributed.setup(proto.device)
     tracker = None
+    failed = False
     try:
         backbone, meta = load(spec, proto.crop, proto.seed)
         proto = with_crop(proto, meta.crop)
@@ -228,11 +229,12 @@ def eval_job(
         tracker = _tracker(kind, spec, meta, ctx, track, tracking_uri, experiment, run_params, protocol)
         yield EvalJob(kind, spec, ctx, backbone, meta, proto, num_classes, tracker, fingerprint)
     except BaseException:
+        failed = True
         if tracker is not None:
             tracker.finish("FAILED")
         raise
     finally:
-        distributed.teardown(ctx)
+        distributed.teardown(ctx, wait=not failed)
 
 
 def run_linear(

@@ -188,6 +188,9 @@ def _rank_main(rank: int, port: int, out: str, gather_kind: str) -> None:
         dist.all_reduce(losses)
         if rank == 0:
             torch.save({"losses": losses / W, "grads": grads}, out)
+        # every rank's gloo work (the backward's all-to-all included) is done before the group goes:
+        # without it a rank that leaves first can abort in gloo's worker thread (SIGABRT, seen in CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
