@@ -22,6 +22,10 @@ from typing import Any
 
 from unmix.pipeline import bench_pipeline
 
+#: ``unmix shards sample`` choices: :data:`unmix.pipeline.shards.sample.SAMPLES` (not imported: the parser
+#: loads no numpy or PIL; a test keeps the two equal).
+SAMPLE_NAMES = ("digits", "shifted-digits", "photos")
+
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "KI": 2**10, "MI": 2**20, "GI": 2**30}
 
 
@@ -341,7 +345,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = ss.add_parser("sample", help="write a built-in sample data set as OUT/train and OUT/val")
     s.add_argument(
-        "name", choices=["digits", "photos"], help="digits: sklearn digits 32x32; photos: ~500x375"
+        "name",
+        choices=SAMPLE_NAMES,
+        help="digits: sklearn digits 32x32; shifted-digits: the digits at a random place and size on a 16x16 "
+        "canvas (the learning guard's data); photos: ~500x375",
     )
     s.add_argument("out", help="output directory")
     s.add_argument("--seed", type=int, default=0)

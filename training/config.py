@@ -194,6 +194,7 @@ class EvalConfig:
     """The kNN monitor during pretraining (:mod:`unmix.training.knn_monitor`); it reads ``data.val``."""
 
     knn_every_epochs: int = 0  # weighted-kNN top-1 on data.val every N epochs and at the last; 0 = off
+    knn_at_start: bool = False  # with the monitor on: also the initial weights' kNN, at step 0 of a fresh run
     knn_k: int = 200  # neighbours (the authors' CIFAR code: 200)
     knn_t: float = 0.1  # temperature of the exp(sim / t) vote weights (authors: 0.1)
 
@@ -332,6 +333,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
     if origin is Literal:
         allowed = get_args(tp)
+        if isinstance(value, bool) and ("off" if value is False else "on") in allowed:
+            value = "off" if value is False else "on"  # YAML 1.1 reads a bare off / on as a boolean
         if value not in allowed:
             raise ConfigError(f"{key}: invalid value {value!r}; allowed: {', '.join(map(str, allowed))}")
         return value

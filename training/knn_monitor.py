@@ -4,7 +4,10 @@ What the authors' CIFAR code (``unmix_c10.py``'s ``test()``, after MoCo's CIFAR 
 every epoch: the backbone in eval mode embeds the training split (the memory bank, with the evaluation
 transform, no augmentation) and the validation split; each validation image is classified by its
 ``eval.knn_k`` nearest training features, weighted exp(sim / ``eval.knn_t``) (k = 200, t = 0.1); the
-top-1 accuracy is logged to MLflow as ``knn_top1`` at the current optimizer step.
+top-1 accuracy is logged to MLflow as ``knn_top1`` at the current optimizer step. With
+``eval.knn_at_start`` a fresh run also scores its initial (random) weights and logs them at step 0: the
+run's own floor, from the same initialisation, that the curve has to rise above (a resumed run does not
+repeat it).
 
 The same code computes ``unmix knn`` (:func:`unmix.training.knn.knn_evaluate`, data through
 ``build_eval_loader(split="val")``), so the monitor's value on a backbone equals ``unmix knn``'s on it.
@@ -78,15 +81,25 @@ class KnnMonitor:
         """Whether the monitor runs after ``epoch`` (1-based count of finished epochs)."""
         return self.enabled and epoch > 0 and (epoch % self.every == 0 or epoch == self.cfg.optim.epochs)
 
+    def at_start(self, step: int, backbone: nn.Module, tracker: Any) -> KnnResult | None:
+        """With ``eval.knn_at_start``, on a fresh run (``step`` 0): the initial weights' kNN, logged at
+        step 0 like :meth:`after_epoch`'s."""
+        if not (self.enabled and self.cfg.eval.knn_at_start and step == 0):
+            return None
+        return self._report("init", step, backbone, tracker)
+
     def after_epoch(self, epoch: int, step: int, backbone: nn.Module, tracker: Any) -> KnnResult | None:
         """If due: evaluate, log ``knn_top1`` (and ``knn_top5``) at ``step``, print it on rank 0."""
         if not self.due(epoch):
             return None
+        return self._report(f"epoch {epoch}", step, backbone, tracker)
+
+    def _report(self, when: str, step: int, backbone: nn.Module, tracker: Any) -> KnnResult:
         result = self.evaluate(backbone)
         tracker.log_metrics({"knn_top1": result.top1, "knn_top5": result.top5}, step=step)
         if self.rank == 0:
             print(
-                f"[unmix] epoch {epoch} knn top-1 {result.top1:.2f}% (k={self.cfg.eval.knn_k}, "
+                f"[unmix] {when} knn top-1 {result.top1:.2f}% (k={self.cfg.eval.knn_k}, "
                 f"t={self.cfg.eval.knn_t}, {result.total} val images)",
                 file=sys.stderr,
                 flush=True,

@@ -353,6 +353,7 @@ def _loop(run: Run, tracker: Tracker, preempt: Preemption, ckpt_dir: Path) -> in
     progress = Progress(cfg, run.total_steps, st["step"], run.rank == 0)
     metrics = StepMetrics(run.device, run.world, accum, cfg.optim.batch_size, cfg.unmix.enabled)
     knn = KnnMonitor(cfg, run.rank, run.world, run.device, run.micro_batch)  # eval.knn_every_epochs
+    knn.at_start(st["step"], run.engine.module.backbone, tracker)  # eval.knn_at_start: the run's floor
     micro_step = st["step"] * accum
     stop = False
     while st["epoch"] < cfg.optim.epochs and not stop:

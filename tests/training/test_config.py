@@ -109,6 +109,15 @@ def test_bad_configs_name_key_and_allowed_values(overrides, needle):
     assert needle in str(exc.value)
 
 
+def test_a_bare_off_is_the_word_where_a_choice_allows_it(tmp_path):
+    """YAML 1.1 reads ``off`` as false: a choice that lists "off" takes it as the word, on the command line
+    and in a file; a choice without it still refuses a boolean."""
+    assert load_config(None, ["log.progress=off"]).log.progress == "off"
+    assert load_config(_write(tmp_path, "log: {progress: off}\n")).log.progress == "off"
+    with pytest.raises(ConfigError, match="data.device: invalid value False; allowed: gpu, cpu"):
+        load_config(None, ["data.device=off"])
+
+
 def test_error_names_the_file(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml: unknown key data\.trian"):
         load_config(_write(tmp_path, "data: {trian: /x}\n"))

@@ -33,6 +33,29 @@ def test_schedule_and_off_switches():
     assert not KnnMonitor(_cfg("t", "", "eval.knn_every_epochs=1"), 0, 1, torch.device("cpu"), 8).enabled
 
 
+def test_at_start_scores_the_initial_weights_of_a_fresh_run_only(sample_train, sample_val):
+    logged = []
+
+    class Tracker:
+        def log_metrics(self, metrics, step):
+            logged.append((step, metrics["knn_top1"]))
+
+    torch.manual_seed(0)
+    from unmix.training.backbones import build_backbone
+
+    net = build_backbone("resnet10", crop=16, width=8)
+    on = _cfg(sample_train, sample_val, "eval.knn_every_epochs=3", "eval.knn_at_start=true", "eval.knn_k=20")
+    mon = KnnMonitor(on, 0, 1, torch.device("cpu"), 128)
+    assert mon.at_start(5, net, Tracker()) is None and not logged  # resumed at step 5: no floor again
+    result = mon.at_start(0, net, Tracker())
+    assert logged == [(0, result.top1)] and result.top1 == mon.evaluate(net).top1
+    off = _cfg(sample_train, sample_val, "eval.knn_every_epochs=3")  # default: no floor
+    assert KnnMonitor(off, 0, 1, torch.device("cpu"), 128).at_start(0, net, Tracker()) is None
+    monitor_off = _cfg(sample_train, sample_val, "eval.knn_at_start=true")  # needs the monitor on
+    assert KnnMonitor(monitor_off, 0, 1, torch.device("cpu"), 128).at_start(0, net, Tracker()) is None
+    assert len(logged) == 1
+
+
 def test_monitor_equals_unmix_knn_and_leaves_the_backbone_alone(sample_train, sample_val, tmp_path):
     from unmix.eval.jobs import BackboneSpec, run_knn
     from unmix.eval.protocols import LinearProtocol

@@ -101,7 +101,9 @@ def _finish(proc: subprocess.Popen) -> tuple[int, str]:
 @pytest.mark.slow  # three `unmix train` launches: ~1 minute on two free cores
 def test_run_over_two_sets_spans_the_union_and_resumes_exactly(two_sets, sample_val, tmp_path):
     train = [str(p) for p in two_sets]
-    knn = {"data.val": str(sample_val), "eval.knn_every_epochs": 2, "eval.knn_k": 5}  # bank: the 24 labelled
+    knn = {  # bank: the 24 labelled; the initial weights' kNN too (eval.knn_at_start)
+        "data.val": str(sample_val), "eval.knn_every_epochs": 2, "eval.knn_k": 5, "eval.knn_at_start": True,
+    }  # fmt: skip
     straight_out, resumed_out = tmp_path / "straight" / "run", tmp_path / "resumed" / "run"
     straight = _launch(_config(tmp_path, train, straight_out, **knn))
 
@@ -116,11 +118,18 @@ def test_run_over_two_sets_spans_the_union_and_resumes_exactly(two_sets, sample_
     rc, text = _finish(_launch(cfg))
     assert rc == 0, text[-3000:]
     assert "resumed from" in text and "step_00000004" in text
+    assert "init knn top-1" not in text  # the floor belongs to step 0: a resumed run does not repeat it
     rc, straight_text = _finish(straight)
     assert rc == 0, straight_text[-3000:]
     # 48 images of both sets, batch 8: 6 steps per epoch, 12 in all
     assert "] step 6/12 epoch 1/2 " in straight_text and "] step 12/12 epoch 2/2 " in straight_text
     assert re.search(r"epoch 2 knn top-1 [\d.]+%", straight_text), straight_text[-2000:]
+    assert straight_text.count("init knn top-1") == 1, straight_text[-2000:]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{straight_out.parent}/mlflow.db")
+    (run,) = client.search_runs([client.get_experiment_by_name("union").experiment_id])
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "knn_top1")] == [0, 12]
 
     def final(out: Path) -> dict:
         path = out / "checkpoints" / "step_00000012" / "mp_rank_00_model_states.pt"

@@ -80,3 +80,34 @@ def test_photos_sample_and_tree(tmp_path: Path):
 def test_unknown_sample(tmp_path: Path):
     with pytest.raises(ValueError, match="unknown sample 'mnist'"):
         write_sample("mnist", tmp_path)
+
+
+def test_shifted_digits_place_each_digit_inside_the_canvas_at_its_own_size(tmp_path: Path):
+    from unmix.pipeline.cli import SAMPLE_NAMES
+    from unmix.pipeline.shards.sample import SAMPLES, SHIFTED_SIZE, shifted_digit
+
+    assert SAMPLE_NAMES == SAMPLES  # the CLI's choices (kept without importing this module)
+    tr, va = write_sample("shifted-digits", tmp_path / "s")
+    assert (tr.total, va.total) == (1438, 359) and tr.classes == [str(i) for i in range(10)]
+    images, target = load_digits_arrays()
+    per_class = Counter(target.tolist())
+    assert Counter(lab for _, _, lab in samples(va)) == {c: round(n * 0.2) for c, n in per_class.items()}
+    for _, jpg, _ in samples(tr)[:50]:
+        img = Image.open(io.BytesIO(jpg))
+        assert img.size == (SHIFTED_SIZE, SHIFTED_SIZE) and img.mode == "RGB"
+    # the placement, against a NumPy reference: a bicubic digit of side 8..13 in a black 16x16 canvas
+    rng = np.random.default_rng(3)
+    sides, corners = [], []
+    for g8 in images[:200]:
+        state = rng.bit_generator.state
+        a = np.asarray(shifted_digit(g8, rng))[..., 0].astype(int)
+        ref = np.random.default_rng()
+        ref.bit_generator.state = state
+        side = int(round(SHIFTED_SIZE * ref.uniform(0.5, 0.8)))
+        x, y = ref.integers(0, SHIFTED_SIZE - side + 1, size=2)
+        outside = np.ones_like(a, dtype=bool)
+        outside[y : y + side, x : x + side] = False
+        assert a[outside].max() == 0 and a[~outside].max() > 100  # black outside the digit's box
+        sides.append(side)
+        corners.append((x, y))
+    assert min(sides) == 8 and max(sides) == 13 and len(set(corners)) > 30  # sizes and places vary
