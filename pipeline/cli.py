@@ -348,7 +348,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "name",
         choices=SAMPLE_NAMES,
         help="digits: sklearn digits 32x32; shifted-digits: the digits at a random place and size on a 16x16 "
-        "canvas (the learning guard's data); photos: ~500x375",
+        "canvas (unmix bench learning's data); photos: ~500x375",
     )
     s.add_argument("out", help="output directory")
     s.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from unmix.training.config import load_config
-from unmix.training.knn_monitor import KnnMonitor
+from unmix.training.knn_monitor import KnnMonitor, calibrate_batchnorm
 
 
 def _cfg(train: Path | str, val: Path | str, *extra: str):
@@ -47,13 +47,32 @@ def test_at_start_scores_the_initial_weights_of_a_fresh_run_only(sample_train, s
     on = _cfg(sample_train, sample_val, "eval.knn_every_epochs=3", "eval.knn_at_start=true", "eval.knn_k=20")
     mon = KnnMonitor(on, 0, 1, torch.device("cpu"), 128)
     assert mon.at_start(5, net, Tracker()) is None and not logged  # resumed at step 5: no floor again
+    before = {k: v.clone() for k, v in net.state_dict().items()}
     result = mon.at_start(0, net, Tracker())
-    assert logged == [(0, result.top1)] and result.top1 == mon.evaluate(net).top1
+    calibrated = calibrate_batchnorm(net, mon._loader("train"), torch.device("cpu"))
+    assert logged == [(0, result.top1)] and result.top1 == mon.evaluate(calibrated).top1
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())  # the run's net: untouched
     off = _cfg(sample_train, sample_val, "eval.knn_every_epochs=3")  # default: no floor
     assert KnnMonitor(off, 0, 1, torch.device("cpu"), 128).at_start(0, net, Tracker()) is None
     monitor_off = _cfg(sample_train, sample_val, "eval.knn_at_start=true")  # needs the monitor on
     assert KnnMonitor(monitor_off, 0, 1, torch.device("cpu"), 128).at_start(0, net, Tracker()) is None
     assert len(logged) == 1
+
+
+def test_calibrated_statistics_are_the_batch_averages_and_the_original_keeps_its_own():
+    from unmix.training.batchnorm import SplitBatchNorm2d
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), SplitBatchNorm2d(4, num_splits=4))
+    batches = [{"image": torch.randn(n, 3, 6, 6) * 2 + 1} for n in (8, 8, 5)]  # 5: not divisible by 4
+    got = calibrate_batchnorm(net, batches, torch.device("cpu"))
+    assert not got.training and torch.equal(net[1].running_mean, torch.zeros(4))  # the original: untouched
+    with torch.no_grad():
+        acts = [net[0](b["image"]) for b in batches]
+    means = torch.stack([a.mean(dim=(0, 2, 3)) for a in acts]).mean(0)
+    varis = torch.stack([a.transpose(0, 1).flatten(1).var(dim=1, unbiased=True) for a in acts]).mean(0)
+    torch.testing.assert_close(got[1].running_mean, means, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1].running_var, varis, rtol=1e-5, atol=1e-6)
 
 
 def test_monitor_equals_unmix_knn_and_leaves_the_backbone_alone(sample_train, sample_val, tmp_path):

@@ -1,0 +1,50 @@
+"""``unmix bench learning``: one real (one-epoch) run read back from its MLflow record, the summary and
+table, and the command's refusals."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from unmix.eval.bench_learning import Lift, format_table, run_one, summarise
+
+
+@pytest.fixture(autouse=True)
+def _one_process(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setattr("unmix.training.preemption.record_early", lambda: None)
+
+
+def test_one_run_reports_its_floor_and_its_end(tmp_path):
+    from unmix.pipeline.shards.sample import write_sample
+
+    write_sample("shifted-digits", tmp_path / "data")
+    r = run_one("simclr", tmp_path / "data", tmp_path / "runs" / "simclr-0", seed=0, extra=["optim.epochs=1"])
+    assert (r.method, r.seed, r.steps) == ("simclr", 0, 22)  # 1,438 images, batch 64: 22 steps
+    assert 30 < r.init < 60, r  # a random network's kNN here: far from chance (10) and from solved (~98)
+    assert 0 < r.final <= 100 and r.lift == r.final - r.init
+    assert (tmp_path / "runs" / "simclr-0" / "backbone.pt").is_file()  # the whole trainer ran
+
+
+def test_summary_and_table():
+    lifts = [Lift("byol", s, 45.0, 45.0 + d, 198, 60.0) for s, d in enumerate([6.0, 1.0, 9.0])]
+    lifts.append(Lift("simclr", 0, 44.0, 46.0, 110, 50.0))
+    s = summarise(lifts)
+    assert s["byol"]["lift"] == {"median": 6.0, "min": 1.0, "max": 9.0} and s["byol"]["lifted"] == 2
+    assert s["simclr"]["lifted"] == 0  # +2 is not more than 2
+    table = format_table(s)
+    assert (
+        "| byol | 198 | 45.0 (45.0 to 45.0) | 51.0 (46.0 to 54.0) | +6.0 (+1.0 to +9.0) | 2 of 3 |" in table
+    )
+    assert table.splitlines()[-1].endswith("| 0 of 1 |")
+
+
+def test_command_refuses_bad_input(tmp_path, capsys):
+    from unmix.eval.bench_learning import main
+
+    args = argparse.Namespace(seeds=0, method=["byol"], data=None, json=None, overrides=[])
+    assert main(args) == 2 and "--seeds must be >= 1" in capsys.readouterr().err
+    args = argparse.Namespace(seeds=1, method=["byol"], data=str(tmp_path), json=None, overrides=[])
+    assert main(args) == 2 and "no train/manifest.json" in capsys.readouterr().err
