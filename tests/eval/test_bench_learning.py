@@ -1,31 +1,35 @@
-"""``unmix bench learning``: one real (one-epoch) run read back from its MLflow record, the summary and
-table, and the command's refusals."""
+"""``unmix bench learning``: one real (one-epoch) run, read back from its MLflow record by the command,
+the summary and table, and the command's refusals."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 
-import pytest
+from unmix.eval.bench_learning import Lift, format_table, summarise
 
-from unmix.eval.bench_learning import Lift, format_table, run_one, summarise
-
-
-@pytest.fixture(autouse=True)
-def _one_process(monkeypatch):
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI"):
-        monkeypatch.delenv(key, raising=False)
-    monkeypatch.setattr("unmix.training.preemption.record_early", lambda: None)
+DIST_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "MLFLOW_TRACKING_URI")
 
 
 def test_one_run_reports_its_floor_and_its_end(tmp_path):
-    from unmix.pipeline.shards.sample import write_sample
-
-    write_sample("shifted-digits", tmp_path / "data")
-    r = run_one("simclr", tmp_path / "data", tmp_path / "runs" / "simclr-0", seed=0, extra=["optim.epochs=1"])
-    assert (r.method, r.seed, r.steps) == ("simclr", 0, 22)  # 1,438 images, batch 64: 22 steps
-    assert 30 < r.init < 60, r  # a random network's kNN here: far from chance (10) and from solved (~98)
-    assert 0 < r.final <= 100 and r.lift == r.final - r.init
-    assert (tmp_path / "runs" / "simclr-0" / "backbone.pt").is_file()  # the whole trainer ran
+    """The command in its own process (``unmix train`` joins a process group and sets MASTER_PORT, which
+    must not leak into later tests): one seed, one epoch, the JSON it writes."""
+    out = tmp_path / "learning.json"
+    env = {k: v for k, v in os.environ.items() if k not in DIST_KEYS}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="2")
+    cmd = ["bench", "learning", "optim.epochs=1", "--seeds", "1", "--method", "simclr", "--json", str(out)]
+    proc = subprocess.run(
+        [sys.executable, "-m", "unmix", *cmd], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["runs"]
+    assert (r["method"], r["seed"], r["steps"]) == ("simclr", 0, 22)  # 1,438 images, batch 64: 22 steps
+    assert 30 < r["init"] < 60, r  # a random network's kNN here: far from chance (10) and from solved
+    assert 0 < r["final"] <= 100
+    assert "| simclr | 22 |" in proc.stdout and "init knn top-1" in proc.stderr
 
 
 def test_summary_and_table():
