@@ -79,11 +79,14 @@ def _train(args: argparse.Namespace) -> int:
     from unmix.pipeline.labels import LabelError
     from unmix.training.atomic import WriteError, check_writable
     from unmix.training.checkpoint import ResumeError
+    from unmix.training.dist import shutdown
     from unmix.training.loop import NonFiniteLossError, train
 
     try:
         check_writable(cfg.output_dir, "output_dir")
-        return train(cfg, force_config=args.force_config)
+        code = train(cfg, force_config=args.force_config)
+        shutdown()  # finished or stopped for requeue: every rank got here (errors skip it: no barrier)
+        return code
     except (ConfigError, ResumeError, LabelError, WriteError) as exc:  # LabelError: a bad .cls (kNN monitor)
         print(f"unmix train: error: {exc}", file=sys.stderr)
         return 2

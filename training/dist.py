@@ -267,3 +267,14 @@ def any_rank(flag: bool, device: torch.device | str = "cpu", group=None) -> bool
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Leave the process group at the normal end of a process (a finished run, or an agreed stop for
+    requeue). Every rank first meets at a barrier, so none tears the group down while another's collective
+    is in flight; the group is then destroyed before the interpreter exits. Left to the exit, gloo's worker
+    threads can abort the process ("terminate called without an active exception", SIGABRT: seen on CPU
+    ranks after SimCLR's gathers), which turns a completed run into a failed job."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()

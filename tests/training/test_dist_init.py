@@ -5,6 +5,8 @@ physical GPU stop the run naming both."""
 from __future__ import annotations
 
 import datetime
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +134,32 @@ def test_gpu_runs_turn_on_cudnn_benchmark(monkeypatch):
     monkeypatch.setattr(loop, "local_cuda_device", lambda r: torch.device("cuda", r % 2))
     assert loop.pick_device(load_config(None, ["data.device=gpu"]), 3) == torch.device("cuda", 1)
     assert torch.backends.cudnn.benchmark is True
+
+
+def _shutdown_rank(rank: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    from unmix.training import dist as udist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    x = torch.ones(3, requires_grad=True)
+    import torch.distributed.nn.functional as dist_fn
+
+    torch.cat(dist_fn.all_gather(x * (rank + 1))).sum().backward()  # the backward's gloo work, as SimCLR's
+    udist.shutdown()
+    Path(out, f"rank{rank}").write_text(f"{tdist.is_initialized()} {x.grad.tolist()}")
+
+
+def test_shutdown_meets_every_rank_and_leaves_the_group(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_shutdown_rank, args=(port, str(tmp_path)), nprocs=2, join=True)  # raises on a rank's abort
+    # both ranks left the group; x's gradient on rank r: (r + 1) per rank's loss, summed over the 2 ranks
+    got = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
+    assert got == ["False [2.0, 2.0, 2.0]", "False [4.0, 4.0, 4.0]"]
