@@ -366,17 +366,13 @@ def main(args: argparse.Namespace) -> int:
         print("unmix bench fidelity: error: --seeds and --epochs must be >= 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="unmix-fidelity-") as tmp:
-        data = Path(args.data) if args.data else Path(tmp) / "digits"
-        if not args.data:
-            from unmix.pipeline.shards.sample import write_sample
+        from unmix.pipeline.shards.sample import sample_or_given
 
-            write_sample("digits", data)
-        for split in ("train", "val"):
-            if not (data / split / "manifest.json").is_file():
-                print(
-                    f"unmix bench fidelity: error: --data {data}: no {split}/manifest.json", file=sys.stderr
-                )
-                return 2
+        try:
+            data = sample_or_given(args.data, "digits", tmp)
+        except ValueError as exc:
+            print(f"unmix bench fidelity: error: {exc}", file=sys.stderr)
+            return 2
         report: dict[str, Any] = {}
         for method in args.method:
             overrides = [] if args.config else [*COMMON_OVERRIDES, *METHOD_OVERRIDES[method]]

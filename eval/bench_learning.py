@@ -151,17 +151,13 @@ def main(args: argparse.Namespace) -> int:
         print("unmix bench learning: error: --seeds must be >= 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory(prefix="unmix-learning-") as tmp:
-        data = Path(args.data) if args.data else Path(tmp) / "shifted-digits"
-        if not args.data:
-            from unmix.pipeline.shards.sample import write_sample
+        from unmix.pipeline.shards.sample import sample_or_given
 
-            write_sample("shifted-digits", data)
-        for split in ("train", "val"):
-            if not (data / split / "manifest.json").is_file():
-                print(
-                    f"unmix bench learning: error: --data {data}: no {split}/manifest.json", file=sys.stderr
-                )
-                return 2
+        try:
+            data = sample_or_given(args.data, "shifted-digits", tmp)
+        except ValueError as exc:
+            print(f"unmix bench learning: error: {exc}", file=sys.stderr)
+            return 2
         lifts = []
         for method in args.method:
             for seed in range(args.seeds):

@@ -258,3 +258,16 @@ def write_sample(
             )
         )
     return manifests[0], manifests[1]
+
+
+def sample_or_given(data: str | Path | None, name: str, tmp: str | Path) -> Path:
+    """The shard root a benchmark reads: ``data`` when given (it must hold ``train/`` and ``val/``
+    manifests), else the built-in sample ``name`` written under ``tmp``. Raises ValueError naming the
+    missing manifest."""
+    root = Path(data) if data else Path(tmp) / name
+    if not data:
+        write_sample(name, root)
+    for split in ("train", "val"):
+        if not (root / split / "manifest.json").is_file():
+            raise ValueError(f"--data {root}: no {split}/manifest.json")
+    return root
