@@ -272,9 +272,10 @@ def barrier() -> None:
 def shutdown() -> None:
     """Leave the process group at the normal end of a process (a finished run, or an agreed stop for
     requeue). Every rank first meets at a barrier, so none tears the group down while another's collective
-    is in flight; the group is then destroyed before the interpreter exits. Left to the exit, gloo's worker
-    threads can abort the process ("terminate called without an active exception", SIGABRT: seen on CPU
-    ranks after SimCLR's gathers), which turns a completed run into a failed job."""
+    is in flight; the group is then destroyed before the interpreter exits. A group still alive at the
+    exit is freed during interpreter teardown, where gloo aborted CPU ranks ("terminate called without an
+    active exception", SIGABRT); so nothing of ours may hold it past this call (tested: SimCLR's gather,
+    see :func:`unmix.training.simclr.gather_with_grad`)."""
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()

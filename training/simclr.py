@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as tdist
-import torch.distributed.nn.functional as dist_fn
 from torch import Tensor
 
 from unmix.training.config import SimclrConfig
@@ -38,13 +37,38 @@ def build_online(backbone: torch.nn.Module, cfg: SimclrConfig) -> Network:
     return Network(backbone, simclr_mlp(backbone.feature_dim, hidden, cfg.proj_dim))
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """``all_gather`` along dim 0 whose backward sums the gradient over ranks and keeps this rank's rows.
+
+    Written here rather than taken from ``torch.distributed.nn.functional``: that module binds
+    ``group=group.WORLD`` as a default argument when it is imported, so imported after
+    ``init_process_group`` it keeps the process group alive past ``destroy_process_group`` until the
+    interpreter's exit, where freeing it aborted CPU ranks (gloo: "terminate called without an active
+    exception", SIGABRT, one run in eight).
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:  # x: NxC -> (W*N)xC
+        world, rank = tdist.get_world_size(), tdist.get_rank()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        tdist.all_gather(parts, x.contiguous())
+        ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:  # grad: (W*N)xC, this rank's loss -> every rank's rows
+        total = grad.contiguous().clone()
+        tdist.all_reduce(total)  # every rank's loss -> these rows
+        return total[ctx.rows]
+
+
 def gather_with_grad(x: Tensor) -> Tensor:
     """``x`` of every rank concatenated along dim 0 (rank order), differentiable: the backward sums the
-    gradient that every rank's loss sends to this rank's rows (``torch.distributed.nn``). Identity on one
-    process."""
+    gradient that every rank's loss sends to this rank's rows (one ``all_reduce``, as solo-learn's
+    ``GatherLayer``). Identity on one process."""
     if not tdist.is_available() or not tdist.is_initialized() or tdist.get_world_size() == 1:
         return x
-    return torch.cat(dist_fn.all_gather(x))
+    return _AllGatherWithGrad.apply(x)
 
 
 class SimCLR:
