@@ -195,6 +195,7 @@ class EvalConfig:
 
     knn_every_epochs: int = 0  # weighted-kNN top-1 on data.val every N epochs and at the last; 0 = off
     knn_at_start: bool = False  # monitor on: also the initial weights (BN stats of data.train) at step 0
+    knn_calibrate_bn: bool = False  # every score on a copy with BN stats of data.train (as the floor's)
     knn_k: int = 200  # neighbours (the authors' CIFAR code: 200)
     knn_t: float = 0.1  # temperature of the exp(sim / t) vote weights (authors: 0.1)
 

@@ -59,6 +59,32 @@ def test_at_start_scores_the_initial_weights_of_a_fresh_run_only(sample_train, s
     assert len(logged) == 1
 
 
+def test_calibrate_bn_scores_every_epoch_as_the_floor_is(sample_train, sample_val):
+    """``eval.knn_calibrate_bn``: after an epoch, the score of the calibrated copy (the floor's procedure),
+    not of the running statistics; the run's network keeps its own statistics. Default: as the authors."""
+
+    class Tracker:
+        def log_metrics(self, metrics, step):
+            pass
+
+    torch.manual_seed(0)
+    from unmix.training.backbones import build_backbone
+
+    net = build_backbone("resnet10", crop=16, width=8)
+    for m in net.modules():  # statistics of no data, far from the images': calibration must move the score
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.fill_(0.5)
+            m.running_var.fill_(4.0)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    args = (sample_train, sample_val, "eval.knn_every_epochs=1", "eval.knn_k=20")
+    on = KnnMonitor(_cfg(*args, "eval.knn_calibrate_bn=true"), 0, 1, torch.device("cpu"), 128)
+    off = KnnMonitor(_cfg(*args), 0, 1, torch.device("cpu"), 128)
+    calibrated = on.evaluate(calibrate_batchnorm(net, on._loader("train"), torch.device("cpu")))
+    assert on.after_epoch(1, 10, net, Tracker()).top1 == calibrated.top1
+    assert off.after_epoch(1, 10, net, Tracker()).top1 == off.evaluate(net).top1 != calibrated.top1
+    assert all(torch.equal(v, before[k]) for k, v in net.state_dict().items())
+
+
 def test_calibrated_statistics_are_the_batch_averages_and_the_original_keeps_its_own():
     from unmix.training.batchnorm import SplitBatchNorm2d
 
