@@ -50,10 +50,10 @@ LEARNING_MARGIN = 1.5
 
 
 def test_learning_guard_simclr_unmix_lifts_knn_above_its_random_init(tmp_path):
-    """Issue 20's learning guard, through the whole trainer (DALI views, Un-Mix mixing, DeepSpeed step,
-    schedules, kNN monitor): SimCLR + Un-Mix, 110 steps on the shifted-digits sample, seeds 0 and 1. MoCo v2
-    and BYOL lift some seeds by nothing at this cost (the benchmark), so they have no guard here; their
-    steps are held to the authors' by the lockstep tests."""
+    """The learning guard (does pretraining learn at all?), through the whole trainer (DALI views, Un-Mix
+    mixing, DeepSpeed step, schedules, kNN monitor): SimCLR + Un-Mix, 110 steps on the shifted-digits
+    sample, seeds 0 and 1. MoCo v2 and BYOL lift some seeds by nothing at this cost (the benchmark), so
+    they have no guard here; their steps are held to the authors' by the lockstep tests."""
     runs, _ = _bench(tmp_path, "guard", "--seeds", "2", "--method", "simclr")
     lifts = [r["final"] - r["init"] for r in runs]
     assert [r["steps"] for r in runs] == [110, 110]
