@@ -94,16 +94,19 @@ class KnnMonitor:
         step 0 like :meth:`after_epoch`'s."""
         if not (self.enabled and self.cfg.eval.knn_at_start and step == 0):
             return None
-        calibrated = calibrate_batchnorm(backbone, self._loader("train"), self.device)
-        return self._report("init", step, calibrated, tracker)
+        return self._report("init", step, self._calibrated(backbone), tracker)
 
     def after_epoch(self, epoch: int, step: int, backbone: nn.Module, tracker: Any) -> KnnResult | None:
         """If due: evaluate, log ``knn_top1`` (and ``knn_top5``) at ``step``, print it on rank 0."""
         if not self.due(epoch):
             return None
-        if self.cfg.eval.knn_calibrate_bn:  # scored as the floor is: BN statistics of the eval transform
-            backbone = calibrate_batchnorm(backbone, self._loader("train"), self.device)
+        if self.cfg.eval.knn_calibrate_bn:  # scored as the floor is
+            backbone = self._calibrated(backbone)
         return self._report(f"epoch {epoch}", step, backbone, tracker)
+
+    def _calibrated(self, backbone: nn.Module) -> nn.Module:
+        """A copy with BatchNorm statistics of the bank, eval transform (:func:`calibrate_batchnorm`)."""
+        return calibrate_batchnorm(backbone, self._loader("train"), self.device)
 
     def _report(self, when: str, step: int, backbone: nn.Module, tracker: Any) -> KnnResult:
         result = self.evaluate(backbone)

@@ -16,9 +16,9 @@ a mixture anchor, and why: :func:`unmix.training.losses.nt_xent_unmix`.
 from __future__ import annotations
 
 import torch
-import torch.distributed as tdist
 from torch import Tensor
 
+from unmix.training import dist
 from unmix.training.config import SimclrConfig
 from unmix.training.heads import Network, simclr_mlp
 from unmix.training.losses import nt_xent, nt_xent_unmix
@@ -49,16 +49,13 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # x: NxC -> (W*N)xC
-        world, rank = tdist.get_world_size(), tdist.get_rank()
-        parts = [torch.empty_like(x) for _ in range(world)]
-        tdist.all_gather(parts, x.contiguous())
-        ctx.rows = slice(rank * x.shape[0], (rank + 1) * x.shape[0])
-        return torch.cat(parts)
+        ctx.rows = slice(dist.rank() * x.shape[0], (dist.rank() + 1) * x.shape[0])
+        return dist.gather_rows(x)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # grad: (W*N)xC, this rank's loss -> every rank's rows
-        total = grad.contiguous().clone()
-        tdist.all_reduce(total)  # every rank's loss -> these rows
+        total = grad.clone(memory_format=torch.contiguous_format)  # autograd's buffer is not ours to reduce
+        torch.distributed.all_reduce(total)  # every rank's loss -> these rows
         return total[ctx.rows]
 
 
@@ -66,7 +63,7 @@ def gather_with_grad(x: Tensor) -> Tensor:
     """``x`` of every rank concatenated along dim 0 (rank order), differentiable: the backward sums the
     gradient that every rank's loss sends to this rank's rows (one ``all_reduce``, as solo-learn's
     ``GatherLayer``). Identity on one process."""
-    if not tdist.is_available() or not tdist.is_initialized() or tdist.get_world_size() == 1:
+    if dist.world_size() == 1:
         return x
     return _AllGatherWithGrad.apply(x)
 
