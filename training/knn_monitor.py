@@ -10,7 +10,8 @@ run's own floor, from the same initialisation, that the curve has to rise above 
 repeat it). The floor is taken on a copy whose BatchNorm statistics are measured on the training images
 through the evaluation transform (:func:`calibrate_batchnorm`): a trained network is evaluated with
 statistics of its data, and the initial ones (mean 0, variance 1) describe no data. (On the
-shifted-digits sample, seeds 0-3, the calibrated floor read -3.6 to +1.7 points from the uncalibrated one.)
+shifted-digits sample's 359 val digits, seeds 0-3, the calibrated floor read -3.6 to +1.7 points from
+the uncalibrated one.)
 With ``eval.knn_calibrate_bn`` every later score is taken the same way, so the curve and its floor differ
 only in the weights (the running statistics of a trained network follow the augmented views, not the
 evaluation transform; ``unmix bench learning`` and CI's learning guard score both ends so). Off by

@@ -3,9 +3,12 @@
 - ``digits``: scikit-learn's 1,797 handwritten digits (8x8, 17 grey levels), upsampled bicubically to
   32x32 RGB JPEG; classes ``"0" .. "9"``; stratified 80/20 train/val split with a fixed seed.
 - ``shifted-digits``: the same digits, each scaled to 50-80 % of a 16x16 black canvas and pasted at a
-  random position (so where a digit sits and how large it is vary more than its shape). A random-init
-  ResNet-10's kNN is ~45 % here, against ~91 % on ``digits``, which leaves room to see pretraining lift
-  it: the data of ``unmix bench learning`` (:mod:`unmix.eval.bench_learning`).
+  random position (so where a digit sits and how large it is vary more than its shape); each val digit
+  is placed ``SHIFTED_VAL_PLACEMENTS`` (5) times at independent places and sizes (1,795 val images), so
+  that a kNN score's noise from the val draw (~3 points of a lift on 359 images) does not hide a few
+  points of learning. A random-init ResNet-10's kNN is ~44 % here, against ~91 % on ``digits``, which
+  leaves room to see pretraining lift it: the data of ``unmix bench learning``
+  (:mod:`unmix.eval.bench_learning`).
 - ``photos``: ImageNet-like ~500x375 JPEGs (~100 KB) cut from real photographs (scikit-learn's
   ``china.jpg`` and ``flower.jpg``, matplotlib's ``grace_hopper.jpg``) by random crops, scales, flips and
   colour shifts. Class ``c`` uses photograph ``c % 3`` with a class-specific colour cast, so the classes
@@ -30,6 +33,7 @@ from unmix.pipeline.shards.writer import write_shards
 SAMPLES = ("digits", "shifted-digits", "photos")
 SHIFTED_SIZE = 16  # the shifted-digits canvas (pixels)
 SHIFTED_SCALE = (0.5, 0.8)  # a digit's side as a fraction of the canvas side
+SHIFTED_VAL_PLACEMENTS = 5  # each val digit at this many independent places and sizes
 
 
 def load_digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -93,19 +97,23 @@ def shifted_digit(g8: np.ndarray, rng: np.random.Generator, size: int = SHIFTED_
 
 
 def shifted_digits_images(
-    val_fraction: float = 0.2, seed: int = 0
+    val_fraction: float = 0.2, seed: int = 0, val_placements: int = SHIFTED_VAL_PLACEMENTS
 ) -> dict[str, list[tuple[str, bytes, int]]]:
-    """The shifted digits (16x16 RGB JPEGs, the ``digits`` split): ``{"train": [...], "val": [...]}``."""
+    """The shifted digits (16x16 RGB JPEGs, the ``digits`` split): ``{"train": [...], "val": [...]}``.
+
+    Each train digit once; each val digit ``val_placements`` times, at independent places and sizes
+    (``digit_IIII_R.jpg``, placement R; the first placement of every val digit comes first).
+    """
     images, target = load_digits_arrays()
     tr, va = stratified_split(target, val_fraction, seed)
     rng = np.random.default_rng(seed)
-    return {
-        split: [
-            (f"{target[i]}/digit_{i:04d}.jpg", _jpeg(shifted_digit(images[i], rng), 95), int(target[i]))
-            for i in ids
-        ]
-        for split, ids in (("train", tr), ("val", va))
-    }
+
+    def item(i: int, name: str) -> tuple[str, bytes, int]:
+        return f"{target[i]}/{name}.jpg", _jpeg(shifted_digit(images[i], rng), 95), int(target[i])
+
+    train = [item(i, f"digit_{i:04d}") for i in tr]
+    val = [item(i, f"digit_{i:04d}_{r}") for r in range(val_placements) for i in va]
+    return {"train": train, "val": val}
 
 
 def _package_file(package: str, *parts: str) -> Path | None:
@@ -220,9 +228,10 @@ def write_sample(
 ) -> tuple[Manifest, Manifest]:
     """Write the built-in sample ``name`` as shard sets ``out/train`` and ``out/val``.
 
-    ``digits`` or ``shifted-digits`` (1,438 train / 359 val: 20 % of each class; 200 and 100 samples per
-    shard by default, so there are several shards to split across ranks) or ``photos`` (``n_images``
-    split ``val_fraction`` per class, 100 per shard by default). Returns ``(train_manifest,
+    ``digits`` (1,438 train / 359 val: 20 % of each class) or ``shifted-digits`` (the same split, each
+    val digit at 5 places: 1,795 val images), 200 and 100 samples per shard by default so there are
+    several shards to split across ranks; or ``photos`` (``n_images`` split ``val_fraction`` per class,
+    100 per shard by default). Returns ``(train_manifest,
     val_manifest)``; both sets have the same classes.
     """
     if name not in SAMPLES:

@@ -88,10 +88,18 @@ def test_shifted_digits_place_each_digit_inside_the_canvas_at_its_own_size(tmp_p
 
     assert SAMPLE_NAMES == SAMPLES  # the CLI's choices (kept without importing this module)
     tr, va = write_sample("shifted-digits", tmp_path / "s")
-    assert (tr.total, va.total) == (1438, 359) and tr.classes == [str(i) for i in range(10)]
+    assert (tr.total, va.total) == (1438, 5 * 359) and tr.classes == [str(i) for i in range(10)]
     images, target = load_digits_arrays()
     per_class = Counter(target.tolist())
-    assert Counter(lab for _, _, lab in samples(va)) == {c: round(n * 0.2) for c, n in per_class.items()}
+    assert Counter(lab for _, _, lab in samples(va)) == {c: 5 * round(n * 0.2) for c, n in per_class.items()}
+    # a key is the index of its name in the sorted source (class/digit_IIII_R.jpg): keys 5j .. 5j+4 are
+    # one val digit's five placements: one label, and mostly five different images (a place and size can
+    # repeat: 6 sizes x at most 81 places)
+    val = {int(k): (jpg, lab) for k, jpg, lab in samples(va)}
+    assert sorted(val) == list(range(5 * 359))
+    digits = [[val[5 * j + r] for r in range(5)] for j in range(359)]
+    assert all(len({lab for _, lab in d}) == 1 for d in digits)
+    assert sum(len({jpg for jpg, _ in d}) == 5 for d in digits) > 330  # 342 of 359
     for _, jpg, _ in samples(tr)[:50]:
         img = Image.open(io.BytesIO(jpg))
         assert img.size == (SHIFTED_SIZE, SHIFTED_SIZE) and img.mode == "RGB"
