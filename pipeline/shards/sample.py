@@ -97,13 +97,10 @@ def shifted_digit(g8: np.ndarray, rng: np.random.Generator, size: int = SHIFTED_
 
 
 def shifted_digits_images(
-    val_fraction: float = 0.2, seed: int = 0, val_placements: int = SHIFTED_VAL_PLACEMENTS
+    val_fraction: float = 0.2, seed: int = 0
 ) -> dict[str, list[tuple[str, bytes, int]]]:
-    """The shifted digits (16x16 RGB JPEGs, the ``digits`` split): ``{"train": [...], "val": [...]}``.
-
-    Each train digit once; each val digit ``val_placements`` times, at independent places and sizes
-    (``digit_IIII_R.jpg``, placement R; the first placement of every val digit comes first).
-    """
+    """The shifted digits (16x16 RGB JPEGs, the ``digits`` split): ``{"train": [...], "val": [...]}``;
+    each train digit once, each val digit ``SHIFTED_VAL_PLACEMENTS`` times (``digit_IIII_R.jpg``)."""
     images, target = load_digits_arrays()
     tr, va = stratified_split(target, val_fraction, seed)
     rng = np.random.default_rng(seed)
@@ -112,7 +109,7 @@ def shifted_digits_images(
         return f"{target[i]}/{name}.jpg", _jpeg(shifted_digit(images[i], rng), 95), int(target[i])
 
     train = [item(i, f"digit_{i:04d}") for i in tr]
-    val = [item(i, f"digit_{i:04d}_{r}") for r in range(val_placements) for i in va]
+    val = [item(i, f"digit_{i:04d}_{r}") for r in range(SHIFTED_VAL_PLACEMENTS) for i in va]
     return {"train": train, "val": val}
 
 
@@ -231,8 +228,7 @@ def write_sample(
     ``digits`` (1,438 train / 359 val: 20 % of each class) or ``shifted-digits`` (the same split, each
     val digit at 5 places: 1,795 val images), 200 and 100 samples per shard by default so there are
     several shards to split across ranks; or ``photos`` (``n_images`` split ``val_fraction`` per class,
-    100 per shard by default). Returns ``(train_manifest,
-    val_manifest)``; both sets have the same classes.
+    100 per shard by default). Returns ``(train_manifest, val_manifest)``; both sets have the same classes.
     """
     if name not in SAMPLES:
         raise ValueError(f"unknown sample {name!r}; choose from {', '.join(SAMPLES)}")
