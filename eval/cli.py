@@ -13,11 +13,12 @@ key=value overrides:
   protocol=logreg|moco|byol
         logreg: the reference probe (CLIP's): features cached once (val transform), standardised,
           multinomial logistic regression by L-BFGS to convergence, L2 strength from l2_grid chosen on a
-          stratified held-out 10 % of train, then refit on all of train. The default with features=cached
-          (unless an SGD key below is given). Keys: l2 (fix it, no search), l2_grid (comma list, default
-          1e-6,...,1), holdout (0.1), max_iter (1000 L-BFGS iterations per fit).
-        moco (default with augmented features): SGD momentum 0.9, batch 256, 100 epochs, lr x0.1 at 60 and
-          80 (scaled with epochs); byol: SGD Nesterov momentum 0.9, cosine, batch 1024, 80 epochs.
+          stratified held-out 10 % of train, then refit on all of train. The default (unless
+          features=augmented or an SGD key below is given: then moco). Keys: l2 (fix it, no search),
+          l2_grid (comma list, default 1e-6,...,1), holdout (0.1), max_iter (1000 L-BFGS iterations per
+          fit).
+        moco: SGD momentum 0.9, batch 256, 100 epochs, lr x0.1 at 60 and 80 (scaled with epochs);
+          byol: SGD Nesterov momentum 0.9, cosine, batch 1024, 80 epochs.
           With head_norm=bn (default): lr 0.3 per 256, weight_decay 0.001, byol at batch 256 (on cached
           features within about 1 point of logreg); head_norm=none: the published lr (moco 30, byol 0.2),
           wd 0 and batch, i.e. the paper's protocol exactly, for features of the scale it was tuned on
@@ -25,11 +26,14 @@ key=value overrides:
   SGD keys: epochs, lr (per 256 images; applied: lr * batch_size / 256), weight_decay, head_norm=bn|none,
           eval_every (val every N epochs; always after the last)
   batch_size (global), seed, device=gpu|cpu, data.crop (default: the backbone's pretraining crop, else 224)
-  features=augmented|cached   augmented (default): RandomResizedCrop+flip, backbone forward every epoch;
-                       cached: features extracted once with the val transform
+  features=cached|augmented   cached (default): features extracted once with the val transform;
+                       augmented (SGD protocols): RandomResizedCrop+flip, backbone forward every epoch.
+                       Augmented heads read lower, by how invariant the features are (a random-init
+                       ResNet on digits: 20 points): compare them only with each other
   num_threads (DALI)
-Which probe: logreg to measure features (it is never the bottleneck); moco/byol with defaults to train the
-way the papers do, on augmentations; head_norm=none only to reproduce a paper's protocol exactly.
+Which probe: logreg (the default) to measure features: it is never the bottleneck; moco/byol to train an
+SGD head (within about a point of logreg on cached features); features=augmented to train the way the
+papers do; with head_norm=none too, to reproduce a paper's protocol exactly.
 Guard (SGD): a non-finite loss, a loss above its first epoch's / 3 ln C for 3 epochs with val top-1 near
 chance, or a final training loss above 3 ln C whatever the accuracy, fails with exit status 2 naming lr
 and head_norm; no accuracy is reported.

@@ -23,7 +23,8 @@ pair gives a difference but no interval. Per run, the row of the Un-Mix run show
 run of the same seed without Un-Mix.
 
 Protocols: each linear top-1 says which protocol made it (tag ``unmix.protocol`` of the evaluation run:
-``logreg`` | ``moco`` | ``byol`` | ``knn``; older runs: param ``protocol`` or ``name``; else ``?``).
+``logreg`` | ``moco`` | ``byol`` | ``knn``; older runs: param ``protocol`` or ``name``; else ``?``), with
+``+aug`` when the head trained on augmented features (``features=augmented``).
 """
 
 from __future__ import annotations
@@ -167,9 +168,11 @@ def _eval_metric(eval_runs: Iterable[Any], key: str) -> float | None:
 
 def protocol_of(run: Any) -> str:
     """Which protocol an evaluation run used: tag ``unmix.protocol``, else param ``protocol``/``name``,
-    else ``?`` (runs from before the tag existed)."""
+    else ``?`` (runs from before the tag existed); ``+aug`` when its head trained on augmented features
+    (param ``features=augmented``), which reads lower than the cached features every other probe uses."""
     tags, params = run.data.tags, run.data.params
-    return tags.get(PROTOCOL_TAG) or params.get("protocol") or params.get("name") or "?"
+    name = tags.get(PROTOCOL_TAG) or params.get("protocol") or params.get("name") or "?"
+    return f"{name}+aug" if params.get("features") == "augmented" else name
 
 
 def _linear_protocol(eval_runs: Iterable[Any]) -> str | None:

@@ -273,6 +273,19 @@ def test_knn_curve_is_the_monitor_by_step():
     assert compare.knn_curve(client, "r") == ([10, 20], [20.0, 31.0])  # step 0 (`unmix knn`) left out
 
 
+def test_protocol_marks_heads_trained_on_augmented_features():
+    from types import SimpleNamespace
+
+    def run(tags, params):
+        return SimpleNamespace(data=SimpleNamespace(tags=tags, params=params))
+
+    tag = {"unmix.protocol": "moco"}
+    assert compare.protocol_of(run(tag, {"features": "cached"})) == "moco"
+    assert compare.protocol_of(run(tag, {"features": "augmented"})) == "moco+aug"
+    assert compare.protocol_of(run({}, {"protocol": "byol", "features": "augmented"})) == "byol+aug"
+    assert compare.protocol_of(run({}, {})) == "?"
+
+
 # ------------------------------------------------------------------------------------ seeds and noise
 
 

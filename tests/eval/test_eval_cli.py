@@ -83,12 +83,14 @@ def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_
 
     lin_json, knn_json = tmp_path / "lin.json", tmp_path / "knn.json"
     args = ["--backbone", str(path), "--train", str(sample_train), "--val", str(sample_val)]
-    assert main(["linear", *args, "--json", str(lin_json), "epochs=1", "lr=0.1", *NO_CROP]) == 0
+    linear = ["epochs=1", "lr=0.1", "features=augmented"]
+    assert main(["linear", *args, "--json", str(lin_json), *linear, *NO_CROP]) == 0
     assert main(["knn", *args, "--json", str(knn_json), "--k", "20", *NO_CROP]) == 0
     lin, knn = json.loads(lin_json.read_text()), json.loads(knn_json.read_text())
     assert lin["pretrain_run_id"] == knn["pretrain_run_id"] == pre.info.run_id
     assert lin["val_samples"] == knn["val_samples"] == 359
     assert lin["crop"] == 16  # from the backbone's pretraining crop
+    assert (lin["protocol"], lin["features"]) == ("moco", "augmented")
     assert 10.0 < knn["top1"] <= 100.0  # random conv features of digits already cluster by class
 
     after = client.get_run(pre.info.run_id)
@@ -148,9 +150,10 @@ def test_unknown_override_is_a_clear_error(tmp_path, capsys):
     assert "unknown key 'epochs'" in capsys.readouterr().err
 
 
-def test_cached_features_default_to_logreg_and_knn_floors_are_tagged(sample_train, sample_val, tmp_path):
-    """features=cached alone runs the reference probe; `unmix knn --random-init/--pixels` log floor runs
-    tagged like the linear floors; every eval run names its protocol."""
+def test_the_default_probe_is_logreg_and_knn_floors_are_tagged(sample_train, sample_val, tmp_path):
+    """``unmix linear`` with no protocol= and no SGD key runs the reference probe on cached features;
+    `unmix knn --random-init/--pixels` log floor runs tagged like the linear floors; every eval run names
+    its protocol."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -158,11 +161,12 @@ def test_cached_features_default_to_logreg_and_knn_floors_are_tagged(sample_trai
     common += ["--tracking-uri", uri]
     out = {name: tmp_path / f"{name}.json" for name in ("logreg", "knn_random", "knn_pixels")}
     rand = ["--random-init", "resnet10", "--width", "16"]
-    assert main(["linear", *rand, *common, "--json", str(out["logreg"]), "features=cached", *FAST]) == 0
+    assert main(["linear", *rand, *common, "--json", str(out["logreg"]), *FAST]) == 0
     assert main(["knn", *rand, *common, "--json", str(out["knn_random"]), "--k", "20", *FAST]) == 0
     assert main(["knn", "--pixels", *common, "--json", str(out["knn_pixels"]), "--k", "20", *FAST]) == 0
     res = {name: json.loads(p.read_text()) for name, p in out.items()}
     assert res["logreg"]["protocol"] == "logreg" and res["logreg"]["val_samples"] == 359
+    assert res["logreg"]["features"] == "cached"
     assert res["logreg"]["top1"] > 50.0  # chance: 10 %
     client = MlflowClient(uri)
     expect = {

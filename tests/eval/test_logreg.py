@@ -129,11 +129,18 @@ def test_final_loss_rule_on_plain_numbers():
 
 
 def test_protocol_rules():
+    default = resolve_protocol({})  # the reference probe on cached features
+    assert (default.protocol, default.features) == ("logreg", "cached")
     assert resolve_protocol({"features": "cached"}).protocol == "logreg"
     assert resolve_protocol({"protocol": "logreg"}).features == "cached"
-    assert resolve_protocol({}).protocol == "moco"  # augmented: the SGD probe
-    # an SGD key says SGD: features=cached epochs=30 keeps meaning what it meant
-    assert resolve_protocol({"features": "cached", "epochs": "30"}).protocol == "moco"
+    # augmented features or an SGD key say SGD; the SGD protocols, too, default to cached features
+    augmented = resolve_protocol({"features": "augmented"})
+    assert (augmented.protocol, augmented.features) == ("moco", "augmented")
+    for overrides in ({"epochs": "30"}, {"features": "cached", "epochs": "30"}, {"lr": "0.1"}):
+        p = resolve_protocol(overrides)
+        assert (p.protocol, p.features) == ("moco", "cached")
+    for name in ("moco", "byol"):
+        assert resolve_protocol({"protocol": name}).features == "cached"
     with pytest.raises(ValueError, match=r"epochs=30 is a key of the SGD protocols .*protocol=moco"):
         resolve_protocol({"protocol": "logreg", "epochs": "30"})
     with pytest.raises(ValueError, match=r"protocol=logreg works on cached features"):

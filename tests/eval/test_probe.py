@@ -13,7 +13,7 @@ from unmix.eval.protocols import byol_protocol, moco_protocol, resolve_protocol
 
 
 def test_default_is_bn_and_the_published_protocols_stay_available():
-    assert resolve_protocol({}).head_norm == "bn"
+    assert resolve_protocol({"protocol": "moco"}).head_norm == "bn"
     assert resolve_protocol({"head_norm": "none", "protocol": "byol"}).head_norm == "none"
     published = resolve_protocol({"head_norm": "none"})
     assert (published.lr, published.batch_size, published.epochs, published.milestones) == (
@@ -27,7 +27,7 @@ def test_default_is_bn_and_the_published_protocols_stay_available():
     assert (byol_published.lr, byol_published.weight_decay, byol_published.batch_size) == (0.2, 0.0, 1024)
     assert byol_protocol("none") == byol_published
     # the BN head gets a learning rate meant for unit-variance inputs; schedules and epochs unchanged
-    bn = resolve_protocol({})
+    bn = resolve_protocol({"protocol": "moco"})
     assert (bn.lr, bn.weight_decay, bn.batch_size, bn.epochs) == (0.3, 0.001, 256, 100)
     byol_bn = resolve_protocol({"protocol": "byol"})  # batch 256: 4x the steps at the same cost
     assert (byol_bn.lr, byol_bn.weight_decay, byol_bn.batch_size, byol_bn.epochs) == (0.3, 0.001, 256, 80)

@@ -20,6 +20,7 @@ releases it at once with ``scontrol update JobId=... StartTime=now``.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -272,7 +273,10 @@ def test_two_nodes_then_dependent_evaluation(slurm_cluster, submissions):
     state = slurm_cluster.wait_state(sub.evaluate, ENDED, 400, sub.log(sub.evaluate))
     assert state == "COMPLETED", slurm_cluster.tail(sub.log(sub.evaluate))
     assert _times(slurm_cluster, sub.evaluate)[0] >= _times(slurm_cluster, sub.pretrain)[1]  # ISO times
-    assert (sub.output_dir / "eval" / "linear.json").exists()
+    linear, logreg = (
+        json.loads((sub.output_dir / "eval" / f"{k}.json").read_text()) for k in ("linear", "logreg")
+    )
+    assert (linear["protocol"], logreg["protocol"]) == ("moco", "logreg")  # the SGD probe, then the reference
     assert (sub.output_dir / "eval" / "knn.json").exists()
 
     client, runs = _pretrain_run(sub.tracking_uri)
