@@ -88,4 +88,4 @@ def test_demo_command_passes_its_options_to_run_demo(monkeypatch: pytest.MonkeyP
     ]
     monkeypatch.setattr(demo, "default_device", lambda: "gpu")
     assert cli.main(["demo", "--workdir", str(tmp_path)]) == 0
-    assert calls[-1] == (tmp_path, {"device": "gpu", "overrides": [], "linear_epochs": 30, "seeds": 2})
+    assert calls[-1] == (tmp_path, {"device": "gpu", "overrides": [], "linear_epochs": None, "seeds": 2})

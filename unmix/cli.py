@@ -59,7 +59,10 @@ def register_demo(sub: argparse._SubParsersAction) -> None:
         "--device", choices=("cpu", "gpu"), default=None, help="default: gpu when CUDA is available, else cpu"
     )
     p.add_argument(
-        "--linear-epochs", type=int, default=30, help="epochs of the linear head on cached features"
+        "--linear-epochs",
+        type=int,
+        default=None,
+        help="train MoCo's SGD head for this many epochs (default: the reference probe, logreg)",
     )
     p.add_argument(
         "--seeds",
