@@ -176,39 +176,45 @@ def test_percent_in_output_dir_reaches_slurm_as_a_literal(tmp_path: Path):
     _one_line(proc.stderr, "holds a backslash")
 
 
-def test_linear_sbatch_runs_the_sgd_probe_then_logreg_then_knn(tmp_path: Path):
-    """The default UNMIX_EVAL: `unmix linear protocol=moco` with the user's linear args (``unmix linear``
-    alone would run logreg, the default probe), then protocol=logreg with only the shared data keys,
-    then kNN: one srun each, with stand-ins for srun and unmix."""
+def _linear_sbatch_with_stand_ins(tmp_path: Path, srun: str, env: dict[str, str]) -> Path:
+    """Run slurm/linear.sbatch as a plain script, ``srun`` a stand-in shell body (``$ARGS_OUT``: a file
+    for it to write) and ``unmix`` one that succeeds; returns ``$ARGS_OUT``."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\necho "$*" >> "$ARGS_OUT"\n')
+    (bin_dir / "srun").write_text(f"#!/bin/bash\n{srun}\n")
     (bin_dir / "unmix").write_text("#!/bin/bash\nexit 0\n")
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     out_dir = tmp_path / "run"
     out_dir.mkdir()
     (out_dir / "backbone.pt").write_bytes(b"")
+    args_out = tmp_path / "args"
     env = {
         "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "ARGS_OUT": str(tmp_path / "args"),
-        "UNMIX_LINEAR_ARGS": "device=cpu features=augmented",
+        "ARGS_OUT": str(args_out),
         "SLURM_JOB_ID": "1",
         "SLURM_JOB_NODELIST": "node1",
+        **env,
     }
     proc = _script("linear.sbatch", str(out_dir), "train", "val", cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr
-    sgd, logreg, knn = (line.split() for line in (tmp_path / "args").read_text().splitlines())
-    assert sgd[sgd.index("unmix") + 1] == "linear" and sgd[-3:] == [
-        "protocol=moco",
-        "device=cpu",
-        "features=augmented",
-    ]
+    return args_out
+
+
+def test_linear_sbatch_runs_the_sgd_probe_then_logreg_then_knn(tmp_path: Path):
+    """The default UNMIX_EVAL: `unmix linear protocol=moco` with the user's linear args (``unmix linear``
+    alone would run logreg, the default probe), then protocol=logreg with only the shared data keys,
+    then kNN: one srun each."""
+    env = {"UNMIX_LINEAR_ARGS": "device=cpu features=augmented"}
+    args_out = _linear_sbatch_with_stand_ins(tmp_path, 'echo "$*" >> "$ARGS_OUT"', env)
+    sgd, logreg, knn = (line.split() for line in args_out.read_text().splitlines())
+    assert sgd[sgd.index("unmix") + 1] == "linear"
+    assert sgd[-3:] == ["protocol=moco", "device=cpu", "features=augmented"]
     assert logreg[logreg.index("unmix") + 1] == "linear" and "protocol=logreg" in logreg
     assert "device=cpu" in logreg and "features=augmented" not in logreg
     assert knn[knn.index("unmix") + 1] == "knn"
     assert [w for w in sgd + logreg + knn if w.endswith(".json")] == [
-        f"{out_dir}/eval/{name}.json" for name in ("linear", "logreg", "knn")
+        f"{tmp_path}/run/eval/{name}.json" for name in ("linear", "logreg", "knn")
     ]
 
 
@@ -216,25 +222,9 @@ def test_linear_sbatch_runs_the_sgd_probe_then_logreg_then_knn(tmp_path: Path):
 def test_linear_sbatch_never_globs_the_users_args(tmp_path: Path, kind: str):
     """linear.sbatch run as a plain script with stand-ins for srun and unmix: the words of UNMIX_*_ARGS
     reach the command as written (``lr=*`` would otherwise become the names of files in the job's cwd)."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "srun").write_text('#!/bin/bash\nfor a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_OUT"\n')
-    (bin_dir / "unmix").write_text("#!/bin/bash\nexit 0\n")
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
-    out_dir = tmp_path / "run"
-    out_dir.mkdir()
-    (out_dir / "backbone.pt").write_bytes(b"")
     (tmp_path / "lr=0.5").write_text("a file the glob would match")
-    env = {
-        "PATH": f"{bin_dir}:{os.environ['PATH']}",
-        "ARGS_OUT": str(tmp_path / "args"),
-        "UNMIX_EVAL": kind,
-        f"UNMIX_{kind.upper()}_ARGS": "  lr=*   epochs=[0-9]  ",
-        "SLURM_JOB_ID": "1",
-        "SLURM_JOB_NODELIST": "node1",
-    }
-    proc = _script("linear.sbatch", str(out_dir), "train", "val", cwd=tmp_path, env=env)
-    assert proc.returncode == 0, proc.stderr
-    args = (tmp_path / "args").read_text().splitlines()
+    env = {"UNMIX_EVAL": kind, f"UNMIX_{kind.upper()}_ARGS": "  lr=*   epochs=[0-9]  "}
+    srun = 'for a in "$@"; do printf "%s\\n" "$a"; done > "$ARGS_OUT"'
+    args_out = _linear_sbatch_with_stand_ins(tmp_path, srun, env)
+    args = args_out.read_text().splitlines()
     assert args[-2:] == ["lr=*", "epochs=[0-9]"] and "lr=0.5" not in args
