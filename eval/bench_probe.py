@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SAMPLES_CROP = {"digits": 32, "photos": 64}
+SAMPLES_CROP = {"digits": 32, "shifted-digits": 16, "photos": 64}  # the crop each sample is trained at
 
 
 def _features(net, train: str, val: str, crop: int, device: torch.device):
