@@ -44,24 +44,12 @@ def _sgd_seeds(proto, f_tr, y_tr, f_va, y_va, classes: int, seeds: int) -> str:
 
 def _sgd(proto, f_tr, y_tr, f_va, y_va, classes: int) -> str:
     from unmix.eval.divergence import ProbeDivergedError
-    from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+    from unmix.eval.linear import sgd_probe
 
-    torch.manual_seed(proto.seed)
-    head = LinearClassifier(f_tr.shape[1], classes, proto.head_norm).to(f_tr.device)
-    bs = proto.batch_size
-    steps = -(-f_tr.shape[0] // bs)
-    gen = torch.Generator().manual_seed(proto.seed)
     try:
-        res = train_linear_head(
-            head,
-            proto,
-            lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
-            steps,
-            lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
-        )
+        return f"{sgd_probe(f_tr, y_tr, f_va, y_va, classes, proto).top1:.2f}"
     except ProbeDivergedError:
         return "stopped"
-    return f"{res.top1:.2f}"
 
 
 def _augmented(proto, net, train: str, val: str, crop: int, classes: int, device) -> str:

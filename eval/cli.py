@@ -25,7 +25,8 @@ key=value overrides:
           (moco 30, byol 0.2), wd 0 and batch, i.e. the paper's protocol exactly, for features of the
           scale it was tuned on (a contrastive ResNet-50's).
   SGD keys: epochs, lr (per 256 images; applied: lr * batch_size / 256), weight_decay, head_norm=bn|none,
-          eval_every (val every N epochs; always after the last)
+          eval_every (val every N epochs; always after the last), lr_grid (comma list, cached features:
+          each lr trained on train less a stratified held-out `holdout` (0.1), the best refit on all)
   batch_size (global), seed, device=gpu|cpu, data.crop (default: the backbone's pretraining crop, else 224)
   features=cached|augmented   cached (default): features extracted once with the val transform;
                        augmented (SGD protocols): RandomResizedCrop+flip, backbone forward every epoch.

@@ -272,18 +272,29 @@ def run_linear(
         result = linear_eval(
             job.backbone, job.num_classes, proto, job.ctx, loader, train_dir, val_dir, on_epoch
         )
+        if result.lr_search:  # lr chosen on the held-out part of train (cached features, lr_grid)
+            job.tracker.log_metrics({"lr_chosen": float(result.lr)})
+            for i, (lr, top1) in enumerate(result.lr_search.items()):
+                if top1 is not None:
+                    job.tracker.log_metrics({"lr_search_lr": lr, "lr_search_heldout_top1": top1}, step=i)
+                if job.ctx.is_main:
+                    held = "stopped by the guard" if top1 is None else f"held-out top-1 {top1:.2f}%"
+                    print(f"sgd lr {lr:g}  {held}", flush=True)
         extra = {
             "epochs": result.epochs,
             "protocol": proto.protocol,
             "head_norm": proto.head_norm,
             "features": proto.features,
             "crop": proto.crop,
+            "lr": result.lr,
+            "lr_search": {f"{lr:g}": top1 for lr, top1 in result.lr_search.items()},
         }
         payload = job.report(result.top1, result.top5, val_dir, result.val_samples, extra, json_path)
         if job.ctx.is_main:
             print(
                 f"linear top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
-                f"(protocol={proto.protocol}, head_norm={proto.head_norm}, {result.val_samples} val images, "
+                f"(protocol={proto.protocol}, head_norm={proto.head_norm}, lr {result.lr:g}, "
+                f"{result.val_samples} val images, "
                 f"{result.epochs} epochs, {spec.label})",
                 flush=True,
             )

@@ -19,6 +19,7 @@ above 3 ln C (:mod:`unmix.eval.divergence`). ``protocol=logreg`` does not train 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from unmix.eval.distributed import DistContext, all_reduce_max, all_reduce_sum
-from unmix.eval.divergence import DivergenceGuard
+from unmix.eval.divergence import DivergenceGuard, ProbeDivergedError
 from unmix.eval.features import embed, extract_features, freeze
 from unmix.eval.protocols import LinearProtocol
 
@@ -177,6 +178,8 @@ class LinearResult:
     epochs: int
     history: list[dict[str, float]] = field(default_factory=list)
     head: nn.Module | None = None  # the trained classifier (unwrapped from DDP)
+    lr: float | None = None  # the lr (per 256) the head trained with
+    lr_search: dict[float, float | None] = field(default_factory=dict)  # lr -> held-out top-1; None: diverged
 
 
 def train_linear_head(
@@ -252,6 +255,7 @@ def train_linear_head(
         epochs=proto.epochs,
         history=history,
         head=getattr(head, "module", head),
+        lr=proto.lr,
     )
 
 
@@ -300,6 +304,72 @@ def cached_features(
     return f_train, y_train, f_val, y_val
 
 
+def choose_lr(
+    f_train: torch.Tensor, y_train: torch.Tensor, num_classes: int, proto: LinearProtocol, ctx: DistContext
+) -> tuple[LinearProtocol, dict[float, float | None]]:
+    """``proto`` at the lr of ``proto.lr_grid`` whose head, trained on train less a stratified, seeded
+    held-out ``proto.holdout`` (logreg's split), scores best on the held-out rows (ties: the larger lr), and
+    each lr's held-out top-1 (None: the guard stopped it). Raises ProbeDivergedError when every lr did."""
+    from unmix.eval.logreg import local_holdout
+
+    held = local_holdout(y_train, proto.holdout, proto.seed)  # held: [N] bool, this rank's rows
+    fit = (f_train[~held], y_train[~held])
+    scores: dict[float, float | None] = {}
+    for lr in proto.lr_grid:
+        candidate = dataclasses.replace(proto, lr=lr, lr_grid=())
+        try:
+            scores[lr] = sgd_probe(*fit, f_train[held], y_train[held], num_classes, candidate, ctx).top1
+        except ProbeDivergedError:
+            scores[lr] = None
+    trained = [lr for lr, top1 in scores.items() if top1 is not None]
+    if not trained:
+        raise ProbeDivergedError(
+            f"linear probe diverged at every lr of lr_grid={','.join(f'{v:g}' for v in proto.lr_grid)} "
+            "on the held-out part of train: give smaller values (lr_grid=...). No accuracy is reported."
+        )
+    best = max(trained, key=lambda lr: (scores[lr], lr))
+    return dataclasses.replace(proto, lr=best, lr_grid=()), scores
+
+
+def sgd_probe(
+    f_train: torch.Tensor,
+    y_train: torch.Tensor,
+    f_val: torch.Tensor,
+    y_val: torch.Tensor,
+    num_classes: int,
+    proto: LinearProtocol,
+    ctx: DistContext | None = None,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> LinearResult:
+    """An SGD protocol on this rank's cached ``f_train [N, D]``, scored on every rank's ``f_val``: the lr
+    chosen on held-out train first (:func:`choose_lr`) when ``proto.lr_grid`` is set, then the head
+    trained on all of train at that lr. ``ctx``: None for one process on the features' device."""
+    if ctx is None:
+        ctx = DistContext(rank=0, world_size=1, local_rank=0, device=f_train.device)
+    search: dict[float, float | None] = {}
+    if proto.lr_grid:
+        proto, search = choose_lr(f_train, y_train, num_classes, proto, ctx)
+    local_batch = max(1, proto.batch_size // ctx.world_size)
+    torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
+    head = LinearClassifier(f_train.shape[1], num_classes, proto.head_norm).to(ctx.device)
+    steps = all_reduce_max(math.ceil(f_train.shape[0] / local_batch), ctx.device)
+    gen = torch.Generator().manual_seed(proto.seed * 1000003 + ctx.rank)
+
+    def train_epoch(epoch: int) -> Iterable[Batch]:
+        return cached_batches(f_train, y_train, local_batch, steps, gen)
+
+    def val_batches() -> Iterable[Batch]:
+        return (
+            (f_val[i : i + local_batch], y_val[i : i + local_batch])
+            for i in range(0, f_val.shape[0], local_batch)
+        )
+
+    model = _wrap_ddp(head, ctx)
+    result = train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch, num_classes)
+    result.lr_search = search
+    return result
+
+
 def linear_eval(
     backbone: nn.Module,
     num_classes: int,
@@ -320,41 +390,27 @@ def linear_eval(
     if not proto.is_sgd:
         raise ValueError(f"linear_eval trains the SGD protocols; protocol={proto.protocol} is eval.logreg")
     freeze(backbone).to(ctx.device)
-    local_batch = max(1, proto.batch_size // ctx.world_size)
-    loader = _loader_factory(proto, ctx, make_loader)
-
-    torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
-    head = LinearClassifier(backbone.feature_dim, num_classes, proto.head_norm).to(ctx.device)
-    model = _wrap_ddp(head, ctx)
     if proto.features == "cached":
         f_train, y_train, f_val, y_val = cached_features(
             backbone, proto, ctx, make_loader, train_dir, val_dir
         )
         check_labels(y_train, num_classes, train_dir)
         check_labels(y_val, num_classes, val_dir)
-        steps = all_reduce_max(math.ceil(f_train.shape[0] / local_batch), ctx.device)
-        gen = torch.Generator().manual_seed(proto.seed * 1000003 + ctx.rank)
+        return sgd_probe(f_train, y_train, f_val, y_val, num_classes, proto, ctx, on_epoch)
 
-        def train_epoch(epoch: int) -> Iterable[Batch]:
-            return cached_batches(f_train, y_train, local_batch, steps, gen)
+    loader = _loader_factory(proto, ctx, make_loader)
+    torch.manual_seed(proto.seed)  # same head initialisation on every rank (DDP also broadcasts it)
+    head = LinearClassifier(backbone.feature_dim, num_classes, proto.head_norm).to(ctx.device)
+    model = _wrap_ddp(head, ctx)
+    train_loader = loader(train_dir, "train")
+    val_loader = loader(val_dir, "val")
+    # DDP needs the same number of steps on every rank: the smallest loader length bounds the epoch
+    steps = -all_reduce_max(-len(train_loader), ctx.device)
 
-        def val_batches() -> Iterable[Batch]:
-            return (
-                (f_val[i : i + local_batch], y_val[i : i + local_batch])
-                for i in range(0, f_val.shape[0], local_batch)
-            )
-    else:
-        train_loader = loader(train_dir, "train")
-        val_loader = loader(val_dir, "val")
-        # DDP needs the same number of steps on every rank: the smallest loader length bounds the epoch
-        steps = -all_reduce_max(-len(train_loader), ctx.device)
+    def train_epoch(epoch: int) -> Iterable[Batch]:
+        return checked(backbone_batches(backbone, train_loader, ctx.device, steps), num_classes, train_dir)
 
-        def train_epoch(epoch: int) -> Iterable[Batch]:
-            return checked(
-                backbone_batches(backbone, train_loader, ctx.device, steps), num_classes, train_dir
-            )
-
-        def val_batches() -> Iterable[Batch]:
-            return checked(backbone_batches(backbone, val_loader, ctx.device, None), num_classes, val_dir)
+    def val_batches() -> Iterable[Batch]:
+        return checked(backbone_batches(backbone, val_loader, ctx.device, None), num_classes, val_dir)
 
     return train_linear_head(model, proto, train_epoch, steps, val_batches, on_epoch, num_classes)

@@ -202,7 +202,7 @@ def stratified_holdout(labels: torch.Tensor, fraction: float, seed: int) -> torc
     return torch.from_numpy(mask)
 
 
-def _local_holdout(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+def local_holdout(y: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
     """This rank's part of the held-out mask drawn on every rank's labels in rank order."""
     all_y = all_gather_rows(y)
     sizes = all_gather_rows(torch.tensor([y.shape[0]], device=y.device))
@@ -309,7 +309,7 @@ def logreg_eval(
     grid = sorted(set(float(v) for v in grid), reverse=True)  # strongest first: warm starts get easier
     chosen = grid[0]
     if len(grid) > 1:
-        held = _local_holdout(y_train, holdout, seed)
+        held = local_holdout(y_train, holdout, seed)
         fit_f, fit_y = f_train[~held], y_train[~held]
         ho_f, ho_y = f_train[held], y_train[held]
         best: tuple[float, float] | None = None

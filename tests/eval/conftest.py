@@ -2,32 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
 import torch
 
 from unmix.eval.features import PixelFeatures, extract_features, freeze
-from unmix.eval.linear import LinearClassifier, cached_batches, train_linear_head
+from unmix.eval.linear import sgd_probe
 
 CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
 
 
 def _train_probe(f_tr, y_tr, f_va, y_va, proto, classes: int, head_norm: str = "none"):
-    """A linear head trained on cached features (``f [N, D]``, ``y [N]``) by ``proto``, validated on
-    ``(f_va, y_va)``: what :func:`train_linear_head` returns."""
-    torch.manual_seed(proto.seed)
-    head = LinearClassifier(f_tr.shape[1], classes, head_norm)
-    bs = proto.batch_size
-    steps = -(-f_tr.shape[0] // bs)
-    gen = torch.Generator().manual_seed(0)
-    return train_linear_head(
-        head,
-        proto,
-        lambda e: cached_batches(f_tr, y_tr, bs, steps, gen),
-        steps,
-        lambda: [(f_va[i : i + bs], y_va[i : i + bs]) for i in range(0, len(y_va), bs)],
-    )
+    """A linear head trained on cached features (``f [N, D]``, ``y [N]``) by ``proto`` (its lr chosen on
+    held-out train when ``proto.lr_grid`` is set), validated on ``(f_va, y_va)``: what
+    :func:`~unmix.eval.linear.sgd_probe` returns."""
+    return sgd_probe(f_tr, y_tr, f_va, y_va, classes, dataclasses.replace(proto, head_norm=head_norm))
 
 
 @pytest.fixture

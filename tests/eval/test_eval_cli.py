@@ -54,6 +54,26 @@ def test_random_init_linear_end_to_end(sample_train, sample_val, tmp_path, capsy
     assert [m.step for m in hist] == [1, 2]
 
 
+def test_lr_grid_chooses_the_sgd_lr_on_held_out_train(sample_train, sample_val, tmp_path, capsys):
+    """``lr_grid=``: each lr trained on train less the held-out 10 %, the best refit on all of train; the
+    choice and every held-out score in the JSON, on stdout and in MLflow."""
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    out = tmp_path / "linear.json"
+    args = ["--random-init", "resnet10", "--width", "16", "--tracking-uri", uri, "--json", str(out)]
+    args += ["--train", str(sample_train), "--val", str(sample_val)]
+    assert main(["linear", *args, "lr_grid=0.03,0.3", "epochs=3", *FAST]) == 0
+    res = json.loads(out.read_text())
+    assert res["protocol"] == "moco" and set(res["lr_search"]) == {"0.03", "0.3"}
+    best = max(res["lr_search"], key=lambda k: (res["lr_search"][k], float(k)))
+    assert res["lr"] == float(best)
+    printed = capsys.readouterr().out
+    assert "sgd lr 0.03  held-out top-1" in printed and f"lr {float(best):g}, 359 val images" in printed
+    run = MlflowClient(uri).get_run(res["run_id"])
+    assert run.data.metrics["lr_chosen"] == res["lr"] and run.data.params["lr_grid"] == "0.03,0.3"
+
+
 def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_path, capsys):
     """linear (augmented, the paper's path) and knn on a backbone.pt whose pretraining run is FINISHED."""
     from mlflow.tracking import MlflowClient

@@ -141,6 +141,13 @@ def test_protocol_rules():
         assert (p.protocol, p.features) == ("moco", "cached")
     for name in ("moco", "byol"):
         assert resolve_protocol({"protocol": name}).features == "cached"
+        assert resolve_protocol({"protocol": name}).lr_grid == ()  # the lr search is opt-in
+    assert resolve_protocol({"lr_grid": "0.01,0.1"}).lr_grid == (0.01, 0.1)  # an SGD key: moco
+    assert resolve_protocol({"lr_grid": "0.01,0.1"}).protocol == "moco"
+    with pytest.raises(ValueError, match=r"lr_grid= searches on cached features"):
+        resolve_protocol({"features": "augmented", "lr_grid": "0.01,0.1"})
+    with pytest.raises(ValueError, match=r"lr=-0.1: must be finite and > 0"):
+        resolve_protocol({"lr_grid": "0.1,-0.1"})
     with pytest.raises(ValueError, match=r"epochs=30 is a key of the SGD protocols .*protocol=moco"):
         resolve_protocol({"protocol": "logreg", "epochs": "30"})
     with pytest.raises(ValueError, match=r"protocol=logreg works on cached features"):
