@@ -59,7 +59,7 @@ def _augmented(proto, net, train: str, val: str, crop: int, classes: int, device
     from unmix.pipeline import build_eval_loader
 
     proto = dataclasses.replace(proto, crop=crop, device="cpu", num_threads=2, features="augmented")
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=device)
+    ctx = DistContext.single(device)
     try:
         return f"{linear_eval(net, classes, proto, ctx, build_eval_loader, train, val).top1:.2f}"
     except ProbeDivergedError:

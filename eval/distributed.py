@@ -34,6 +34,11 @@ class DistContext:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    @classmethod
+    def single(cls, device: torch.device) -> DistContext:
+        """One process, no process group, computing on ``device``."""
+        return cls(rank=0, world_size=1, local_rank=0, device=device)
+
 
 def setup(device: str = "gpu") -> DistContext:
     """Join (or create) the process group described by the environment; ``device`` is "gpu" or "cpu".

@@ -345,7 +345,7 @@ def sgd_probe(
     chosen on held-out train first (:func:`choose_lr`) when ``proto.lr_grid`` is set, then the head
     trained on all of train at that lr. ``ctx``: None for one process on the features' device."""
     if ctx is None:
-        ctx = DistContext(rank=0, world_size=1, local_rank=0, device=f_train.device)
+        ctx = DistContext.single(f_train.device)
     search: dict[float, float | None] = {}
     if proto.lr_grid:
         proto, search = choose_lr(f_train, y_train, num_classes, proto, ctx)

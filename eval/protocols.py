@@ -3,8 +3,8 @@
 logreg (the reference, :mod:`unmix.eval.logreg`): CLIP's linear probe on cached features: standardised,
 multinomial logistic regression fitted by L-BFGS to convergence, L2 strength from a log grid on a held-out
 10 % of train. The default: ``unmix linear`` with no ``protocol=`` runs it, unless ``features=augmented`` or a
-key only the SGD protocols have (``epochs``, ``lr``, ``weight_decay``, ``head_norm``, ``eval_every``) is
-given: then ``moco``.
+key only the SGD protocols have (``SGD_KEYS``: ``epochs``, ``lr``, ``lr_grid``, ``weight_decay``,
+``head_norm``, ``eval_every``) is given: then ``moco``.
 
 Features (``features=``): ``cached`` (the default, every protocol) extracts train and val features once with
 the val transform; ``augmented`` runs the backbone on RandomResizedCrop + flip batches every epoch, the

@@ -26,7 +26,7 @@ from unmix.eval.protocols import (
     with_crop,
 )
 
-CPU = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+CPU = DistContext.single(torch.device("cpu"))
 
 
 def _blobs(
@@ -60,18 +60,17 @@ def test_choose_lr_takes_the_best_held_out_lr_and_skips_a_stopped_one():
 
     torch.set_num_threads(1)
     f, y = _blobs(400, 16, 4, seed=1, noise=5.0)  # overlapping classes: the lrs score differently
-    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     proto = dataclasses.replace(moco_protocol(), epochs=6, batch_size=64, lr_grid=(0.003, 0.3, 1000.0))
-    chosen, scores = choose_lr(f, y, 4, proto, ctx)
+    chosen, scores = choose_lr(f, y, 4, proto, CPU)
     held = stratified_holdout(y, 0.1, 0)
     expect = {}
     for lr in (0.003, 0.3):
         p = dataclasses.replace(proto, lr=lr, lr_grid=())
-        expect[lr] = sgd_probe(f[~held], y[~held], f[held], y[held], 4, p, ctx).top1
+        expect[lr] = sgd_probe(f[~held], y[~held], f[held], y[held], 4, p, CPU).top1
     assert scores == {**expect, 1000.0: None}
     assert expect[0.3] > expect[0.003] and chosen.lr == 0.3 and chosen.lr_grid == ()
     with pytest.raises(ProbeDivergedError, match=r"every lr of lr_grid=500,1000 .*give smaller values"):
-        choose_lr(f, y, 4, dataclasses.replace(proto, lr_grid=(500.0, 1000.0)), ctx)
+        choose_lr(f, y, 4, dataclasses.replace(proto, lr_grid=(500.0, 1000.0)), CPU)
 
 
 def test_random_labels_stay_at_chance(train_probe):
