@@ -134,12 +134,15 @@ def torchvision_loader(shards, batch_size: int, recipe, crop: int, workers: int)
 
 
 def _cpu_seconds() -> float:
-    """CPU time (user + system) of this process and its live children (DataLoader workers)."""
+    """CPU time (user + system) of this process and its live children (DataLoader workers).
+
+    This process (all its threads, DALI's included) is read with ``time.process_time`` at nanosecond
+    resolution; /proc's clock ticks (10 ms) can read zero over a short run whose batches were prefetched.
+    """
     import psutil
 
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
+    total = time.process_time()
+    for p in psutil.Process().children(recursive=True):
         try:
             t = p.cpu_times()
             total += t.user + t.system
@@ -395,6 +398,11 @@ def layout_cost(shards: str, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def _ratio(num: float, den: float) -> float | None:
+    """``num / den``, or None where the baseline ``den`` measured zero (no ratio to report)."""
+    return num / den if den > 0 else None
+
+
 def _load() -> float:
     import os
 
@@ -446,21 +454,26 @@ def compare_loaders(shards: str, args: argparse.Namespace) -> dict[str, Any]:
             )
     med = {k: statistics.median(v) for k, v in figures.items()}
     med_cpu = {k: statistics.median(v) for k, v in cpu_ms.items()}
-    ratios = {}
+    ratios: dict[str, float | None] = {}
     if "dali_unmix" in med and "torchvision_unmix" in med:
         for mode in ("unmix", "plain"):
-            ratios[f"speedup_{mode}"] = med[f"dali_{mode}"] / med[f"torchvision_{mode}"]
-            ratios[f"cpu_efficiency_{mode}"] = med_cpu[f"torchvision_{mode}"] / med_cpu[f"dali_{mode}"]
+            ratios[f"speedup_{mode}"] = _ratio(med[f"dali_{mode}"], med[f"torchvision_{mode}"])
+            ratios[f"cpu_efficiency_{mode}"] = _ratio(med_cpu[f"torchvision_{mode}"], med_cpu[f"dali_{mode}"])
     for side in ("dali", "torchvision"):
         if f"{side}_unmix" in med:
-            ratios[f"{side}_unmix_cost"] = 1 - med[f"{side}_unmix"] / med[f"{side}_plain"]
-            ratios[f"{side}_unmix_cpu_cost"] = med_cpu[f"{side}_unmix"] / med_cpu[f"{side}_plain"] - 1
+            r = _ratio(med[f"{side}_unmix"], med[f"{side}_plain"])
+            ratios[f"{side}_unmix_cost"] = None if r is None else 1 - r
+            r = _ratio(med_cpu[f"{side}_unmix"], med_cpu[f"{side}_plain"])
+            ratios[f"{side}_unmix_cpu_cost"] = None if r is None else r - 1
     print("\nmedians (each image: two views, + the mixture when Un-Mix is on)")
     for k in med:
         print(f"  {k:20s} {med[k]:8.1f} img/s  {med_cpu[k]:6.2f} CPU ms/img")
     print("ratios (speedup: wall clock; cpu_efficiency: CPU time per image, robust on a busy machine)")
     for k, v in ratios.items():
-        print(f"  {k:28s} {v:8.3f}" + ("  (fraction)" if "cost" in k else "x"))
+        if v is None:
+            print(f"  {k:28s}      n/a  (its baseline measured zero: run more --steps)")
+        else:
+            print(f"  {k:28s} {v:8.3f}" + ("  (fraction)" if "cost" in k else "x"))
     return {
         "shards": str(args.shards or "photos"),
         "images_per_s": figures,

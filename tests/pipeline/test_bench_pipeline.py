@@ -118,3 +118,32 @@ def test_bench_pipeline_layout_cost_tiny(tmp_path):
     cost = json.loads(out.read_text())["layout_cost"]
     assert cost["pairs"] == 2 and cost["off_cpu_ms"] > 0 and cost["on_cpu_ms"] > 0
     assert "NCHW + convert" in r.stdout and "HWC - NCHW" in r.stdout
+
+
+def test_compare_loaders_reports_no_ratio_over_a_zero_baseline(monkeypatch, capsys):
+    """A loader whose CPU time read zero (prefetched batches, a short run) gives no ratio, not a crash."""
+    import argparse
+
+    from unmix.pipeline import bench_pipeline as bp
+
+    def dali(shards, args, unmix):
+        return (200.0, 0.0)
+
+    def tv(shards, args, unmix):
+        return (100.0, 3.0 if unmix else 2.0)
+
+    monkeypatch.setattr(bp, "measure_dali", dali)
+    monkeypatch.setattr(bp, "measure_torchvision", tv)
+    out = bp.compare_loaders("x", argparse.Namespace(only=None, repeat=1, shards=None))
+    r = out["ratios"]
+    assert r["speedup_unmix"] == 2.0 and r["torchvision_unmix_cpu_cost"] == pytest.approx(0.5)
+    assert r["cpu_efficiency_unmix"] is None and r["dali_unmix_cpu_cost"] is None
+    assert "n/a  (its baseline measured zero" in capsys.readouterr().out
+
+
+def test_cpu_seconds_counts_this_process_finely():
+    from unmix.pipeline.bench_pipeline import _cpu_seconds
+
+    c0 = _cpu_seconds()
+    sum(i * i for i in range(20000))  # well under one 10 ms clock tick
+    assert _cpu_seconds() > c0
