@@ -19,14 +19,16 @@ key=value overrides:
           fit).
         moco: SGD momentum 0.9, batch 256, 100 epochs, lr x0.1 at 60 and 80 (scaled with epochs);
           byol: SGD Nesterov momentum 0.9, cosine, batch 1024, 80 epochs.
-          With head_norm=bn (default): lr 0.3 per 256, weight_decay 0.001, byol at batch 256 (on cached
-          ResNet features of digits and photos within about 1 point of logreg, not on the hard
-          shifted-digits: a fixed lr does not suit every data set); head_norm=none: the published lr
-          (moco 30, byol 0.2), wd 0 and batch, i.e. the paper's protocol exactly, for features of the
-          scale it was tuned on (a contrastive ResNet-50's).
-  SGD keys: epochs, lr (per 256 images; applied: lr * batch_size / 256), weight_decay, head_norm=bn|none,
-          eval_every (val every N epochs; always after the last), lr_grid (comma list, cached features:
-          each lr trained on train less a stratified held-out `holdout` (0.1), the best refit on all)
+          With head_norm=bn (default): byol at batch 256; on cached features (lr, weight_decay) chosen
+          like logreg's L2: each pair of lr_grid (0.03,0.1,0.3 per 256) x wd_grid (0.001,0.01,0.1)
+          trained on train less the stratified held-out `holdout` (0.1), the lowest held-out
+          cross-entropy refit on all of train (9 fits + 1); augmented features: lr 0.3, weight_decay
+          0.001. head_norm=none: the published lr (moco 30, byol 0.2), wd 0 and batch, no search, i.e.
+          the paper's protocol exactly, for features of the scale it was tuned on (a contrastive
+          ResNet-50's).
+  SGD keys: epochs, lr (per 256 images; applied: lr * batch_size / 256; fixes the lr: no lr search),
+          weight_decay (fixes it likewise), lr_grid, wd_grid (comma lists; cached features only),
+          head_norm=bn|none, eval_every (val every N epochs; always after the last)
   batch_size (global), seed, device=gpu|cpu, data.crop (default: the backbone's pretraining crop, else 224)
   features=cached|augmented   cached (default): features extracted once with the val transform;
                        augmented (SGD protocols): RandomResizedCrop+flip, backbone forward every epoch.
@@ -34,14 +36,15 @@ key=value overrides:
                        ResNet on digits: 20 points): compare them only with each other
   num_threads (DALI)
 Which probe: logreg (the default) to measure features: it is never the bottleneck; moco/byol to train an
-SGD head (on most cached features within about a point of logreg); features=augmented to train the way the
-papers do; with head_norm=none too, to reproduce a paper's protocol exactly.
+SGD head (on cached features within about a point of logreg, docs/benchmarks.md); features=augmented to
+train the way the papers do; with head_norm=none too, to reproduce a paper's protocol exactly.
 Guard (SGD): a non-finite loss, a loss above its first epoch's / 3 ln C for 3 epochs with val top-1 near
 chance, or a final training loss above 3 ln C whatever the accuracy, fails with exit status 2 naming lr
 and head_norm; no accuracy is reported.
 --pixels: the same probe on the resized (data.crop), normalised raw pixels: the cheapest honest floor.
 Output: top-1/top-5 (%) on stdout and in --json; an MLflow run in the pretraining run's experiment (tags
-unmix.pretrain_run_id, unmix.protocol; train_loss/val_top1/lr per epoch, or logreg's search);
+unmix.pretrain_run_id, unmix.protocol; train_loss/val_top1/val_loss/lr per epoch; the search: logreg's,
+or the SGD search_* per pair and lr_chosen/weight_decay_chosen);
 linear_top1/linear_top5 and linear_<protocol>_top1/top5 on the pretraining run.
 Distributed: run under torchrun or srun (RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS); val counted once.
 """

@@ -272,14 +272,20 @@ def run_linear(
         result = linear_eval(
             job.backbone, job.num_classes, proto, job.ctx, loader, train_dir, val_dir, on_epoch
         )
-        if result.lr_search:  # lr chosen on the held-out part of train (cached features, lr_grid)
-            job.tracker.log_metrics({"lr_chosen": float(result.lr)})
-            for i, (lr, top1) in enumerate(result.lr_search.items()):
-                if top1 is not None:
-                    job.tracker.log_metrics({"lr_search_lr": lr, "lr_search_heldout_top1": top1}, step=i)
+        if result.search:  # (lr, weight_decay) chosen on the held-out part of train (cached features)
+            chosen = {"lr_chosen": float(result.lr), "weight_decay_chosen": float(result.weight_decay)}
+            job.tracker.log_metrics(chosen)
+            for i, ((lr, wd), score) in enumerate(result.search.items()):
+                if score is not None:
+                    metrics = {"search_lr": lr, "search_weight_decay": wd, "search_heldout_top1": score.top1}
+                    job.tracker.log_metrics({**metrics, "search_heldout_loss": score.loss}, step=i)
                 if job.ctx.is_main:
-                    held = "stopped by the guard" if top1 is None else f"held-out top-1 {top1:.2f}%"
-                    print(f"sgd lr {lr:g}  {held}", flush=True)
+                    held = (
+                        "stopped by the guard"
+                        if score is None
+                        else f"held-out loss {score.loss:.4f}  top-1 {score.top1:.2f}%"
+                    )
+                    print(f"sgd lr {lr:g}  weight_decay {wd:g}  {held}", flush=True)
         extra = {
             "epochs": result.epochs,
             "protocol": proto.protocol,
@@ -287,13 +293,24 @@ def run_linear(
             "features": proto.features,
             "crop": proto.crop,
             "lr": result.lr,
-            "lr_search": {f"{lr:g}": top1 for lr, top1 in result.lr_search.items()},
+            "weight_decay": result.weight_decay,
+            "search": [  # empty: lr and weight_decay were fixed; heldout_*: None where the guard stopped it
+                {
+                    "lr": lr,
+                    "weight_decay": wd,
+                    "heldout_loss": None if score is None else score.loss,
+                    "heldout_top1": None if score is None else score.top1,
+                }
+                for (lr, wd), score in result.search.items()
+            ],
         }
         payload = job.report(result.top1, result.top5, val_dir, result.val_samples, extra, json_path)
         if job.ctx.is_main:
+            how = " chosen on held-out train" if result.search else ""
             print(
                 f"linear top-1 {result.top1:.2f}%  top-5 {result.top5:.2f}%  "
                 f"(protocol={proto.protocol}, head_norm={proto.head_norm}, lr {result.lr:g}, "
+                f"weight_decay {result.weight_decay:g}{how}, "
                 f"{result.val_samples} val images, "
                 f"{result.epochs} epochs, {spec.label})",
                 flush=True,

@@ -46,6 +46,7 @@ tuned on (a contrastive ResNet-50's).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -55,8 +56,10 @@ FEATURE_MODES = ("augmented", "cached")
 DEVICES = ("gpu", "cpu")
 HEAD_NORMS = ("bn", "none")
 DEFAULT_CROP = 224
-# with head_norm=bn (unit-variance inputs): (lr per 256, weight_decay), measured (module docstring)
+# with head_norm=bn (unit-variance inputs): (lr per 256, weight_decay) on augmented features, and the grids
+# whose best pair on held-out train is used on cached features; measured (module docstring)
 BN_HEAD_LR, BN_HEAD_WEIGHT_DECAY = 0.3, 0.001
+BN_HEAD_LR_GRID, BN_HEAD_WD_GRID = (0.03, 0.1, 0.3), (0.001, 0.01, 0.1)
 BYOL_BN_HEAD_BATCH = 256  # BYOL's batch with head_norm=bn (module docstring)
 
 
@@ -68,9 +71,11 @@ class LinearProtocol:
     epochs: int = 100
     batch_size: int = 256  # global, over all ranks
     lr: float = 30.0  # per 256 images; the applied rate is lr * batch_size / 256
-    # SGD on cached features: lr candidates, the best on the held-out part of train wins (empty: `lr`);
-    # opt-in (lr_grid=0.03,0.1,0.3): not yet the default, see docs/benchmarks.md "Choosing lr on held-out"
+    # SGD on cached features: the (lr, weight_decay) pairs of lr_grid x wd_grid are each trained on train
+    # less the held-out part, the best is refit on all of train (an empty grid: `lr` / `weight_decay`).
+    # Augmented features train at `lr` and `weight_decay` (a search would cost a backbone pass per epoch).
     lr_grid: tuple[float, ...] = ()
+    wd_grid: tuple[float, ...] = ()
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 0.0
@@ -96,6 +101,15 @@ class LinearProtocol:
         """An SGD-trained head (moco, byol), as opposed to the L-BFGS reference (logreg)."""
         return self.protocol in SGD_PROTOCOLS
 
+    @property
+    def searches(self) -> bool:
+        """Whether the SGD head's (lr, weight_decay) is chosen on held-out train (cached features, a grid)."""
+        return self.is_sgd and self.features == "cached" and bool(self.lr_grid or self.wd_grid)
+
+    def candidates(self) -> list[tuple[float, float]]:
+        """The search's (lr, weight_decay) pairs: ``lr_grid x wd_grid`` (an empty grid: the fixed value)."""
+        return list(itertools.product(self.lr_grid or (self.lr,), self.wd_grid or (self.weight_decay,)))
+
     def lr_at(self, epoch: float) -> float:
         """Learning rate at (fractional) ``epoch``: the batch-scaled base rate times the schedule."""
         base = self.lr * self.batch_size / 256
@@ -108,30 +122,40 @@ class LinearProtocol:
         return base * (0.1**drops)
 
 
+def fixed(proto: LinearProtocol, **changes: object) -> LinearProtocol:
+    """``proto`` trained at its own ``lr`` and ``weight_decay`` (no search), with ``changes`` applied."""
+    return dataclasses.replace(proto, lr_grid=(), wd_grid=(), **changes)
+
+
+def _bn_head(**published: object) -> dict[str, object]:
+    """The BN head's SGD keys: (lr, weight_decay) from the grids on cached features (module docstring)."""
+    return dict(
+        lr=BN_HEAD_LR,
+        weight_decay=BN_HEAD_WEIGHT_DECAY,
+        lr_grid=BN_HEAD_LR_GRID,
+        wd_grid=BN_HEAD_WD_GRID,
+        **published,
+    )
+
+
 def moco_protocol(head_norm: str = "bn") -> LinearProtocol:
     """MoCo's linear classification protocol; ``head_norm="none"``: exactly as published (lr 30, wd 0),
-    ``"bn"`` (default): the BN head with lr 0.3 per 256 and weight decay 0.001 (module docstring)."""
+    ``"bn"`` (default): the BN head, (lr, weight_decay) chosen on held-out train from ``BN_HEAD_LR_GRID x
+    BN_HEAD_WD_GRID`` on cached features, lr 0.3 per 256 and weight decay 0.001 on augmented ones."""
     if head_norm == "none":
         return LinearProtocol(head_norm="none")
-    return LinearProtocol(head_norm=head_norm, lr=BN_HEAD_LR, weight_decay=BN_HEAD_WEIGHT_DECAY)
+    return LinearProtocol(**_bn_head(head_norm=head_norm))
 
 
 def byol_protocol(head_norm: str = "bn") -> LinearProtocol:
     """BYOL's linear evaluation protocol (see the module docstring for the source); ``head_norm`` as in
     :func:`moco_protocol` (``"none"``: lr 0.2 per 256, wd 0, batch 1024, as published; ``"bn"``: batch
     256)."""
-    published = head_norm == "none"
-    return LinearProtocol(
-        protocol="byol",
-        epochs=80,
-        batch_size=1024 if published else BYOL_BN_HEAD_BATCH,
-        lr=0.2 if published else BN_HEAD_LR,
-        weight_decay=0.0 if published else BN_HEAD_WEIGHT_DECAY,
-        nesterov=True,
-        schedule="cosine",
-        milestones=(),
-        head_norm=head_norm,
-    )
+    keys = dict(protocol="byol", epochs=80, nesterov=True, schedule="cosine", milestones=())
+    keys["head_norm"] = head_norm
+    if head_norm == "none":
+        return LinearProtocol(batch_size=1024, lr=0.2, weight_decay=0.0, **keys)
+    return LinearProtocol(**_bn_head(batch_size=BYOL_BN_HEAD_BATCH, **keys))
 
 
 def logreg_protocol() -> LinearProtocol:
@@ -151,6 +175,7 @@ _KEYS: dict[str, tuple[str, type]] = {
     "batch_size": ("batch_size", int),
     "lr": ("lr", float),
     "lr_grid": ("lr_grid", _floats),
+    "wd_grid": ("wd_grid", _floats),
     "device": ("device", str),
     "data.crop": ("crop", int),
     "features": ("features", str),
@@ -165,7 +190,8 @@ _KEYS: dict[str, tuple[str, type]] = {
     "max_iter": ("max_iter", int),
 }
 LINEAR_KEYS = tuple(_KEYS)
-SGD_KEYS = ("epochs", "lr", "lr_grid", "weight_decay", "head_norm", "eval_every")  # meaningless for logreg
+# meaningless for logreg
+SGD_KEYS = ("epochs", "lr", "lr_grid", "weight_decay", "wd_grid", "head_norm", "eval_every")
 LOGREG_KEYS = ("l2", "l2_grid", "max_iter")  # meaningless for moco/byol
 KNN_KEYS = ("batch_size", "device", "data.crop", "num_threads", "seed")
 
@@ -226,6 +252,8 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
         head_norm = overrides.get("head_norm", "bn")
         proto = (byol_protocol if name == "byol" else moco_protocol)(head_norm)
     proto = dataclasses.replace(proto, **changes)
+    if proto.is_sgd:
+        proto = _settle_grids(proto, overrides)
     if proto.device not in DEVICES:
         raise ValueError(f"device={proto.device!r}: choose one of {', '.join(DEVICES)}")
     if proto.head_norm not in HEAD_NORMS:
@@ -242,10 +270,9 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
     for lr in (proto.lr, *proto.lr_grid):
         if not (lr > 0 and math.isfinite(lr)):  # NaN fails every comparison: test the good range
             raise ValueError(f"lr={lr}: must be finite and > 0")
-    if proto.lr_grid and proto.features == "augmented":
-        raise ValueError("lr_grid= searches on cached features: pass features=cached, or lr= alone")
-    if not (proto.weight_decay >= 0 and math.isfinite(proto.weight_decay)):
-        raise ValueError(f"weight_decay={proto.weight_decay}: must be finite and >= 0")
+    for wd in (proto.weight_decay, *proto.wd_grid):
+        if not (wd >= 0 and math.isfinite(wd)):
+            raise ValueError(f"weight_decay={wd}: must be finite and >= 0")
     if proto.l2 is not None and not (proto.l2 >= 0 and math.isfinite(proto.l2)):
         raise ValueError(f"l2={proto.l2}: must be finite and >= 0")
     if not proto.l2_grid or any(not (v >= 0 and math.isfinite(v)) for v in proto.l2_grid):
@@ -254,6 +281,24 @@ def resolve_protocol(overrides: dict[str, str]) -> LinearProtocol:
         raise ValueError(f"holdout={proto.holdout}: must be in (0, 1)")
     if proto.max_iter < 1:
         raise ValueError(f"max_iter={proto.max_iter}: must be >= 1")
+    return proto
+
+
+def _settle_grids(proto: LinearProtocol, overrides: dict[str, str]) -> LinearProtocol:
+    """The search grids an SGD protocol keeps: ``lr=`` without ``lr_grid=`` fixes the lr (likewise
+    ``weight_decay=`` / ``wd_grid=``); augmented features train at the fixed values (a grid given for them
+    is an error)."""
+    given = [k for k in ("lr_grid", "wd_grid") if k in overrides]
+    if proto.features == "augmented":
+        if given:
+            raise ValueError(
+                f"{given[0]}= searches on cached features: pass features=cached, or lr= / weight_decay= alone"
+            )
+        return fixed(proto)
+    if "lr" in overrides and "lr_grid" not in overrides:
+        proto = dataclasses.replace(proto, lr_grid=())
+    if "weight_decay" in overrides and "wd_grid" not in overrides:
+        proto = dataclasses.replace(proto, wd_grid=())
     return proto
 
 
@@ -270,6 +315,7 @@ def as_params(proto: LinearProtocol) -> dict[str, object]:
     d["milestones"] = ",".join(str(m) for m in proto.milestones)
     d["l2_grid"] = ",".join(f"{v:g}" for v in proto.l2_grid)
     d["lr_grid"] = ",".join(f"{v:g}" for v in proto.lr_grid)
+    d["wd_grid"] = ",".join(f"{v:g}" for v in proto.wd_grid)
     sgd_only = ("momentum", "nesterov", "schedule", "milestones", *SGD_KEYS)
     drop = sgd_only if proto.protocol == "logreg" else LOGREG_KEYS
     return {k: v for k, v in d.items() if k not in drop}

@@ -15,9 +15,9 @@ CROP = 16  # digits are 8x8 upsampled to 32x32: a 16-pixel image loses nothing
 
 
 def _train_probe(f_tr, y_tr, f_va, y_va, proto, classes: int, head_norm: str = "none"):
-    """A linear head trained on cached features (``f [N, D]``, ``y [N]``) by ``proto`` (its lr chosen on
-    held-out train when ``proto.lr_grid`` is set), validated on ``(f_va, y_va)``: what
-    :func:`~unmix.eval.linear.sgd_probe` returns."""
+    """A linear head trained on cached features (``f [N, D]``, ``y [N]``) by ``proto`` (its lr and weight
+    decay chosen on held-out train when ``proto`` has a grid: the BN-head defaults do), validated on
+    ``(f_va, y_va)``: what :func:`~unmix.eval.linear.sgd_probe` returns."""
     return sgd_probe(f_tr, y_tr, f_va, y_va, classes, dataclasses.replace(proto, head_norm=head_norm))
 
 
@@ -40,6 +40,21 @@ def digits_features(sample_train, sample_val):
         for name, net in nets.items():
             out[name + tag] = _extract(freeze(net), sample_train, sample_val, crop)
     return out
+
+
+@pytest.fixture(scope="session")
+def shifted_features(tmp_path_factory):
+    """``{"random" | "pixels": (f_train, y_train, f_val, y_val)}`` on the hard ``shifted-digits`` sample (a
+    digit at a random place and size on a 16x16 canvas; the benchmarks' crop 16): a random-init ResNet-10
+    (width 32) and the raw pixels. Here no fixed SGD lr and weight decay land near ``logreg``."""
+    from unmix.pipeline.shards.sample import write_sample
+    from unmix.training.backbones import build_backbone
+
+    root = tmp_path_factory.mktemp("shifted-digits")
+    write_sample("shifted-digits", root)
+    torch.manual_seed(0)
+    nets = {"random": build_backbone("resnet10", crop=CROP, width=32), "pixels": PixelFeatures(CROP)}
+    return {name: _extract(freeze(net), root / "train", root / "val", CROP) for name, net in nets.items()}
 
 
 def _extract(net, sample_train, sample_val, crop: int) -> tuple[torch.Tensor, ...]:

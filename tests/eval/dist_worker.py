@@ -61,17 +61,15 @@ DATA = {"train": task(70, 1), "val": task(41, 2)}  # 41 val samples: uneven spli
 def main() -> None:
     from unmix.eval import distributed
     from unmix.eval.features import extract_features, freeze
-    from unmix.eval.linear import linear_eval
+    from unmix.eval.linear import linear_eval, sgd_probe
     from unmix.eval.logreg import logreg_eval
-    from unmix.eval.protocols import moco_protocol
+    from unmix.eval.protocols import fixed, moco_protocol
     from unmix.training.knn import knn_evaluate
 
     out, features = Path(sys.argv[1]), sys.argv[2]
     ctx = distributed.setup("cpu")
     net = freeze(backbone())
-    proto = dataclasses.replace(
-        moco_protocol(), epochs=2, batch_size=16, lr=0.5, crop=8, device="cpu", features=features
-    )
+    proto = fixed(moco_protocol(), epochs=2, batch_size=16, lr=0.5, crop=8, device="cpu", features=features)
 
     def make_loader(shards, **kw):
         return ShardedLoader(*DATA[shards], **kw)
@@ -82,6 +80,9 @@ def main() -> None:
     f_va, y_va = extract_features(net, make_loader("val", **kw), ctx.device)
     knn = knn_evaluate(f_va, y_va, f_tr, y_tr, 3, k=10, t=0.1, chunk=16)
     lr = logreg_eval(f_tr, y_tr, f_va, y_va, 3, seed=0, chunk_rows=16)  # gradient sums all-reduced
+    # the SGD search on this rank's cached rows: logreg's rank-ordered held-out split, scores all-reduced
+    grid = dataclasses.replace(proto, lr_grid=(0.05, 0.5), wd_grid=(0.001, 0.1), features="cached")
+    searched = sgd_probe(f_tr, y_tr, f_va, y_va, 3, grid, ctx)
     w = lin.head.fc.weight.detach()
     (out / f"rank{ctx.rank}.json").write_text(
         json.dumps(
@@ -98,6 +99,11 @@ def main() -> None:
                 "logreg_val_samples": lr.val_samples,
                 "logreg_l2": lr.l2,
                 "logreg_search": [r["holdout_top1"] for r in lr.search],
+                "sgd_search": [[lr_, wd, *score] for (lr_, wd), score in searched.search.items()],
+                "sgd_chosen": [searched.lr, searched.weight_decay],
+                "sgd_top1": searched.top1,
+                "sgd_val_samples": searched.val_samples,
+                "sgd_head_weight": searched.head.fc.weight.detach().flatten().tolist(),
                 "logreg_weight": lr.head.weight.detach().flatten().tolist(),
             }
         )

@@ -68,6 +68,13 @@ def test_two_ranks(tmp_path, features):
     assert r0["linear_top1"] == r1["linear_top1"]
     assert r0["knn_total"] == r1["knn_total"] == 41
     assert r0["train_rows"] + r1["train_rows"] == 70  # the kNN bank stays sharded
+    # the SGD (lr, weight_decay) search: the same held-out scores and choice on both ranks, one head
+    assert r0["sgd_search"] == r1["sgd_search"] and len(r0["sgd_search"]) == 4
+    assert r0["sgd_chosen"] == r1["sgd_chosen"] and r0["sgd_head_weight"] == r1["sgd_head_weight"]
+    # [lr, wd, top1, top5, total, loss]: the held-out rows of both ranks counted once, 7 of 70 (10 %)
+    assert all(s[4] == 7 for s in r0["sgd_search"]), r0["sgd_search"]
+    assert r0["sgd_chosen"] == min(r0["sgd_search"], key=lambda s: s[5])[:2]
+    assert r0["sgd_val_samples"] == 41 and r0["sgd_top1"] == r1["sgd_top1"]
 
     if features == "cached":
         # sharded kNN (local top-k, gathered and merged) equals kNN on one process

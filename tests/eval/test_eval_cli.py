@@ -54,24 +54,35 @@ def test_random_init_linear_end_to_end(sample_train, sample_val, tmp_path, capsy
     assert [m.step for m in hist] == [1, 2]
 
 
-def test_lr_grid_chooses_the_sgd_lr_on_held_out_train(sample_train, sample_val, tmp_path, capsys):
-    """``lr_grid=``: each lr trained on train less the held-out 10 %, the best refit on all of train; the
-    choice and every held-out score in the JSON, on stdout and in MLflow."""
+def test_sgd_probe_chooses_lr_and_weight_decay_on_held_out_train(sample_train, sample_val, tmp_path, capsys):
+    """``protocol=moco`` on cached features (the default search, here narrowed by ``lr_grid=``): each
+    (lr, weight_decay) trained on train less the held-out 10 %, the best refit on all of train; the choice
+    and every held-out score in the JSON, on stdout and in MLflow."""
     from mlflow.tracking import MlflowClient
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     out = tmp_path / "linear.json"
     args = ["--random-init", "resnet10", "--width", "16", "--tracking-uri", uri, "--json", str(out)]
     args += ["--train", str(sample_train), "--val", str(sample_val)]
-    assert main(["linear", *args, "lr_grid=0.03,0.3", "epochs=3", *FAST]) == 0
+    assert main(["linear", *args, "protocol=moco", "lr_grid=0.03,0.3", "epochs=3", *FAST]) == 0
     res = json.loads(out.read_text())
-    assert res["protocol"] == "moco" and set(res["lr_search"]) == {"0.03", "0.3"}
-    best = max(res["lr_search"], key=lambda k: (res["lr_search"][k], float(k)))
-    assert res["lr"] == float(best)
+    pairs = [(s["lr"], s["weight_decay"]) for s in res["search"]]
+    assert res["protocol"] == "moco" and pairs == [
+        (lr, wd) for lr in (0.03, 0.3) for wd in (0.001, 0.01, 0.1)
+    ]
+    best = min(res["search"], key=lambda s: s["heldout_loss"])  # the lowest held-out cross-entropy
+    assert (res["lr"], res["weight_decay"]) == (best["lr"], best["weight_decay"])
     printed = capsys.readouterr().out
-    assert "sgd lr 0.03  held-out top-1" in printed and f"lr {float(best):g}, 359 val images" in printed
+    assert "sgd lr 0.03  weight_decay 0.001  held-out loss" in printed
+    assert f"lr {best['lr']:g}, weight_decay {best['weight_decay']:g} chosen on held-out train" in printed
     run = MlflowClient(uri).get_run(res["run_id"])
     assert run.data.metrics["lr_chosen"] == res["lr"] and run.data.params["lr_grid"] == "0.03,0.3"
+    assert run.data.metrics["weight_decay_chosen"] == res["weight_decay"]
+    assert run.data.params["wd_grid"] == "0.001,0.01,0.1"
+    for key in ("search_heldout_loss", "search_heldout_top1"):
+        assert sorted(m.step for m in MlflowClient(uri).get_metric_history(res["run_id"], key)) == list(
+            range(6)
+        )
 
 
 def test_pretrained_backbone_reports_onto_its_run(sample_train, sample_val, tmp_path, capsys):

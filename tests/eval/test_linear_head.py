@@ -20,6 +20,7 @@ from unmix.eval.protocols import (
     KNN_KEYS,
     LINEAR_KEYS,
     byol_protocol,
+    fixed,
     moco_protocol,
     parse_overrides,
     resolve_protocol,
@@ -42,7 +43,7 @@ def _blobs(
 def test_separable_features_reach_100_percent(train_probe):
     f_tr, y_tr = _blobs(1000, 32, 10, seed=1)
     f_va, y_va = _blobs(500, 32, 10, seed=2)
-    proto = dataclasses.replace(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
+    proto = fixed(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
     result = train_probe(f_tr, y_tr, f_va, y_va, proto, 10)
     assert result.val_samples == 500
     assert result.top1 >= 99.0
@@ -51,33 +52,52 @@ def test_separable_features_reach_100_percent(train_probe):
     assert losses[-1] < losses[0] / 10
 
 
-def test_choose_lr_takes_the_best_held_out_lr_and_skips_a_stopped_one():
-    """The lr search against a naive reference: each candidate trained on train less logreg's held-out
-    split and scored on it; lr 1000 behind the BN ends mis-scaled, so the guard stops it and it is skipped."""
+def test_choose_hparams_takes_the_lowest_held_out_loss_and_skips_a_stopped_pair():
+    """The (lr, weight_decay) search against a naive reference: each pair trained on train less logreg's
+    held-out split and scored on it (cross-entropy and top-1); lr 1000 behind the BN ends mis-scaled, so
+    the guard stops it and it is skipped; the pair with the lowest held-out loss is refit on all of train."""
+    import torch.nn.functional as F
+
     from unmix.eval.divergence import ProbeDivergedError
-    from unmix.eval.linear import choose_lr, sgd_probe
+    from unmix.eval.linear import choose_hparams, sgd_probe
     from unmix.eval.logreg import stratified_holdout
 
     torch.set_num_threads(1)
-    f, y = _blobs(400, 16, 4, seed=1, noise=5.0)  # overlapping classes: the lrs score differently
-    proto = dataclasses.replace(moco_protocol(), epochs=6, batch_size=64, lr_grid=(0.003, 0.3, 1000.0))
-    chosen, scores = choose_lr(f, y, 4, proto, CPU)
+    f, y = _blobs(400, 16, 4, seed=1, noise=5.0)  # overlapping classes: the pairs score differently
+    proto = dataclasses.replace(
+        moco_protocol(), epochs=6, batch_size=64, lr_grid=(0.003, 0.3, 1000.0), wd_grid=(0.0, 0.1)
+    )
+    chosen, scores = choose_hparams(f, y, 4, proto, CPU)
     held = stratified_holdout(y, 0.1, 0)
-    expect = {}
+    loss, top1 = {}, {}
     for lr in (0.003, 0.3):
-        p = dataclasses.replace(proto, lr=lr, lr_grid=())
-        expect[lr] = sgd_probe(f[~held], y[~held], f[held], y[held], 4, p, CPU).top1
-    assert scores == {**expect, 1000.0: None}
-    assert expect[0.3] > expect[0.003] and chosen.lr == 0.3 and chosen.lr_grid == ()
+        for wd in (0.0, 0.1):
+            p = fixed(proto, lr=lr, weight_decay=wd)
+            head = sgd_probe(f[~held], y[~held], f[held], y[held], 4, p, CPU).head.eval()
+            with torch.no_grad():
+                logits = head(f[held])
+            loss[lr, wd] = F.cross_entropy(logits, y[held]).item()
+            top1[lr, wd] = 100.0 * (logits.argmax(1) == y[held]).float().mean().item()
+    assert scores[1000.0, 0.0] is None and scores[1000.0, 0.1] is None
+    for pair in loss:
+        assert scores[pair].loss == pytest.approx(loss[pair], rel=1e-5)
+        assert scores[pair].top1 == pytest.approx(top1[pair]) and scores[pair].total == int(held.sum())
+    best = min(loss, key=loss.get)
+    assert len({round(v, 4) for v in loss.values()}) == 4 and (chosen.lr, chosen.weight_decay) == best
+    assert (chosen.lr_grid, chosen.wd_grid) == ((), ())
+    # sgd_probe: the search, then the chosen pair refit on all of train and scored on val
+    result = sgd_probe(f, y, f, y, 4, proto, CPU)
+    assert result.search == scores and (result.lr, result.weight_decay) == best
+    assert result.top1 == sgd_probe(f, y, f, y, 4, fixed(proto, lr=best[0], weight_decay=best[1]), CPU).top1
     with pytest.raises(ProbeDivergedError, match=r"every lr of lr_grid=500,1000 .*give smaller values"):
-        choose_lr(f, y, 4, dataclasses.replace(proto, lr_grid=(500.0, 1000.0)), CPU)
+        choose_hparams(f, y, 4, dataclasses.replace(proto, lr_grid=(500.0, 1000.0)), CPU)
 
 
 def test_random_labels_stay_at_chance(train_probe):
     g = torch.Generator().manual_seed(3)
     f_tr, f_va = torch.randn(2000, 32, generator=g), torch.randn(2000, 32, generator=g)
     y_tr, y_va = torch.randint(0, 10, (2000,), generator=g), torch.randint(0, 10, (2000,), generator=g)
-    proto = dataclasses.replace(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
+    proto = fixed(moco_protocol(), epochs=5, batch_size=100, lr=1.0)
     result = train_probe(f_tr, y_tr, f_va, y_va, proto, 10)
     # chance is 10 % (top-1) and 50 % (top-5); one binomial sd at n=2000 is 0.7 % / 1.1 %
     assert 5.0 < result.top1 < 15.0
@@ -103,9 +123,11 @@ def test_evaluate_head_counts_every_sample_once():
     f = torch.randn(10, 4)
     y = torch.randint(0, 3, (10,))
     batches = [(f[:4], y[:4]), (f[4:7], y[4:7]), (f[7:], y[7:])]
-    top1, _, total = evaluate_head(head, batches)
+    top1, _, total, loss = evaluate_head(head, batches)
     assert total == 10
+    head.eval()
     assert top1 == pytest.approx(100.0 * (head(f).argmax(1) == y).sum().item() / 10)
+    assert loss == pytest.approx(torch.nn.functional.cross_entropy(head(f), y).item(), rel=1e-6)
 
 
 def test_moco_schedule_steps_at_60_and_80():
@@ -205,9 +227,7 @@ def test_backbone_bit_identical_after_linear_eval(features):
     def make_loader(shards, **kw):
         return FakeLoader(*((x_tr, y_tr) if shards == "train" else (x_va, y_va)), **kw)
 
-    proto = dataclasses.replace(
-        moco_protocol(), epochs=3, batch_size=32, lr=0.5, crop=8, device="cpu", features=features
-    )
+    proto = fixed(moco_protocol(), epochs=3, batch_size=32, lr=0.5, crop=8, device="cpu", features=features)
     result = linear_eval(backbone, 3, proto, CPU, make_loader, "train", "val")
     assert result.val_samples == 40
     assert len(result.history) == 3 and all("val_top1" in h for h in result.history)
@@ -232,6 +252,6 @@ def test_state_fingerprint_sees_bn_statistics():
 def test_non_finite_loss_stops_with_a_clear_error(train_probe):
     f_tr, y_tr = _blobs(100, 8, 3, seed=1)
     f_tr[5, 0] = float("inf")  # e.g. an exploding random-init feature
-    proto = dataclasses.replace(moco_protocol(), epochs=2, batch_size=50, lr=1.0)
+    proto = fixed(moco_protocol(), epochs=2, batch_size=50, lr=1.0)
     with pytest.raises(FloatingPointError, match=r"not finite in epoch 1 .*smaller lr"):
         train_probe(f_tr, y_tr, f_tr, y_tr, proto, 3)
