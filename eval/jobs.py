@@ -277,8 +277,8 @@ def run_linear(
             job.tracker.log_metrics(chosen)
             for i, ((lr, wd), score) in enumerate(result.search.items()):
                 if score is not None:
-                    metrics = {"search_lr": lr, "search_weight_decay": wd, "search_heldout_top1": score.top1}
-                    job.tracker.log_metrics({**metrics, "search_heldout_loss": score.loss}, step=i)
+                    metrics = {"search_lr": lr, "search_weight_decay": wd, "search_holdout_top1": score.top1}
+                    job.tracker.log_metrics({**metrics, "search_holdout_loss": score.loss}, step=i)
                 if job.ctx.is_main:
                     held = (
                         "stopped by the guard"
@@ -294,12 +294,12 @@ def run_linear(
             "crop": proto.crop,
             "lr": result.lr,
             "weight_decay": result.weight_decay,
-            "search": [  # empty: lr and weight_decay were fixed; heldout_*: None where the guard stopped it
+            "search": [  # empty: lr and weight_decay were fixed; holdout_*: None where the guard stopped it
                 {
                     "lr": lr,
                     "weight_decay": wd,
-                    "heldout_loss": None if score is None else score.loss,
-                    "heldout_top1": None if score is None else score.top1,
+                    "holdout_loss": None if score is None else score.loss,
+                    "holdout_top1": None if score is None else score.top1,
                 }
                 for (lr, wd), score in result.search.items()
             ],

@@ -332,7 +332,8 @@ def choose_hparams(
 
     The cross-entropy, not the top-1: a 10 % held-out part of a small train split moves top-1 in steps of
     one image, and among nine candidates the highest of those noisy numbers picks worse heads (about 0.5
-    points lower on val on the digits sample; docs/benchmarks.md "Choosing lr and weight decay")."""
+    points lower on val on the digits sample; docs/benchmarks.md "Choosing lr and weight decay on held-out
+    train")."""
     from unmix.eval.logreg import local_holdout
 
     held = local_holdout(y_train, proto.holdout, proto.seed)  # held: [N] bool, this rank's rows
@@ -347,10 +348,11 @@ def choose_hparams(
             scores[lr, wd] = None
     trained = {pair: score for pair, score in scores.items() if score is not None}
     if not trained:
+        lrs, wds = ({pair[i] for pair in scores} for i in (0, 1))
         raise ProbeDivergedError(
-            f"linear probe diverged at every lr of lr_grid={','.join(f'{v:g}' for v in proto.lr_grid)} "
-            f"(weight_decay {','.join(f'{v:g}' for v in proto.wd_grid or (proto.weight_decay,))}) on the "
-            "held-out part of train: give smaller values (lr_grid=...). No accuracy is reported."
+            f"linear probe diverged at every lr of lr_grid={','.join(f'{v:g}' for v in sorted(lrs))} "
+            f"(weight_decay {','.join(f'{v:g}' for v in sorted(wds))}) on the held-out part of train: give "
+            "smaller values (lr_grid=...). No accuracy is reported."
         )
     lr, wd = max(trained, key=lambda pair: (-trained[pair].loss, *pair))
     return fixed(proto, lr=lr, weight_decay=wd), scores

@@ -70,7 +70,7 @@ def test_sgd_probe_chooses_lr_and_weight_decay_on_held_out_train(sample_train, s
     assert res["protocol"] == "moco" and pairs == [
         (lr, wd) for lr in (0.03, 0.3) for wd in (0.001, 0.01, 0.1)
     ]
-    best = min(res["search"], key=lambda s: s["heldout_loss"])  # the lowest held-out cross-entropy
+    best = min(res["search"], key=lambda s: s["holdout_loss"])  # the lowest held-out cross-entropy
     assert (res["lr"], res["weight_decay"]) == (best["lr"], best["weight_decay"])
     printed = capsys.readouterr().out
     assert "sgd lr 0.03  weight_decay 0.001  held-out loss" in printed
@@ -79,7 +79,7 @@ def test_sgd_probe_chooses_lr_and_weight_decay_on_held_out_train(sample_train, s
     assert run.data.metrics["lr_chosen"] == res["lr"] and run.data.params["lr_grid"] == "0.03,0.3"
     assert run.data.metrics["weight_decay_chosen"] == res["weight_decay"]
     assert run.data.params["wd_grid"] == "0.001,0.01,0.1"
-    for key in ("search_heldout_loss", "search_heldout_top1"):
+    for key in ("search_holdout_loss", "search_holdout_top1"):
         assert sorted(m.step for m in MlflowClient(uri).get_metric_history(res["run_id"], key)) == list(
             range(6)
         )
