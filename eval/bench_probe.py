@@ -11,7 +11,9 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -66,6 +68,49 @@ def _augmented(proto, net, train: str, val: str, crop: int, classes: int, device
         return "stopped"
 
 
+class FeatureSet(NamedTuple):
+    """One sample's cached features of one backbone, and what made them."""
+
+    sample: str
+    name: str  # the backbone's row label
+    net: torch.nn.Module
+    train: str  # shard directories
+    val: str
+    crop: int
+    classes: int
+    f_tr: torch.Tensor  # [N, D]
+    y_tr: torch.Tensor  # [N]
+    f_va: torch.Tensor
+    y_va: torch.Tensor
+
+
+def _feature_sets(
+    samples: list[str], backbones: list[str], device: torch.device, tmp: str
+) -> Iterator[FeatureSet]:
+    """Each built-in sample (written under ``tmp``) through each backbone: a random-init ResNet-10 (width
+    32), the raw pixels, and each ``backbones`` file trained at the sample's crop."""
+    from unmix.eval.features import PixelFeatures
+    from unmix.pipeline.shards.sample import write_sample
+    from unmix.training.backbone_file import load_backbone
+    from unmix.training.backbones import build_backbone
+
+    for sample in samples:
+        manifests = write_sample(sample, Path(tmp) / sample)
+        train, val = str(Path(tmp) / sample / "train"), str(Path(tmp) / sample / "val")
+        classes, crop = manifests[0].num_classes, SAMPLES_CROP[sample]
+        nets = {}
+        torch.manual_seed(0)
+        nets["random-init resnet10 w32"] = build_backbone("resnet10", crop=crop, width=32)
+        nets["raw pixels"] = PixelFeatures(crop)
+        for path in backbones:
+            net, meta = load_backbone(path)
+            if int(meta.crop or crop) == crop:
+                nets[f"{meta.method or 'backbone'} {meta.epochs or '?'} ep ({Path(path).name})"] = net
+        for name, net in nets.items():
+            features = _features(net, train, val, crop, device)
+            yield FeatureSet(sample, name, net, train, val, crop, classes, *features)
+
+
 def accuracy_table(
     samples: list[str], backbones: list[str], augmented: bool, device: torch.device, seeds: int = 1
 ) -> str:
@@ -73,12 +118,8 @@ def accuracy_table(
     moco/byol defaults over ``seeds`` seeds (mean (min-max)) when ``seeds > 1``."""
     from sklearn.linear_model import LogisticRegression
 
-    from unmix.eval.features import PixelFeatures
     from unmix.eval.logreg import Standardiser, logreg_eval
     from unmix.eval.protocols import byol_protocol, moco_protocol
-    from unmix.pipeline.shards.sample import write_sample
-    from unmix.training.backbone_file import load_backbone
-    from unmix.training.backbones import build_backbone
 
     cols = ["logreg", "moco", "byol", "moco none", "byol none", "sklearn"]
     if augmented:
@@ -88,37 +129,105 @@ def accuracy_table(
         "|" + "---|" * (len(cols) + 3),
     ]
     with tempfile.TemporaryDirectory() as tmp:
-        for sample in samples:
-            manifests = write_sample(sample, Path(tmp) / sample)
-            train, val = str(Path(tmp) / sample / "train"), str(Path(tmp) / sample / "val")
-            classes, crop = manifests[0].num_classes, SAMPLES_CROP[sample]
-            nets = {}
-            torch.manual_seed(0)
-            nets["random-init resnet10 w32"] = build_backbone("resnet10", crop=crop, width=32)
-            nets["raw pixels"] = PixelFeatures(crop)
-            for path in backbones:
-                net, meta = load_backbone(path)
-                if int(meta.crop or crop) == crop:
-                    nets[f"{meta.method or 'backbone'} {meta.epochs or '?'} ep ({Path(path).name})"] = net
-            for name, net in nets.items():
-                f_tr, y_tr, f_va, y_va = _features(net, train, val, crop, device)
-                ref = logreg_eval(f_tr, y_tr, f_va, y_va, classes, seed=0)
-                std = Standardiser.fit(f_tr)
-                sk = LogisticRegression(C=1.0 / (ref.l2 * len(y_tr)), max_iter=5000, tol=1e-6)
-                sk.fit(std(f_tr).double().cpu().numpy(), y_tr.cpu().numpy())
-                sk_top1 = 100.0 * float(
-                    np.mean(sk.predict(std(f_va).double().cpu().numpy()) == y_va.cpu().numpy())
-                )
-                row = [f"{ref.top1:.2f}"]
+        for fs in _feature_sets(samples, backbones, device, tmp):
+            data = (fs.f_tr, fs.y_tr, fs.f_va, fs.y_va)
+            ref = logreg_eval(*data, fs.classes, seed=0)
+            std = Standardiser.fit(fs.f_tr)
+            sk = LogisticRegression(C=1.0 / (ref.l2 * len(fs.y_tr)), max_iter=5000, tol=1e-6)
+            sk.fit(std(fs.f_tr).double().cpu().numpy(), fs.y_tr.cpu().numpy())
+            sk_top1 = 100.0 * float(
+                np.mean(sk.predict(std(fs.f_va).double().cpu().numpy()) == fs.y_va.cpu().numpy())
+            )
+            row = [f"{ref.top1:.2f}"]
+            for make in (moco_protocol, byol_protocol):
+                row.append(_sgd_seeds(make(), *data, fs.classes, seeds))
+            for make in (moco_protocol, byol_protocol):
+                row.append(_sgd(make("none"), *data, fs.classes))
+            row.append(f"{sk_top1:.2f}")
+            if augmented:
                 for make in (moco_protocol, byol_protocol):
-                    row.append(_sgd_seeds(make(), f_tr, y_tr, f_va, y_va, classes, seeds))
-                for make in (moco_protocol, byol_protocol):
-                    row.append(_sgd(make("none"), f_tr, y_tr, f_va, y_va, classes))
-                row.append(f"{sk_top1:.2f}")
-                if augmented:
-                    for make in (moco_protocol, byol_protocol):
-                        row.append(_augmented(make(), net, train, val, crop, classes, device))
-                lines.append(f"| {sample} | {name} | " + " | ".join(row) + f" | {ref.l2:.0e} |")
+                    row.append(_augmented(make(), fs.net, fs.train, fs.val, fs.crop, fs.classes, device))
+            lines.append(f"| {fs.sample} | {fs.name} | " + " | ".join(row) + f" | {ref.l2:.0e} |")
+            print(lines[-1], flush=True)
+    return "\n".join(lines)
+
+
+SELECTION_RULES = ("fixed", "holdout top-1", "holdout loss", "best on val")
+
+
+def pair_scores(proto, f_tr, y_tr, f_va, y_va, classes: int) -> list[dict[str, Any]]:
+    """Every (lr, weight_decay) of ``proto``'s grid, as the search trains it (train less the held-out part,
+    scored there: ``holdout_top1``, ``holdout_loss``) and refit on all of train (scored on val: ``val``);
+    None where the guard stopped it."""
+    from unmix.eval.divergence import ProbeDivergedError
+    from unmix.eval.linear import sgd_probe
+    from unmix.eval.logreg import local_holdout
+    from unmix.eval.protocols import fixed
+
+    held = local_holdout(y_tr, proto.holdout, proto.seed)
+    rows = []
+    for lr, wd in proto.candidates():
+        pair = fixed(proto, lr=lr, weight_decay=wd)
+        row: dict[str, Any] = {"lr": lr, "weight_decay": wd, "holdout_top1": None, "holdout_loss": None}
+        try:
+            r = sgd_probe(f_tr[~held], y_tr[~held], f_tr[held], y_tr[held], classes, pair)
+            row.update(holdout_top1=r.top1, holdout_loss=r.val_loss)
+        except ProbeDivergedError:
+            pass
+        try:
+            row["val"] = sgd_probe(f_tr, y_tr, f_va, y_va, classes, pair).top1
+        except ProbeDivergedError:
+            row["val"] = None
+        rows.append(row)
+    return rows
+
+
+def pick(rows: list[dict[str, Any]], rule: str, fixed_pair: tuple[float, float]) -> dict[str, Any]:
+    """The row a selection rule picks: ``fixed`` (``fixed_pair``), the highest ``holdout top-1`` (ties: the
+    larger lr, then decay), the lowest ``holdout loss`` (the search's rule), or the ``best on val`` (the
+    ceiling of any rule on this grid)."""
+    trained = [r for r in rows if r["holdout_loss"] is not None]
+    if rule == "fixed":
+        return next(r for r in rows if (r["lr"], r["weight_decay"]) == fixed_pair)
+    if rule == "holdout top-1":
+        return max(trained, key=lambda r: (r["holdout_top1"], r["lr"], r["weight_decay"]))
+    if rule == "holdout loss":
+        return max(trained, key=lambda r: (-r["holdout_loss"], r["lr"], r["weight_decay"]))
+    if rule == "best on val":
+        return max((r for r in rows if r["val"] is not None), key=lambda r: r["val"])
+    raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")
+
+
+def _gaps(gaps: list[float | None]) -> str:
+    """``mean (worst)`` of the gaps to logreg, or "stopped" when any seed's pick was stopped."""
+    if any(g is None for g in gaps):
+        return "stopped"
+    return f"{np.mean(gaps):+.2f} ({min(gaps):+.2f})"
+
+
+def selection_table(samples: list[str], backbones: list[str], device: torch.device, seeds: int) -> str:
+    """Markdown table: for each sample, backbone and SGD protocol, the val top-1 minus logreg's of the pair
+    each selection rule picks (:data:`SELECTION_RULES`), mean over seeds ``0..seeds-1`` (worst seed)."""
+    from unmix.eval.logreg import logreg_eval
+    from unmix.eval.protocols import BN_HEAD_LR, BN_HEAD_WEIGHT_DECAY, byol_protocol, moco_protocol
+
+    lines = [
+        "| sample | backbone | logreg | protocol | " + " | ".join(SELECTION_RULES) + " |",
+        "|" + "---|" * (len(SELECTION_RULES) + 4),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        for fs in _feature_sets(samples, backbones, device, tmp):
+            data = (fs.f_tr, fs.y_tr, fs.f_va, fs.y_va)
+            ref = logreg_eval(*data, fs.classes, seed=0).top1
+            for make in (moco_protocol, byol_protocol):
+                gaps: dict[str, list[float | None]] = {rule: [] for rule in SELECTION_RULES}
+                for seed in range(seeds):
+                    rows = pair_scores(dataclasses.replace(make(), seed=seed), *data, fs.classes)
+                    for rule in SELECTION_RULES:
+                        val = pick(rows, rule, (BN_HEAD_LR, BN_HEAD_WEIGHT_DECAY))["val"]
+                        gaps[rule].append(None if val is None else val - ref)
+                cells = " | ".join(_gaps(gaps[rule]) for rule in SELECTION_RULES)
+                lines.append(f"| {fs.sample} | {fs.name} | {ref:.2f} | {make().protocol} | {cells} |")
                 print(lines[-1], flush=True)
     return "\n".join(lines)
 
@@ -162,7 +271,9 @@ def main(args: argparse.Namespace) -> int:
     if args.device == "gpu" and not torch.cuda.is_available():
         print("unmix bench probe: error: --device gpu: no CUDA device is visible", file=sys.stderr)
         return 2
-    if not args.skip_accuracy:
+    if args.selection:
+        print(selection_table(args.samples, args.backbone, device, args.seeds))
+    elif not args.skip_accuracy:
         print(accuracy_table(args.samples, args.backbone, args.augmented, device, args.seeds))
     if not args.skip_speed:
         print(speed(args.speed_rows, args.target_rows, args.dim, args.classes, device))

@@ -80,6 +80,12 @@ Part 2 (speed): one full-data loss + gradient of logreg's objective on synthetic
 --classes classes), timed on --speed-rows rows and scaled linearly to --target-rows (ImageNet: 1.28 M x
 2048, 1000 classes), with the projected time of the grid and refit for the L-BFGS evaluations the digits
 run needed. Measured, not extrapolated, when the two row counts agree (on a GPU with memory for it).
+
+--selection (instead of part 1): how the SGD heads' (lr, weight_decay) search chooses. For each sample,
+backbone, protocol and seed, every pair of the default grid is trained on train less the held-out 10 %
+(scored there) and refit on all of train (scored on val); printed: the val top-1 minus logreg's of the pair
+each rule picks (fixed: lr 0.3 / wd 0.001; the highest held-out top-1; the lowest held-out loss, the
+default; the best on val, the ceiling of any rule on this grid), mean over --seeds (worst seed).
 """
 
 # the built-in samples bench_probe knows the crop of (SAMPLES_CROP)
@@ -104,6 +110,7 @@ def register_bench(bench_sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dim", type=int, default=2048)
     p.add_argument("--classes", type=int, default=1000)
     p.add_argument("--skip-accuracy", action="store_true")
+    p.add_argument("--selection", action="store_true", help="the lr/weight-decay selection rules (slow)")
     p.add_argument("--skip-speed", action="store_true")
     p.set_defaults(func=_bench_probe)
     _register_bench_fidelity(bench_sub)
