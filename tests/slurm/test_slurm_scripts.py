@@ -120,13 +120,14 @@ def submissions(slurm_cluster, sample_train, sample_val, tmp_path_factory):
     started = {
         "bad": submit(slurm_cluster, root / "bad", *data, "optim.batch_size=33"),
         "happy": submit(slurm_cluster, root / "happy", *data),
-        # Pretrains on the small val split (11 steps an epoch) for 2 epochs; only kNN afterwards.
+        # Pretrains on the small val split (11 steps an epoch) for 6 epochs, so that the second requeue
+        # (one step after the first resume) lands mid-run on a fast machine too; only kNN afterwards.
         "requeue": submit(
             slurm_cluster,
             root / "requeue",
             f"data.train={sample_val}",
             f"data.val={sample_val}",
-            "optim.epochs=2",
+            "optim.epochs=6",
             "unmix.enabled=false",
             extra_env={"UNMIX_EVAL": "knn"},
         ),
@@ -208,7 +209,8 @@ def test_requeue_resumes_the_same_run(slurm_cluster, submissions):
     first = _wait_for_log(sub, RESUMED_LINE, 1, 300, slurm_cluster)
     # 2) scontrol requeue from outside: SIGTERM to the tasks, Slurm requeues.
     steps_before = len(STEP_LINE.findall(sub.pretrain_log()))
-    _wait_for_log(sub, STEP_LINE, steps_before + 1, 300, slurm_cluster)
+    *_, last = _wait_for_log(sub, STEP_LINE, steps_before + 1, 300, slurm_cluster)
+    assert int(last.group(1)) < int(last.group(2)), f"trained to the end before the requeue: {last[0]}"
     slurm_cluster.run("scontrol", "requeue", sub.pretrain)
     _comes_back(slurm_cluster, sub, restarts=2)
     resumed = _wait_for_log(sub, RESUMED_LINE, 2, 300, slurm_cluster)
