@@ -111,6 +111,11 @@ def _feature_sets(
             yield FeatureSet(sample, name, net, train, val, crop, classes, *features)
 
 
+def _table_header(cols: list[str]) -> list[str]:
+    """A markdown table's header and rule lines."""
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+
 def accuracy_table(
     samples: list[str], backbones: list[str], augmented: bool, device: torch.device, seeds: int = 1
 ) -> str:
@@ -124,10 +129,7 @@ def accuracy_table(
     cols = ["logreg", "moco", "byol", "moco none", "byol none", "sklearn"]
     if augmented:
         cols += ["moco aug", "byol aug"]
-    lines = [
-        "| sample | backbone | " + " | ".join(cols) + " | logreg l2 |",
-        "|" + "---|" * (len(cols) + 3),
-    ]
+    lines = _table_header(["sample", "backbone", *cols, "logreg l2"])
     with tempfile.TemporaryDirectory() as tmp:
         for fs in _feature_sets(samples, backbones, device, tmp):
             data = (fs.f_tr, fs.y_tr, fs.f_va, fs.y_va)
@@ -156,26 +158,25 @@ SELECTION_RULES = ("fixed", "holdout top-1", "holdout loss", "best on val")
 
 
 def pair_scores(proto, f_tr, y_tr, f_va, y_va, classes: int) -> list[dict[str, Any]]:
-    """Every (lr, weight_decay) of ``proto``'s grid, as the search trains it (train less the held-out part,
-    scored there: ``holdout_top1``, ``holdout_loss``) and refit on all of train (scored on val: ``val``);
-    None where the guard stopped it."""
+    """Every (lr, weight_decay) of ``proto``'s grid, scored as the search scores it (:func:`choose_hparams`:
+    trained on train less the held-out part, ``holdout_top1``, ``holdout_loss``) and refit on all of train
+    (scored on val: ``val``); None where the guard stopped it."""
+    from unmix.eval.distributed import DistContext
     from unmix.eval.divergence import ProbeDivergedError
-    from unmix.eval.linear import sgd_probe
-    from unmix.eval.logreg import local_holdout
+    from unmix.eval.linear import choose_hparams, sgd_probe
     from unmix.eval.protocols import fixed
 
-    held = local_holdout(y_tr, proto.holdout, proto.seed)
+    try:
+        _, held = choose_hparams(f_tr, y_tr, classes, proto, DistContext.single(f_tr.device))
+    except ProbeDivergedError:  # the guard stopped every pair
+        held = dict.fromkeys(proto.candidates())
     rows = []
-    for lr, wd in proto.candidates():
-        pair = fixed(proto, lr=lr, weight_decay=wd)
+    for (lr, wd), score in held.items():
         row: dict[str, Any] = {"lr": lr, "weight_decay": wd, "holdout_top1": None, "holdout_loss": None}
+        if score is not None:
+            row.update(holdout_top1=score.top1, holdout_loss=score.loss)
         try:
-            r = sgd_probe(f_tr[~held], y_tr[~held], f_tr[held], y_tr[held], classes, pair)
-            row.update(holdout_top1=r.top1, holdout_loss=r.val_loss)
-        except ProbeDivergedError:
-            pass
-        try:
-            row["val"] = sgd_probe(f_tr, y_tr, f_va, y_va, classes, pair).top1
+            row["val"] = sgd_probe(f_tr, y_tr, f_va, y_va, classes, fixed(proto, lr=lr, weight_decay=wd)).top1
         except ProbeDivergedError:
             row["val"] = None
         rows.append(row)
@@ -211,10 +212,7 @@ def selection_table(samples: list[str], backbones: list[str], device: torch.devi
     from unmix.eval.logreg import logreg_eval
     from unmix.eval.protocols import BN_HEAD_LR, BN_HEAD_WEIGHT_DECAY, byol_protocol, moco_protocol
 
-    lines = [
-        "| sample | backbone | logreg | protocol | " + " | ".join(SELECTION_RULES) + " |",
-        "|" + "---|" * (len(SELECTION_RULES) + 4),
-    ]
+    lines = _table_header(["sample", "backbone", "logreg", "protocol", *SELECTION_RULES])
     with tempfile.TemporaryDirectory() as tmp:
         for fs in _feature_sets(samples, backbones, device, tmp):
             data = (fs.f_tr, fs.y_tr, fs.f_va, fs.y_va)

@@ -102,20 +102,18 @@ def evaluate_head(head: nn.Module, batches: Iterable[Batch]) -> HeadScore:
     was_training = head.training
     head.eval()
     device = next(head.parameters()).device
-    correct = torch.zeros(2, dtype=torch.int64, device=device)  # top-1, top-5 hits: on the device, no sync
-    loss = torch.zeros((), dtype=torch.float64, device=device)  # summed cross-entropy
-    seen = 0
+    # top-1 hits, top-5 hits, rows, summed cross-entropy: on the device, no sync; one all-reduce at the end
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
     for f, y in batches:
         logits = head(f)
-        correct += topk_correct(logits, y).to(device)
-        loss += F.cross_entropy(logits, y, reduction="sum").double()
-        seen += y.numel()
+        sums[:2] += topk_correct(logits, y).to(device)
+        sums[2] += y.numel()
+        sums[3] += F.cross_entropy(logits, y, reduction="sum").double()
     head.train(was_training)
-    counts = all_reduce_sum(torch.cat([correct, torch.tensor([seen], device=device)]))
-    top1, top5, total = (int(v) for v in counts.tolist())
+    top1, top5, total, loss_sum = all_reduce_sum(sums).tolist()
+    total = int(total)
     if total == 0:
         raise RuntimeError("validation set is empty")
-    loss_sum = float(all_reduce_sum(loss))
     return HeadScore(100.0 * top1 / total, 100.0 * top5 / total, total, loss_sum / total)
 
 

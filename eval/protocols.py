@@ -98,7 +98,7 @@ class LinearProtocol:
     # protocol=logreg only
     l2: float | None = None  # None: chosen from `l2_grid` on the held-out part of train
     l2_grid: tuple[float, ...] = tuple(10.0**e for e in range(-6, 1))
-    holdout: float = 0.1  # stratified held-out fraction of train for the l2 (logreg) or lr (SGD) search
+    holdout: float = 0.1  # stratified held-out fraction of train for the l2 (logreg) or (lr, wd) (SGD) search
     max_iter: int = 1000  # L-BFGS iterations per fit (it stops earlier when converged)
 
     @property
@@ -132,14 +132,14 @@ def fixed(proto: LinearProtocol, **changes: object) -> LinearProtocol:
     return dataclasses.replace(proto, lr_grid=(), wd_grid=(), **changes)
 
 
-def _bn_head(**published: object) -> dict[str, object]:
+def _bn_head(**keys: object) -> dict[str, object]:
     """The BN head's SGD keys: (lr, weight_decay) from the grids on cached features (module docstring)."""
     return dict(
         lr=BN_HEAD_LR,
         weight_decay=BN_HEAD_WEIGHT_DECAY,
         lr_grid=BN_HEAD_LR_GRID,
         wd_grid=BN_HEAD_WD_GRID,
-        **published,
+        **keys,
     )
 
 
