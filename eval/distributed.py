@@ -46,7 +46,7 @@ def setup(device: str = "gpu") -> DistContext:
     Exports RANK/WORLD_SIZE/LOCAL_RANK when they came from Slurm, so the eval loaders (which read
     them) shard the data the same way.
     """
-    from unmix.training.dist import map_slurm_env
+    from unmix.training.dist import import_world_binders, map_slurm_env
 
     map_slurm_env()  # inside an srun step: RANK/WORLD_SIZE/LOCAL_RANK/MASTER_* from SLURM_*
     rank = int(os.environ.get("RANK") or 0)
@@ -60,6 +60,7 @@ def setup(device: str = "gpu") -> DistContext:
         dev = torch.device("cpu")
     if world_size > 1:
         if not dist.is_initialized():
+            import_world_binders()  # or torchvision, imported later, keeps the group alive past teardown
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29500")
             dist.init_process_group(

@@ -99,6 +99,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def import_world_binders() -> None:
+    """Import, before any process group exists, the modules that bind ``group.WORLD`` when imported.
+
+    ``torch.distributed.nn`` (imported by torchvision and ``torch._dynamo``) takes ``group=group.WORLD``
+    as a default argument at import time. Imported after ``init_process_group`` it holds the group past
+    ``destroy_process_group`` (gloo's threads keep running) until the interpreter's exit, where freeing it
+    aborted CPU ranks now and then ("terminate called without an active exception", SIGABRT) after the
+    work was done. Imported first, it binds ``None``. Call before creating the group.
+    """
+    import torch.distributed.nn  # noqa: F401
+
+
 def init(backend: str | None = None) -> tuple[int, int, int]:
     """Initialise the process group (one process when no launcher set anything).
 
@@ -115,6 +127,7 @@ def init(backend: str | None = None) -> tuple[int, int, int]:
     if not dist.is_initialized():
         import deepspeed
 
+        import_world_binders()
         _skip_shm_comm_build()
         if backend is None:
             backend = "nccl" if torch.cuda.is_available() else "gloo"

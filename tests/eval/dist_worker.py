@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -68,7 +69,8 @@ def main() -> None:
 
     out, features = Path(sys.argv[1]), sys.argv[2]
     ctx = distributed.setup("cpu")
-    net = freeze(backbone())
+    world = weakref.ref(torch.distributed.group.WORLD)
+    net = freeze(backbone())  # imports torchvision (and torch.distributed.nn) after the group exists
     proto = fixed(moco_protocol(), epochs=2, batch_size=16, lr=0.5, crop=8, device="cpu", features=features)
 
     def make_loader(shards, **kw):
@@ -84,31 +86,31 @@ def main() -> None:
     grid = dataclasses.replace(proto, lr_grid=(0.05, 0.5), wd_grid=(0.001, 0.1), features="cached")
     searched = sgd_probe(f_tr, y_tr, f_va, y_va, 3, grid, ctx)
     w = lin.head.fc.weight.detach()
-    (out / f"rank{ctx.rank}.json").write_text(
-        json.dumps(
-            {
-                "linear_top1": lin.top1,
-                "linear_val_samples": lin.val_samples,
-                "head_weight": w.flatten().tolist(),
-                "knn_top1": knn.top1,
-                "knn_top5": knn.top5,
-                "knn_total": knn.total,
-                "train_rows": int(f_tr.shape[0]),
-                "logreg_top1": lr.top1,
-                "logreg_top5": lr.top5,
-                "logreg_val_samples": lr.val_samples,
-                "logreg_l2": lr.l2,
-                "logreg_search": [r["holdout_top1"] for r in lr.search],
-                "sgd_search": [[lr_, wd, *score] for (lr_, wd), score in searched.search.items()],
-                "sgd_chosen": [searched.lr, searched.weight_decay],
-                "sgd_top1": searched.top1,
-                "sgd_val_samples": searched.val_samples,
-                "sgd_head_weight": searched.head.fc.weight.detach().flatten().tolist(),
-                "logreg_weight": lr.head.weight.detach().flatten().tolist(),
-            }
-        )
-    )
+    result = {
+        "linear_top1": lin.top1,
+        "linear_val_samples": lin.val_samples,
+        "head_weight": w.flatten().tolist(),
+        "knn_top1": knn.top1,
+        "knn_top5": knn.top5,
+        "knn_total": knn.total,
+        "train_rows": int(f_tr.shape[0]),
+        "logreg_top1": lr.top1,
+        "logreg_top5": lr.top5,
+        "logreg_val_samples": lr.val_samples,
+        "logreg_l2": lr.l2,
+        "logreg_search": [r["holdout_top1"] for r in lr.search],
+        "sgd_search": [[lr_, wd, *score] for (lr_, wd), score in searched.search.items()],
+        "sgd_chosen": [searched.lr, searched.weight_decay],
+        "sgd_top1": searched.top1,
+        "sgd_val_samples": searched.val_samples,
+        "sgd_head_weight": searched.head.fc.weight.detach().flatten().tolist(),
+        "logreg_weight": lr.head.weight.detach().flatten().tolist(),
+    }
     distributed.teardown(ctx)
+    # nothing holds the group past teardown: one still alive is freed at the interpreter's exit, where gloo
+    # aborted a rank now and then (SIGABRT) after its work was done
+    result["group_freed"] = world() is None
+    (out / f"rank{ctx.rank}.json").write_text(json.dumps(result))
 
 
 if __name__ == "__main__":

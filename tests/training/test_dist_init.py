@@ -143,9 +143,13 @@ def _shutdown_rank(rank: int, port: int, out: str) -> None:
 
     from unmix.training import dist as udist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tdist.init_process_group("gloo", rank=rank, world_size=2)
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
+    udist.init("gloo")
     world = weakref.ref(tdist.group.WORLD)
+    import torchvision  # noqa: F401  (imports torch.distributed.nn after init, as the benches' backbones do)
+
     from unmix.training.simclr import gather_with_grad  # imported after init, as the trainer does
 
     x = torch.ones(3, 2, requires_grad=True)
@@ -156,8 +160,9 @@ def _shutdown_rank(rank: int, port: int, out: str) -> None:
 
 def test_shutdown_meets_every_rank_and_frees_the_group(tmp_path):
     """Both ranks leave the group and nothing keeps the group object alive after it: one still alive is
-    freed at the interpreter's exit, where gloo aborted CPU ranks (SIGABRT). torch.distributed.nn's
-    gather, imported after init, held it through a default argument; SimCLR's own gather must not."""
+    freed at the interpreter's exit, where gloo aborted CPU ranks (SIGABRT). torch.distributed.nn, imported
+    after init (by torchvision), held it through a default argument unless ``init`` imported it first;
+    SimCLR's own gather must not hold it either."""
     import socket
 
     import torch.multiprocessing as mp
