@@ -287,8 +287,9 @@ def shutdown() -> None:
     requeue). Every rank first meets at a barrier, so none tears the group down while another's collective
     is in flight; the group is then destroyed before the interpreter exits. A group still alive at the
     exit is freed during interpreter teardown, where gloo aborted CPU ranks ("terminate called without an
-    active exception", SIGABRT); so nothing of ours may hold it past this call (tested: SimCLR's gather,
-    see :func:`unmix.training.simclr.gather_with_grad`)."""
+    active exception", SIGABRT); so nothing may hold it past this call (tested: SimCLR's gather, see
+    :func:`unmix.training.simclr.gather_with_grad`, and torchvision imported after :func:`init`, see
+    :func:`import_world_binders`)."""
     if dist.is_available() and dist.is_initialized():
         barrier()
         dist.destroy_process_group()
