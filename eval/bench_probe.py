@@ -185,15 +185,18 @@ def pair_scores(proto, f_tr, y_tr, f_va, y_va, classes: int) -> list[dict[str, A
 
 def pick(rows: list[dict[str, Any]], rule: str, fixed_pair: tuple[float, float]) -> dict[str, Any]:
     """The row a selection rule picks: ``fixed`` (``fixed_pair``), the highest ``holdout top-1`` (ties: the
-    larger lr, then decay), the lowest ``holdout loss`` (the search's rule), or the ``best on val`` (the
-    ceiling of any rule on this grid)."""
+    larger lr, then decay), the lowest ``holdout loss`` (the search's rule, :func:`lowest_loss_pair`), or
+    the ``best on val`` (the ceiling of any rule on this grid)."""
+    from unmix.eval.linear import lowest_loss_pair
+
     trained = [r for r in rows if r["holdout_loss"] is not None]
     if rule == "fixed":
         return next(r for r in rows if (r["lr"], r["weight_decay"]) == fixed_pair)
     if rule == "holdout top-1":
         return max(trained, key=lambda r: (r["holdout_top1"], r["lr"], r["weight_decay"]))
     if rule == "holdout loss":
-        return max(trained, key=lambda r: (-r["holdout_loss"], r["lr"], r["weight_decay"]))
+        best = lowest_loss_pair({(r["lr"], r["weight_decay"]): r["holdout_loss"] for r in trained})
+        return next(r for r in trained if (r["lr"], r["weight_decay"]) == best)
     if rule == "best on val":
         return max((r for r in rows if r["val"] is not None), key=lambda r: r["val"])
     raise ValueError(f"unknown rule {rule!r}; choose from {', '.join(SELECTION_RULES)}")

@@ -352,8 +352,14 @@ def choose_hparams(
             f"(weight_decay {','.join(f'{v:g}' for v in sorted(wds))}) on the held-out part of train: give "
             "smaller values (lr_grid=...). No accuracy is reported."
         )
-    lr, wd = max(trained, key=lambda pair: (-trained[pair].loss, *pair))
+    lr, wd = lowest_loss_pair({pair: score.loss for pair, score in trained.items()})
     return fixed(proto, lr=lr, weight_decay=wd), scores
+
+
+def lowest_loss_pair(losses: dict[tuple[float, float], float]) -> tuple[float, float]:
+    """The search's rule: the (lr, weight_decay) with the lowest held-out cross-entropy; ties: the larger
+    lr, then the larger decay."""
+    return max(losses, key=lambda pair: (-losses[pair], *pair))
 
 
 def sgd_probe(

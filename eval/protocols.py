@@ -156,8 +156,9 @@ def byol_protocol(head_norm: str = "bn") -> LinearProtocol:
     """BYOL's linear evaluation protocol (see the module docstring for the source); ``head_norm`` as in
     :func:`moco_protocol` (``"none"``: lr 0.2 per 256, wd 0, batch 1024, as published; ``"bn"``: batch
     256)."""
-    keys = dict(protocol="byol", epochs=80, nesterov=True, schedule="cosine", milestones=())
-    keys["head_norm"] = head_norm
+    keys = dict(
+        protocol="byol", epochs=80, nesterov=True, schedule="cosine", milestones=(), head_norm=head_norm
+    )
     if head_norm == "none":
         return LinearProtocol(batch_size=1024, lr=0.2, weight_decay=0.0, **keys)
     return LinearProtocol(**_bn_head(batch_size=BYOL_BN_HEAD_BATCH, **keys))
