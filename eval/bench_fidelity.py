@@ -34,6 +34,7 @@ import copy
 import io
 import json
 import math
+import random
 import statistics
 import sys
 import tarfile
@@ -259,6 +260,14 @@ def _default_recipe(cfg: Any) -> str:
     return methods.spec(cfg.method.name).recipe
 
 
+def seed_reference(seed: int) -> None:
+    """Seed every stream the reference arm draws from: torch (torchvision's views, the head) and Python's
+    ``random`` (the blur's sigma, drawn as the authors' MoCo v2 code draws it), so a seed's reference run is
+    the same whatever ran before it in the process (unseeded, BYOL's reference moved from run to run)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
+
+
 def run_seed(cfg_path: str | None, overrides: list[str], seed: int) -> SeedCurves:
     """Both arms for one seed, from the same initial weights."""
     from unmix.training import loop
@@ -274,7 +283,7 @@ def run_seed(cfg_path: str | None, overrides: list[str], seed: int) -> SeedCurve
         k0 = knn.evaluate(run.engine.module.backbone).top1
         out = SeedCurves(seed)
         start = backbone_vector(initial)
-        torch.manual_seed(seed)
+        seed_reference(seed)
         k, losses = run_reference(cfg, initial, run, knn, seed)
         out.knn["reference"], out.losses["reference"] = [k0, *k], losses
         out.moved["reference"] = relative_change(initial, start)
